@@ -1,0 +1,15 @@
+"""xpeft: X-PEFT, ETHER/ETHER+ and PEDRO as Hugging Face peft tuners.
+
+`import xpeft` adds the methods to peft's registry; from then on peft's own API (`get_peft_model`,
+`PeftModel.from_pretrained`, `save_pretrained`, ...) handles them like built-in methods.
+"""
+
+from ._registry import ensure_peft_type, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "ensure_peft_type",
+    "register_method",
+]

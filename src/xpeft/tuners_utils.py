@@ -1,0 +1,171 @@
+"""peft plumbing shared by every xpeft tuner: per-sample `adapter_names`, layer geometry, merge refusal.
+
+Each method's model class derives from [`XpeftTuner`] and each layer class uses the helpers below, so that mixed
+batches, unknown adapter names and unmergeable methods behave the same way across ETHER, X-PEFT and PEDRO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+BASE_ADAPTER_NAME = "__base__"
+"""Sentinel in `adapter_names` for samples that should see the base model only (as in peft's LoRA)."""
+
+SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
+
+
+def layer_features(base_layer: nn.Module, method: str) -> tuple[int, int, bool]:
+    """Return `(in_features, out_features, fan_in_fan_out)` of a supported base layer.
+
+    `fan_in_fan_out` is True for transformers' `Conv1D` (GPT-2), which stores its weight as `[in, out]`, the transpose
+    of `nn.Linear`'s `[out, in]`.
+
+    Raises:
+        TypeError: for any other layer type, listing the supported ones.
+    """
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features, False
+    if isinstance(base_layer, Conv1D):
+        in_features, out_features = base_layer.weight.shape
+        return in_features, out_features, True
+    supported = ", ".join(f"`{cls.__module__}.{cls.__qualname__}`" for cls in SUPPORTED_LAYER_TYPES)
+    raise TypeError(
+        f"{method} cannot adapt a layer of type `{type(base_layer).__name__}`; supported layer types are {supported}. "
+        "Change `target_modules` so that it matches only such layers (e.g. a list of linear layer names, or "
+        "'all-linear')."
+    )
+
+
+def weight_as_out_in(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """View a base weight as `[out, in]` whatever its storage convention (see [`layer_features`])."""
+    return weight.T if fan_in_fan_out else weight
+
+
+def adapter_index_groups(adapter_names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Group sample indices by adapter name: `{"a": tensor([0, 2]), "__base__": tensor([1])}`, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(adapter_names):
+        groups.setdefault(name, []).append(index)
+    return {name: torch.tensor(indices, device=device, dtype=torch.long) for name, indices in groups.items()}
+
+
+def check_mixed_batch_args(
+    layer: BaseTunerLayer, x: torch.Tensor, adapter_names: Sequence[str] | None
+) -> list[str] | None:
+    """Layer-level checks for a mixed batch; returns one adapter name per leading row of `x`.
+
+    Some models flatten `[batch, seq, features]` to `[batch * seq, features]` before a linear layer (OPT's
+    feed-forward does); each sample's tokens are then contiguous rows, so each name is repeated `seq` times.
+    """
+    if adapter_names is None:
+        return None
+    if layer.merged:
+        # A merged adapter is baked into the base weight for every sample, so per-sample routing would be wrong.
+        raise ValueError(
+            "Cannot pass `adapter_names` while adapters are merged into the base weights; call "
+            "`model.unmerge_adapter()` first."
+        )
+    rows, samples = len(x), len(adapter_names)
+    if rows == samples:
+        return list(adapter_names)
+    if x.dim() == 2 and samples and rows % samples == 0:
+        return [name for name in adapter_names for _ in range(rows // samples)]
+    raise ValueError(
+        f"`adapter_names` has {samples} entries but the batch has {rows} samples; pass exactly one adapter name "
+        f"(or '{BASE_ADAPTER_NAME}') per sample."
+    )
+
+
+def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class XpeftTuner(BaseTuner):
+    """Base class of xpeft's tuner models.
+
+    Adds to peft's `BaseTuner`:
+
+    - per-sample `adapter_names` in `forward` and `generate` (peft calls [`_enable_peft_forward_hooks`] around both),
+      validated once at model level: not in training mode, no unknown names, beam search repeats each name;
+    - a clear refusal to merge for methods whose math does not allow it (`mergeable = False`).
+
+    Subclasses set `prefix`, `tuner_layer_cls`, `target_module_mapping`, `mergeable` and `unmergeable_reason`.
+    """
+
+    mergeable: bool = True
+    unmergeable_reason: str = ""
+
+    def available_adapter_names(self) -> set[str]:
+        """Names of the adapters that exist in at least one tuner layer of the model."""
+        names: set[str] = set()
+        for module in self.model.modules():
+            if isinstance(module, self.tuner_layer_cls):
+                names |= module._get_available_adapters()
+        return names
+
+    def check_adapter_names(self, adapter_names: Sequence[str]) -> None:
+        """Model-level checks for a mixed batch (see `check_mixed_batch_args` for the layer-level ones)."""
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(
+                f"`adapter_names` must be a list with one adapter name per sample, got {type(adapter_names).__name__}."
+            )
+        if self.training:
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode; call `model.eval()` first, or "
+                "train each adapter on its own with `set_adapter`."
+            )
+        unknown = {name for name in adapter_names if name != BASE_ADAPTER_NAME} - self.available_adapter_names()
+        if unknown:
+            raise ValueError(
+                f"Unknown adapter name(s) in `adapter_names`: {', '.join(sorted(unknown))}. Available adapters: "
+                f"{', '.join(sorted(self.peft_config))} (or '{BASE_ADAPTER_NAME}' for the base model)."
+            )
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        self.check_adapter_names(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate() repeats every sample num_beams times, so each sample's name must follow it.
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
+        handles = [
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, self.tuner_layer_cls)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, AuxiliaryTrainingWrapper):
+            # Unloading a `modules_to_save` wrapper hands back the wrapped module as is. peft's BaseTuner would copy a
+            # `weight` attribute onto it, which heads such as `RobertaClassificationHead` do not have.
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _check_merge_allowed(self) -> None:
+        if not self.mergeable:
+            raise ValueError(
+                f"{type(self).__name__} adapters cannot be merged into the base weights: {self.unmergeable_reason} "
+                "Keep the model unmerged (it runs as is), or use `model.unload()` to get the base model back."
+            )
+        super()._check_merge_allowed()
