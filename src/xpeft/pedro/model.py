@@ -45,6 +45,8 @@ def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_len
         attention_mask = None  # a 4-d custom mask carries no padding information we can use
     if prompt_mask is not None:
         mask = torch.as_tensor(prompt_mask).bool()
+        if attention_mask is not None:
+            mask = mask.to(attention_mask.device)
         if attention_mask is not None and mask.shape != attention_mask.shape:
             raise ValueError(
                 f"PEDRO's prompt mask has shape {tuple(mask.shape)} but the input has shape "
