@@ -345,3 +345,15 @@ def test_unload_gives_back_the_base_model_without_hooks():
     assert not base._forward_pre_hooks and not base._forward_hooks
     with torch.no_grad():
         torch.testing.assert_close(base(**inputs).logits, make_model("bert")(**inputs).logits, rtol=0, atol=0)
+
+
+def test_labels_without_prompt_warn_and_pool_to_zero():
+    """labels == input_ids everywhere: no prompt token; PEDRO warns and uses a zero pooled vector (finite output)."""
+    inputs = make_inputs("llama")
+    model = perturbed(make_model("llama").double())
+    with pytest.warns(UserWarning, match="no prompt tokens"):
+        with torch.no_grad():
+            actual = model(**inputs, labels=inputs["input_ids"]).logits
+    empty = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    expected = reference_logits(model, inputs, empty, "attention", "rational")
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
