@@ -389,3 +389,26 @@ def test_default_targets_per_architecture(model_type, expected):
         if hasattr(module, "pedro_up") and (".layers.0." in name or ".layer.0." in name):
             found[name.rsplit(".", 1)[-1]] = module.pedro_up["default"].out_features
     assert found == expected
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Checkpointed blocks are recomputed during backward, outside the model forward: same prompt, same gradients."""
+    inputs, _ = prompt_batch("left")
+    grads = []
+    for checkpointing in (False, True):
+        model = perturbed(make_model("llama").double())
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(**inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_ffn_projection_alone_errors():
+    model = perturbed(make_model("llama"))
+    up_proj = model.base_model.model.model.layers[0].mlp.up_proj
+    with pytest.raises(RuntimeError, match="ran before the block.s vector generator"):
+        up_proj(torch.randn(1, 3, 32))

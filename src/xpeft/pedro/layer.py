@@ -31,9 +31,14 @@ class PedroCallState:
     computed_in_call: bool = False
 
     def prompt_mask_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        if not self.in_forward or self.prompt_mask is None:
-            return None  # called outside a model forward: the whole input is the prompt
-        if hidden.dim() != 3 or self.prompt_mask.shape != hidden.shape[:2]:
+        matches = self.prompt_mask is not None and hidden.dim() == 3 and self.prompt_mask.shape == hidden.shape[:2]
+        if not self.in_forward:
+            # A block run outside a model forward: activation checkpointing recomputing the last forward during
+            # backward (same shape: same prompt), or a direct call (the whole input is the prompt).
+            return self.prompt_mask if matches else None
+        if self.prompt_mask is None:
+            return None
+        if not matches:
             raise ValueError(
                 f"PEDRO's prompt mask has shape {tuple(self.prompt_mask.shape)} but the block input has shape "
                 f"{tuple(hidden.shape)}; pass `prompt_mask` with one entry per input token ([batch, seq_len])."
@@ -43,11 +48,9 @@ class PedroCallState:
 
 @dataclass
 class PedroBlock:
-    """Per transformer block: which layer holds each adapter's generator, and the codes `z` of the current step."""
+    """Per transformer block: the latest codes `z` of each adapter, as `(step, sample indices or None, z)`."""
 
-    owners: dict[str, nn.Module] = field(default_factory=dict)
-    step: int = -1
-    codes: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+    codes: dict[str, tuple[int, torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
 
 
 def scale_output(result: torch.Tensor, scale: torch.Tensor, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -120,7 +123,6 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         if owns_generator:
             generator = VectorGenerator(self.in_features, config.vg_rank, config.pooler, config.activation)
             self.pedro_generator[adapter_name] = generator
-            self._block.owners[adapter_name] = self
         up = nn.Linear(config.vg_rank, sum(high - low for low, high in self.segments))
         if config.init_weights:
             # Identity init (DESIGN.md §3): up = 0, so l = 1 and the model equals the base model.
@@ -132,8 +134,7 @@ class PedroLayer(nn.Module, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        if self._block.owners.get(adapter_name) is self:
-            del self._block.owners[adapter_name]
+        self._block.codes.pop(adapter_name, None)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
@@ -148,28 +149,35 @@ class PedroLayer(nn.Module, BaseTunerLayer):
     # -- forward -------------------------------------------------------------------------------------------------
 
     def _block_codes(self, hidden: torch.Tensor, adapter_names: Sequence[str] | None, adapters: Sequence[str]):
-        """The codes `z` of this block for the current step: `{adapter: (sample indices or None, z)}`."""
+        """The codes `z` of this block for the current step: `{adapter: (sample indices or None, z)}`.
+
+        The layer that holds an adapter's generator (the query projection if targeted, else the value one: both read
+        the normalised block input, and run first in every supported block) computes its codes; the block's other
+        projections read them. A checkpointed block recomputed outside the model forward does the same.
+        """
         block, call = self._block, self._call
-        if block.step == call.step and call.in_forward:
-            return block.codes
-        if self.role == "u":
-            # The generator reads the attention input; an FFN projection runs after it in every supported block.
-            raise RuntimeError(
-                "PEDRO's FFN projection ran before the block's query/value projection computed the vectors; PEDRO "
-                "needs the query or value projection of each adapted block in `target_modules`."
-            )
-        mask = call.prompt_mask_for(hidden)
-        codes = {}
-        if adapter_names is None:
-            for name in adapters:
-                if name in block.owners:
-                    codes[name] = (None, block.owners[name].pedro_generator[name](hidden, mask))
-        else:
-            for name, index in adapter_index_groups(adapter_names, hidden.device).items():
-                if name in block.owners:
+        owned = [name for name in adapters if name in self.pedro_generator]
+        if owned:
+            mask = call.prompt_mask_for(hidden)
+            if adapter_names is None:
+                for name in owned:
+                    block.codes[name] = (call.step, None, self.pedro_generator[name](hidden, mask))
+            else:
+                groups = adapter_index_groups(adapter_names, hidden.device)
+                for name in owned:
+                    index = groups[name]
                     sub_mask = None if mask is None else mask[index]
-                    codes[name] = (index, block.owners[name].pedro_generator[name](hidden[index], sub_mask))
-        block.step, block.codes = call.step, codes
+                    block.codes[name] = (call.step, index, self.pedro_generator[name](hidden[index], sub_mask))
+        codes = {}
+        for name in adapters:
+            entry = block.codes.get(name)
+            if entry is None or (call.in_forward and entry[0] != call.step):
+                raise RuntimeError(
+                    f"PEDRO's projection {self.role!r} ran before the block's vector generator for adapter {name!r}; "
+                    "the generator sits in the block's query projection (or value projection when the query one is "
+                    "not targeted), which must run first: keep it in `target_modules`."
+                )
+            codes[name] = entry[1:]
         return codes
 
     def _scales(
