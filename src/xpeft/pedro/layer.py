@@ -53,22 +53,28 @@ class PedroBlock:
     codes: dict[str, tuple[int, torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
 
 
-def scale_output(result: torch.Tensor, scale: torch.Tensor, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """`y ← l ⊙ y` (DESIGN.md §3) on the scaled segments of the output features; `scale` is `[B, Σ segment sizes]`.
+def expand_segments(scale: torch.Tensor, segments: Sequence[tuple[int, int]], out_features: int) -> torch.Tensor:
+    """Place `scale` `[B, Σ segment sizes]` on the scaled output features; the others get a factor 1.
 
-    Unscaled features (GPT-2's keys in its fused projection) get a factor 1. Inputs flattened to `[B*T, out]` (OPT's
-    FFN) are viewed as `[B, T, out]` for the broadcast.
+    Only GPT-2's fused projection has unscaled features (its keys); every other projection is one full segment.
     """
-    out_features = result.shape[-1]
-    if segments != ((0, out_features),):
-        pieces, start, offset = [], 0, 0
-        for low, high in segments:
-            pieces.append(scale.new_ones(scale.shape[0], low - start))
-            pieces.append(scale[:, offset : offset + high - low])
-            start, offset = high, offset + high - low
-        pieces.append(scale.new_ones(scale.shape[0], out_features - start))
-        scale = torch.cat(pieces, dim=1)
-    batch = scale.shape[0]
+    if segments == ((0, out_features),):
+        return scale
+    pieces, start, offset = [], 0, 0
+    for low, high in segments:
+        pieces.append(scale.new_ones(scale.shape[0], low - start))
+        pieces.append(scale[:, offset : offset + high - low])
+        start, offset = high, offset + high - low
+    pieces.append(scale.new_ones(scale.shape[0], out_features - start))
+    return torch.cat(pieces, dim=1)
+
+
+def scale_output(result: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`y ← l ⊙ y` (DESIGN.md §3) with one vector `l` per sample (`scale` `[B, out]`), broadcast over the tokens.
+
+    Inputs flattened to `[B*T, out]` (OPT's FFN) are viewed as `[B, T, out]` for the broadcast.
+    """
+    batch, out_features = scale.shape
     if result.dim() == 2:
         return (result.view(batch, -1, out_features) * scale[:, None, :]).view(result.shape)
     return result * scale.view(batch, *([1] * (result.dim() - 2)), out_features)
@@ -77,7 +83,7 @@ def scale_output(result: torch.Tensor, scale: torch.Tensor, segments: Sequence[t
 class PedroLayer(nn.Module, BaseTunerLayer):
     """A projection `y = W x` of a transformer block, scaled as `y ← l ⊙ y` by prompt-conditioned vectors.
 
-    PEDRO (Xie et al., arXiv 2409.17834; DESIGN.md §3): per block a vector generator pools the block input over the
+    PEDRO (arXiv 2409.17834; DESIGN.md §3): per block a vector generator pools the block input over the
     prompt tokens, `z = act(down(pool(h_prompt)))`, and `up` maps `z` to `[l_q, l_v, l_u] = 1 + up(z)`; then
     :math:`Q \\leftarrow l_q \\odot Q`, :math:`V \\leftarrow l_v \\odot V`, :math:`U \\leftarrow l_u \\odot U`. The
     generator reads the input of the block's query (or value) projection, i.e. the normalised block input; it lives in
@@ -180,17 +186,10 @@ class PedroLayer(nn.Module, BaseTunerLayer):
             codes[name] = entry[1:]
         return codes
 
-    def _scales(
-        self, codes, adapter_names: Sequence[str] | None, adapters: Sequence[str], batch: int
-    ) -> torch.Tensor | None:
-        """`[B, Σ segments]` product of `1 + up(z)` over the adapters each sample uses (1 where none applies).
-
-        None when no adapter of the call has a generator in this block (nothing to scale).
-        """
+    def _scales(self, codes, adapters: Sequence[str], batch: int) -> torch.Tensor:
+        """`[B, Σ segments]` product of `1 + up(z)` over the adapters each sample uses (1 where none applies)."""
         scale = None
         for name in adapters:
-            if name not in codes:
-                continue
             index, code = codes[name]
             vectors = pedro_vectors(code, self.pedro_up[name])
             if index is not None:
@@ -214,11 +213,13 @@ class PedroLayer(nn.Module, BaseTunerLayer):
             scale = self._cached_scale(key)
         else:
             scale = self._compute_scale(x, adapter_names)
+            if scale is not None:
+                scale = expand_segments(scale, self.segments, self.out_features)
             # Decode steps only broadcast these vectors; they are constants there, hence detached.
             self._cache = (key, None if scale is None else scale.detach())
         if scale is None:
             return result  # no adapter of this call scales this projection
-        return scale_output(result, scale.to(result.dtype), self.segments)
+        return scale_output(result, scale.to(result.dtype))
 
     def _compute_scale(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor | None:
         if adapter_names is not None:
@@ -230,9 +231,9 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         codes = self._block_codes(x, adapter_names, adapters)
         if adapter_names is not None:
             batch = len(adapter_names)
-        else:
-            batch = next(code.shape[0] for _, code in codes.values()) if codes else x.shape[0]
-        return self._scales(codes, adapter_names, adapters, batch)
+        else:  # x may be flattened to [B*T, d] (OPT's FFN); the codes have one row per sample
+            batch = next(iter(codes.values()))[1].shape[0]
+        return self._scales(codes, adapters, batch)
 
     def _cached_scale(self, key: tuple) -> torch.Tensor | None:
         if self._cache is None or self._cache[0] != key:
