@@ -5,10 +5,13 @@
 """
 
 from ._registry import ensure_peft_type, register_method
+from .pedro import PedroConfig, PedroModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PedroConfig",
+    "PedroModel",
     "__version__",
     "ensure_peft_type",
     "register_method",
