@@ -158,7 +158,7 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         table.append(zero)
         slot = {name: i for i, name in enumerate(unique)}
         index = torch.tensor([slot.get(name, len(unique)) for name in adapter_names], device=zero[0].device)
-        result = tuple(torch.stack(parts)[index] for parts in zip(*table))
+        result = tuple(torch.stack(parts)[index] for parts in zip(*table, strict=True))
         self._batch_cache = (key, result)
         return result
 

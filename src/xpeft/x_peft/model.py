@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..tuners_utils import XpeftTuner
-from .bank import XPeftBank, read_bank_file, recipe_fingerprint, random_bank_recipe
+from .bank import XPeftBank, random_bank_recipe, read_bank_file, recipe_fingerprint
 from .config import XPeftConfig
 from .layer import XPeftLayer
 from .store import ProfileStore, pack_masks, unpack_masks
@@ -141,8 +141,8 @@ class XPeftModel(XpeftTuner):
         layers = xpeft_layers(model, adapter_name)
         logits = unpack_masks(payload, config.mask_type, config.hard_k, len(layers), config.bank_size)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        for (name, _), row in zip(layers, logits):
-            for attr, values in zip(XPeftLayer.adapter_layer_names, row):
+        for (name, _), row in zip(layers, logits, strict=True):
+            for attr, values in zip(XPeftLayer.adapter_layer_names, row, strict=True):
                 remapped[f"{name}.{attr}.{adapter_name}"] = values
         return remapped
 
@@ -179,7 +179,7 @@ def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | No
         model.delete_adapter(adapter_name)
         raise ValueError(f"Store profiles cover {store.info['layers']} layers, the model adapts {len(layers)}.")
     with torch.no_grad():
-        for (_, layer), row in zip(layers, logits):
+        for (_, layer), row in zip(layers, logits, strict=True):
             layer.xpeft_mask_A[adapter_name].copy_(row[0])
             layer.xpeft_mask_B[adapter_name].copy_(row[1])
     return adapter_name
@@ -193,7 +193,9 @@ def extract_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str
     """
     with torch.no_grad():
         return {
-            layer.layer_name: {part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name))}
+            layer.layer_name: {
+                part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name), strict=True)
+            }
             for _, layer in xpeft_layers(model, adapter_name)
         }
 
