@@ -41,8 +41,17 @@ def reference_weights(logits: torch.Tensor, mask_type: str) -> torch.Tensor:
     return mask / K
 
 
-def reference_logits(peft_model, model_name: str, mask_type: str, inputs) -> torch.Tensor:
-    """The base model in float64 with, after each adapted layer, h + B* relu(A* h + a*) + b* from explicit sums."""
+REFERENCE_ACTIVATIONS = {
+    "relu": lambda z: torch.where(z > 0, z, torch.zeros_like(z)),
+    "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / 2**0.5)),
+    "silu": lambda z: z / (1 + torch.exp(-z)),
+    "tanh": lambda z: (torch.exp(z) - torch.exp(-z)) / (torch.exp(z) + torch.exp(-z)),
+}
+
+
+def reference_logits(peft_model, model_name: str, mask_type: str, inputs, activation="relu") -> torch.Tensor:
+    """The base model in float64 with, after each adapted layer, h + B* f(A* h + a*) + b* from explicit sums."""
+    f = REFERENCE_ACTIVATIONS[activation]
     base = make_model(model_name).double()
     modules = dict(base.named_modules())
     handles = []
@@ -54,7 +63,7 @@ def reference_logits(peft_model, model_name: str, mask_type: str, inputs) -> tor
         B_s, b_s = sum(wB[j] * B[j] for j in range(N)), sum(wB[j] * b[j] for j in range(N))
 
         def hook(module, args, h, A_s=A_s, a_s=a_s, B_s=B_s, b_s=b_s):
-            return h + torch.relu(h @ A_s.T + a_s) @ B_s.T + b_s
+            return h + f(h @ A_s.T + a_s) @ B_s.T + b_s
 
         handles.append(modules[layer.layer_name].register_forward_hook(hook))
     with torch.no_grad():
@@ -76,6 +85,48 @@ def test_output_matches_float64_reference(model_name, mask_type):
     base = make_model(model_name)(**inputs).logits.double()
     assert not torch.allclose(expected, base, atol=1e-3), "the reference adapter must have a visible effect"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "tanh"])
+def test_non_linearity_matches_float64_reference(activation):
+    inputs = make_inputs("llama")
+    model = build("llama", "soft", non_linearity=activation).eval()
+    with torch.no_grad():
+        got = model(**inputs).logits.double()
+    torch.testing.assert_close(got, reference_logits(model, "llama", "soft", inputs, activation), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_type", ["soft", "hard"])
+def test_default_init(mask_type):
+    """Soft masks start as the uniform mix of the bank; hard masks start with k distinct picks from small noise."""
+    config = XPeftConfig(bank_size=N, reduction_factor=4, mask_type=mask_type, hard_k=K)
+    model = get_peft_model(make_model("llama"), config).eval()
+    for _, layer in xpeft_layers(model, "default"):
+        logits = layer.xpeft_mask_A["default"].detach()
+        if mask_type == "soft":
+            assert torch.equal(logits, torch.zeros(N))
+        else:
+            assert 0 < logits.abs().max() < 0.1 and len(set(logits.tolist())) == N
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        got = model(**inputs).logits.double()
+    torch.testing.assert_close(got, reference_logits(model, "llama", mask_type, inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_model_runs_with_the_bank_cast_along():
+    model = build("llama", "soft").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(**make_inputs("llama")).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+def test_random_bank_is_identical_on_cuda():
+    cpu = build("gpt2", "soft").base_model.xpeft_bank.layer_tensors()
+    cuda_model = get_peft_model(make_model("gpt2").cuda(), XPeftConfig(bank_size=N, reduction_factor=4))
+    for name, parts in cuda_model.base_model.xpeft_bank.layer_tensors().items():
+        for part, tensor in parts.items():
+            assert tensor.is_cuda and torch.equal(tensor.cpu(), cpu[name][part])
 
 
 @pytest.mark.parametrize("mask_type", ["soft", "hard"])

@@ -140,6 +140,9 @@ def test_mixed_batch_of_many_profiles_equals_each_sample_alone_and_cache_follows
             model.set_adapter(name)
             alone = logits(model, sample)
         torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        base = logits(model, inputs)
+    torch.testing.assert_close(logits(model, inputs, adapter_names=["__base__"] * 6), base, rtol=0, atol=0)
     # a changed mask must not be served from the cache
     with torch.no_grad():
         for _, layer in xpeft_layers(model, "p2"):
@@ -286,3 +289,20 @@ def test_profile_cost_report():
     assert cost["lora_parameters"] == 2 * layers * 8 * (d + d)  # query and value, r=8
     assert cost["head_parameters"] == 2 * 32 + 2  # the seq-cls classifier saved with the profile
     assert cost["profile_file_bytes"] < cost["with_head_bytes"] < cost["bottleneck_adapter_file_bytes"]
+
+
+@pytest.mark.parametrize("model_name", ["llama", "bert"])  # bert has a classifier head: attached via add_adapter
+def test_attached_profile_equals_the_original(model_name, tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(make_model(model_name), config(model_name)).eval()
+    store = ProfileStore.create(tmp_path / "s.safetensors", model.peft_config["default"], layers=2)
+    store.add({"u": profile_payload(model)}, bank_fingerprint=model.base_model.xpeft_bank.fingerprint)
+    inputs = make_inputs(model_name)
+    expected = logits(model, inputs)
+    model.set_adapter(attach_profile(model, store, "u", adapter_name="twin"))
+    assert model.active_adapter == "twin"
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+    mixed = logits(model, inputs, adapter_names=["twin", "default", "twin"])
+    torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="already has an adapter named 'twin'"):
+        attach_profile(model, store, "u", adapter_name="twin")

@@ -40,6 +40,8 @@ def compose_adapter(bank: Composed, weights_A: torch.Tensor, weights_B: torch.Te
     single bottleneck runs per token, never N.
     """
     A, a, B, b = bank
+    # The bank may have been cast with the model (e.g. `model.half()`); the mixing weights follow it.
+    weights_A, weights_B = weights_A.to(A.dtype), weights_B.to(B.dtype)
     lead = weights_A.shape[:-1]
     A_star = (weights_A @ A.flatten(1)).view(*lead, *A.shape[1:])
     B_star = (weights_B @ B.flatten(1)).view(*lead, *B.shape[1:])
@@ -94,16 +96,18 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def update_layer(self, adapter_name: str, config) -> None:
+    def update_layer(self, adapter_name: str, config, init_logits: torch.Tensor | None = None) -> None:
+        """Add profile `adapter_name`; `init_logits` `[2, N]` (S_A, S_B) sets its masks, e.g. from a profile store."""
         weight = self.get_base_layer().weight
         self.xpeft_bank.ensure_layer(self.layer_name, self.out_features, weight.device)
-        n = config.bank_size
-        if config.init_weights:
-            scale = 0.0 if config.mask_type == "soft" else 0.01  # hard: small noise breaks top-k ties
-        else:
-            scale = 1.0
-        for container in (self.xpeft_mask_A, self.xpeft_mask_B):
-            container[adapter_name] = nn.Parameter(torch.randn(n) * scale)
+        if init_logits is None:
+            if config.init_weights:
+                scale = 0.0 if config.mask_type == "soft" else 0.01  # hard: small noise breaks top-k ties
+            else:
+                scale = 1.0
+            init_logits = torch.randn(2, config.bank_size) * scale
+        for container, logits in zip((self.xpeft_mask_A, self.xpeft_mask_B), init_logits, strict=True):
+            container[adapter_name] = nn.Parameter(logits.clone())
         self.xpeft_mask_type[adapter_name] = config.mask_type
         self.xpeft_hard_k[adapter_name] = config.hard_k
         self._move_adapter_to_device_of_base_layer(adapter_name)
