@@ -169,8 +169,8 @@ def llama(quick: bool) -> LlamaForCausalLM:
 def bench_mixed(quick: bool) -> dict:
     """Batch of 32 samples from 32 profiles: X-PEFT vs peft LoRA r=8 (q/v) with adapter_names vs the base model."""
     batch, seq, adapters = 32, (16 if quick else 64), 32
-    repeats = 2 if quick else 3
-    decode_repeats = 5 if quick else 20
+    repeats = 2 if quick else 5
+    decode_repeats = 5 if quick else 15
     torch.manual_seed(1)
     input_ids = torch.randint(3, 4096, (batch, seq))
     next_ids = torch.randint(3, 4096, (batch, 1))
@@ -185,27 +185,31 @@ def bench_mixed(quick: bool) -> dict:
             model(input_ids=next_ids, past_key_values=cache, attention_mask=mask, use_cache=True, **kwargs)
         cache.crop(-1)  # drop the new token: back to the prompt, so every timed step sees the same cache
 
-    def measure(model, label: str, **kwargs) -> None:
-        cache = prefill(model, **kwargs).past_key_values
-        results[f"{label}_prefill_s"] = median_time(lambda: prefill(model, **kwargs), repeats)
-        step = median_time(lambda: decode_step(model, cache, **kwargs), decode_repeats, warmup=2)
-        results[f"{label}_decode_ms"] = step * 1e3
-
-    results = {}
-    measure(llama(quick), "base")
     names = ["default"] + [f"a{i}" for i in range(1, adapters)]
     lora_config = {"r": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
     lora = get_peft_model(llama(quick), LoraConfig(**lora_config))
     for name in names[1:]:
         lora.add_adapter(name, LoraConfig(**lora_config))
-    measure(lora.eval(), "lora_mixed", adapter_names=names)
-    lora = None  # free it before building the next model
-
     xpeft_config = {"bank_size": 100, "mask_type": "soft", "init_weights": False}
     xp = get_peft_model(llama(quick), XPeftConfig(**xpeft_config))
     for name in names[1:]:
         xp.add_adapter(name, XPeftConfig(**xpeft_config))
-    measure(xp.eval(), "xpeft_mixed", adapter_names=names)
+    runs = {"base": (llama(quick), {}), "lora_mixed": (lora.eval(), {"adapter_names": names})}
+    runs["xpeft_mixed"] = (xp.eval(), {"adapter_names": names})
+    caches = {label: prefill(model, **kwargs).past_key_values for label, (model, kwargs) in runs.items()}
+    # Interleaved rounds (base, LoRA, X-PEFT, base, ...): a change of load on the shared CPU hits all three alike.
+    times = {f"{label}_{kind}": [] for label in runs for kind in ("prefill", "decode")}
+    for _ in range(repeats):
+        for label, (model, kwargs) in runs.items():
+            times[f"{label}_prefill"].append(median_time(lambda m=model, k=kwargs: prefill(m, **k), 1, warmup=0))
+    for _ in range(decode_repeats):
+        for label, (model, kwargs) in runs.items():
+            step = lambda m=model, k=kwargs, c=caches[label]: decode_step(m, c, **k)  # noqa: E731
+            times[f"{label}_decode"].append(median_time(step, 1, warmup=1))
+    results = {}
+    for label in runs:
+        results[f"{label}_prefill_s"] = statistics.median(times[f"{label}_prefill"])
+        results[f"{label}_decode_ms"] = statistics.median(times[f"{label}_decode"]) * 1e3
     results["xpeft_prefill_over_base"] = results["xpeft_mixed_prefill_s"] / results["base_prefill_s"]
     results["lora_prefill_over_base"] = results["lora_mixed_prefill_s"] / results["base_prefill_s"]
     results["xpeft_decode_throughput_over_lora"] = results["lora_mixed_decode_ms"] / results["xpeft_mixed_decode_ms"]
