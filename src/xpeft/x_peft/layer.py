@@ -55,8 +55,11 @@ def bottleneck_delta(h: torch.Tensor, composed: Composed, activation) -> torch.T
     sample axis on all four and `h: [S, T, d]`, computed as batched matmuls.
     """
     A, a, B, b = composed
-    z = activation(torch.matmul(h, A.mT) + a.unsqueeze(-2))
-    return torch.matmul(z, B.mT) + b.unsqueeze(-2)
+    if A.dim() == 2:
+        return F.linear(activation(F.linear(h, A, a)), B, b)
+    # Per-sample adapters: batched matmuls with the biases fused in.
+    z = torch.baddbmm(a.unsqueeze(1), h, A.mT)
+    return torch.baddbmm(b.unsqueeze(1), activation(z), B.mT)
 
 
 class XPeftLayer(nn.Module, BaseTunerLayer):
