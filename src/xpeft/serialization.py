@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,40 +20,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
-def atomic_save_file(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Write `tensors` (and string `metadata`) to the safetensors file `path` atomically; return the path."""
-    path = Path(path)
+@contextmanager
+def _atomic_target(path: Path) -> Iterator[str]:
+    """Yield a temporary file name next to `path`; on success it replaces `path` in one step, on failure it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file(contiguous, tmp_name, metadata=dict(metadata) if metadata else None)
+        yield tmp_name
         with open(tmp_name, "rb") as tmp_file:
             os.fsync(tmp_file.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    return path
 
 
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write a small text file (e.g. JSON) atomically, with the same guarantees as [`atomic_save_file`]."""
+def atomic_save_file(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write `tensors` (and string `metadata`) to the safetensors file `path` atomically; return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp_file:
-            tmp_file.write(text)
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    with _atomic_target(path) as tmp_name:
+        save_file(contiguous, tmp_name, metadata=dict(metadata) if metadata else None)
     return path
 
 
