@@ -5,10 +5,13 @@
 """
 
 from ._registry import ensure_peft_type, register_method
+from .ether import EtherConfig, EtherModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EtherConfig",
+    "EtherModel",
     "__version__",
     "ensure_peft_type",
     "register_method",

@@ -1,0 +1,10 @@
+"""ETHER and ETHER+: block-diagonal hyperplane reflections as a peft tuner (arXiv 2405.20271, DESIGN.md §1)."""
+
+from .._registry import register_method
+from .config import EtherConfig
+from .layer import EtherLayer, EtherLinear
+from .model import EtherModel
+
+__all__ = ["EtherConfig", "EtherLayer", "EtherLinear", "EtherModel"]
+
+register_method("ether", EtherConfig, EtherModel)

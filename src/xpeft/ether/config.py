@@ -1,0 +1,142 @@
+"""Configuration of ETHER / ETHER+ adapters (DESIGN.md §1, arXiv 2405.20271)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from peft.config import PeftConfig
+
+from .._registry import ensure_peft_type
+
+EtherVariant = Literal["ether", "ether_plus", "ether_plus_one_sided"]
+
+
+@dataclass
+class EtherConfig(PeftConfig):
+    """Configuration of an [`EtherModel`]: block-diagonal hyperplane reflections of a layer's weights.
+
+    The weight layout (`nn.Linear` `[out, in]` or transformers `Conv1D` `[in, out]`, i.e. peft's `fan_in_fan_out`) is
+    read from each layer's type, so there is no `fan_in_fan_out` field to set.
+
+    Args:
+        target_modules (`Optional[Union[list[str], str]]`):
+            The names of the modules to apply ETHER to. A list of names matches modules whose name is, or ends with,
+            one of them; a string is a regex matched against the full module name; 'all-linear' targets every linear
+            and Conv1D layer except the output layer. If None, the attention query/value projections of known
+            architectures are chosen.
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            The names of the modules not to adapt, as a list of names or a regex string.
+        n_blocks (`int`):
+            Number of diagonal blocks n: each adapted feature axis of size d is cut into n contiguous chunks of d/n
+            features, each with its own reflection. The parameter count does not depend on n; larger n is faster. The
+            default 32 is the paper's best setting (Llama-2-7B, n=32); d must be divisible by n with at least two
+            features per block.
+        variant (`Literal['ether', 'ether_plus', 'ether_plus_one_sided']`):
+            'ether': one Householder reflection H = I - 2uu^T on the layer's input features (W' = W H). 'ether_plus':
+            the paper's ETHER+, H+ = I - uu^T + vv^T on both sides (W' = H+_out W H+_in). 'ether_plus_one_sided': H+
+            on the input side only (the official code's ablation).
+        init_weights (`bool`):
+            If True, the paper's initialization: u Kaiming-uniform and, for ETHER+, v = -u so that H+ = I and the
+            model starts unchanged. If False, v is drawn independently of u (ETHER+ then does not start at the
+            identity). Plain ETHER always starts from a random reflection: H = I is out of its reach.
+        layers_to_transform (`Optional[Union[list[int], int]]`):
+            The layer indices to adapt; if None, all layers matching `target_modules` are adapted.
+        layers_pattern (`Optional[Union[list[str], str]]`):
+            The name of the `nn.ModuleList` holding the layers (e.g. 'layers' or 'h'); used only with
+            `layers_to_transform`.
+        modules_to_save (`Optional[list[str]]`):
+            Modules apart from the ETHER layers to train and save, e.g. a freshly initialized classifier head.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The names of the modules to apply ETHER to. A list of names matches modules whose name is, or ends "
+                "with, one of them; a string is a regex matched against the full module name; 'all-linear' targets "
+                "every linear and Conv1D layer except the output layer. If None, the attention query/value "
+                "projections of known architectures are chosen."
+            )
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "The names of the modules not to adapt, as a list of names or a regex string."},
+    )
+    n_blocks: int = field(
+        default=32,
+        metadata={
+            "help": (
+                "Number of diagonal blocks n: each adapted feature axis of size d is cut into n contiguous chunks of "
+                "d/n features, each with its own reflection. The parameter count does not depend on n; larger n is "
+                "faster. The default 32 is the paper's best setting (Llama-2-7B, n=32); d must be divisible by n with "
+                "at least two features per block."
+            )
+        },
+    )
+    variant: EtherVariant = field(
+        default="ether",
+        metadata={
+            "help": (
+                "'ether': one Householder reflection H = I - 2uu^T on the layer's input features (W' = W H). "
+                "'ether_plus': the paper's ETHER+, H+ = I - uu^T + vv^T on both sides (W' = H+_out W H+_in). "
+                "'ether_plus_one_sided': H+ on the input side only (the official code's ablation)."
+            )
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "If True, the paper's initialization: u Kaiming-uniform and, for ETHER+, v = -u so that H+ = I and the "
+                "model starts unchanged. If False, v is drawn independently of u (ETHER+ then does not start at the "
+                "identity). Plain ETHER always starts from a random reflection: H = I is out of its reach."
+            )
+        },
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={
+            "help": "The layer indices to adapt; if None, all layers matching `target_modules` are adapted."
+        },
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "The name of the `nn.ModuleList` holding the layers (e.g. 'layers' or 'h'); used only with "
+                "`layers_to_transform`."
+            )
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules apart from the ETHER layers to train and save, e.g. a freshly initialized classifier head."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("ETHER")
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        variants = get_args(EtherVariant)
+        if self.variant not in variants:
+            raise ValueError(
+                f"`variant`={self.variant!r} is not an ETHER variant; choose one of {', '.join(map(repr, variants))}."
+            )
+        if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 1:
+            raise ValueError(f"`n_blocks` must be a positive integer, got {self.n_blocks!r}.")
+        # A regex selects modules by full name, so a layer filter on top of it would be ambiguous (as in peft's HRA).
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (a regex).")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str (a regex).")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` is set but `layers_to_transform` is None; set both or neither.")

@@ -1,0 +1,306 @@
+"""ETHER / ETHER+ layers: block-diagonal hyperplane reflections applied to activations (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..tuners_utils import adapter_index_groups, check_mixed_batch_args, layer_features, weight_as_out_in
+from .config import EtherConfig
+
+# A zero vector has no direction; clamping its norm makes û = 0, i.e. H = I for that block, instead of NaN.
+NORM_EPS = 1e-12
+# Unmerging ETHER+ inverts H⁺, whose determinant is (û·v̂)² per block: its smallest eigenvalue is 1 - sqrt(1 - c²)
+# ≈ c²/2 for c = û·v̂. Below |c| = 0.1 the inverse amplifies the merged weight's rounding error by more than 200 per
+# side (4·10⁴ for ETHER+), i.e. the "restored" weight would be visibly wrong, so unmerge refuses instead.
+MIN_UNMERGE_ALIGNMENT = 0.1
+
+
+def valid_block_counts(*sizes: int) -> list[int]:
+    """Block counts n that split every size in `sizes` into blocks of at least two features."""
+    return [n for n in range(1, min(sizes) // 2 + 1) if all(size % n == 0 for size in sizes)]
+
+
+def normalize_blocks(u: torch.Tensor) -> torch.Tensor:
+    """û = u / ‖u‖ per block row of `u` (shape `[n, d/n]`), in float32 whatever the parameter dtype.
+
+    DESIGN.md §1, "û = u/‖u‖"; the norm is clamped at `NORM_EPS` so that a zero vector gives û = 0, not NaN.
+    """
+    u = u.float()
+    return u / u.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
+    """ETHER, DESIGN.md §1: `x_b ← x_b − 2 û_b (û_bᵀ x_b)` for each of the n blocks of the last axis of `x`.
+
+    This is `x ↦ H x` with `H = diag(I − 2 û_b û_bᵀ)`, never built. `u_hat` is `[n, d/n]` in the dtype of `x`.
+    `H` is symmetric and orthogonal, so it is its own inverse, and applied to the rows of `W` it gives `W H`.
+    """
+    blocks = x.unflatten(-1, u_hat.shape)
+    coef = torch.einsum("...nb,nb->...n", blocks, u_hat)
+    return (blocks - 2 * coef.unsqueeze(-1) * u_hat).flatten(-2)
+
+
+def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
+    """ETHER+, DESIGN.md §1: `x_b ← x_b − û_b (û_bᵀ x_b) + v̂_b (v̂_bᵀ x_b)`, i.e. `x ↦ H⁺ x`, block by block.
+
+    `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` is symmetric, so applied to the rows of `W` it gives `W H⁺`.
+    """
+    blocks = x.unflatten(-1, u_hat.shape)
+    uv = torch.stack((u_hat, v_hat), dim=1)  # [n, 2, d/n]
+    coef = torch.einsum("...nb,nkb->...nk", blocks, uv)
+    coef = coef * torch.tensor((-1.0, 1.0), dtype=coef.dtype, device=coef.device)
+    return (blocks + torch.einsum("...nk,nkb->...nb", coef, uv)).flatten(-2)
+
+
+def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
+    """`x ↦ (H⁺)⁻¹ x` per block by the Woodbury identity (rank-2 Sherman–Morrison), for unmerging ETHER+.
+
+    With `H⁺ = I + A C Aᵀ`, `A = [û, v̂]`, `C = diag(−1, 1)` and `c = û·v̂`:
+    `(H⁺)⁻¹ = I − A (C⁻¹ + AᵀA)⁻¹ Aᵀ`, and `(C⁻¹ + AᵀA)⁻¹ = [[−2/c², 1/c], [1/c, 0]]`, so
+    `(H⁺)⁻¹ x = x − û (q/c − 2p/c²) − v̂ (p/c)` with `p = ûᵀx`, `q = v̂ᵀx`. Needs `c ≠ 0` (`det H⁺ = c²`).
+    """
+    blocks = x.unflatten(-1, u_hat.shape)
+    c = (u_hat * v_hat).sum(-1)  # [n]
+    p = torch.einsum("...nb,nb->...n", blocks, u_hat)
+    q = torch.einsum("...nb,nb->...n", blocks, v_hat)
+    alpha = q / c - 2 * p / c**2
+    beta = p / c
+    return (blocks - alpha.unsqueeze(-1) * u_hat - beta.unsqueeze(-1) * v_hat).flatten(-2)
+
+
+class EtherLayer(BaseTunerLayer):
+    """ETHER / ETHER+ (Bini et al., ICML 2024, https://arxiv.org/abs/2405.20271), block-diagonal over n blocks.
+
+    With the base weight `W` as `[out, in]` and bias `b`:
+
+    - ETHER: :math:`y = W H x + b`, :math:`H = \\mathrm{diag}_b(I - 2\\hat u_b \\hat u_b^\\top)`; `d_in` parameters.
+      `H` is a reflection (orthogonal, symmetric, det −1 per block), hence its own inverse: unmerging applies it again.
+    - ETHER+: :math:`y = H^+_{out} W H^+_{in} x + b`, :math:`H^+ = \\mathrm{diag}_b(I - \\hat u_b \\hat u_b^\\top +
+      \\hat v_b \\hat v_b^\\top)`; `2(d_in + d_out)` parameters. The bias is not transformed, as in the merged form.
+      Unmerging inverts `H⁺` (see [`ether_plus_inverse`]).
+    - ETHER+ one-sided: :math:`y = W H^+_{in} x + b`; `2 d_in` parameters.
+
+    The transforms act on activations (`O(tokens·d)` extra work), never on a `d×d` matrix, except in merge.
+    Trainable vectors are stored per block as `[n, d/n]` and normalized in float32 (see [`normalize_blocks`]).
+    """
+
+    adapter_layer_names = ("ether_u", "ether_v", "ether_u_out", "ether_v_out")
+    other_param_names = ("ether_variant",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.ether_u = nn.ParameterDict({})  # input side, every variant
+        self.ether_v = nn.ParameterDict({})  # input side, ETHER+ variants
+        self.ether_u_out = nn.ParameterDict({})  # output side, two-sided ETHER+ only
+        self.ether_v_out = nn.ParameterDict({})
+        self.ether_variant: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.cast_input_dtype_enabled = True
+        self.in_features, self.out_features, self.fan_in_fan_out = layer_features(self.get_base_layer(), "ETHER")
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config: EtherConfig, module_name: str = "") -> None:
+        """Create the vectors of `adapter_name` for this layer (`module_name` only serves error messages)."""
+        n, variant = config.n_blocks, config.variant
+        two_sided = variant == "ether_plus"
+        sizes = {"in_features": self.in_features}
+        if two_sided:
+            sizes["out_features"] = self.out_features
+        for side, size in sizes.items():
+            # A block of one feature is a fixed sign flip (ETHER) or the identity (ETHER+): nothing left to train.
+            if size % n or size // n < 2:
+                valid = ", ".join(map(str, valid_block_counts(*sizes.values())))
+                raise ValueError(
+                    f"ETHER `n_blocks`={n} does not split {side}={size} of module {module_name!r} into blocks of at "
+                    f"least two features. Valid block counts for this layer: {valid}. Set `n_blocks` to one of them, "
+                    "or leave the module out with `exclude_modules`."
+                )
+        self.ether_variant[adapter_name] = variant
+        self.ether_u[adapter_name] = nn.Parameter(self._init_vectors(n, self.in_features))
+        if variant != "ether":
+            v = -self.ether_u[adapter_name].data if config.init_weights else self._init_vectors(n, self.in_features)
+            self.ether_v[adapter_name] = nn.Parameter(v.clone())
+        if two_sided:
+            u_out = self._init_vectors(n, self.out_features)
+            v_out = -u_out if config.init_weights else self._init_vectors(n, self.out_features)
+            self.ether_u_out[adapter_name] = nn.Parameter(u_out)
+            self.ether_v_out[adapter_name] = nn.Parameter(v_out.clone())
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _init_vectors(self, n_blocks: int, size: int) -> torch.Tensor:
+        # The official code's init (Kaiming-uniform, a=√5); only each block's direction matters.
+        weight = self.get_base_layer().weight
+        vectors = torch.empty(n_blocks, size // n_blocks, device=weight.device)
+        return nn.init.kaiming_uniform_(vectors, a=math.sqrt(5))
+
+    # -- the transforms, shared by forward, mixed batch and merge ------------------------------------------------
+
+    def _unit(self, container: nn.ParameterDict, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        return normalize_blocks(container[adapter_name]).to(dtype)
+
+    def transform_input(self, x: torch.Tensor, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`x ↦ H_in x` (last axis = input features) for one adapter, computed in `dtype` (default `x.dtype`)."""
+        dtype = dtype or x.dtype
+        u_hat = self._unit(self.ether_u, adapter_name, dtype)
+        if self.ether_variant[adapter_name] == "ether":
+            return householder_reflect(x.to(dtype), u_hat)
+        return ether_plus_transform(x.to(dtype), u_hat, self._unit(self.ether_v, adapter_name, dtype))
+
+    def transform_output(self, y: torch.Tensor, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`y ↦ H⁺_out y` (last axis = output features); the identity unless the variant is two-sided ETHER+."""
+        if adapter_name not in self.ether_u_out:
+            return y
+        dtype = dtype or y.dtype
+        u_hat = self._unit(self.ether_u_out, adapter_name, dtype)
+        return ether_plus_transform(y.to(dtype), u_hat, self._unit(self.ether_v_out, adapter_name, dtype))
+
+    def _output_chain(self, y: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        # y = H_out (W x') + b = H_out(W x' + b) − H_out b + b: the bias is transformed back out, on a vector only.
+        names = [name for name in names if name in self.ether_u_out]
+        if not names:
+            return y
+        bias = self.get_base_layer().bias
+        out = y
+        for name in names:
+            out = self.transform_output(out, name)
+        if bias is not None:
+            moved = bias.to(y.dtype)
+            for name in names:
+                moved = self.transform_output(moved, name)
+            out = out + (bias.to(y.dtype) - moved)
+        return out
+
+    def _active_names(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.ether_u]
+
+
+class EtherLinear(nn.Module, EtherLayer):
+    """ETHER / ETHER+ on an `nn.Linear` or a transformers `Conv1D` (GPT-2): see [`EtherLayer`] for the math."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: EtherConfig, module_name: str = "") -> None:
+        super().__init__()
+        EtherLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = check_mixed_batch_args(self, x, kwargs.pop("adapter_names", None))
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        names = self._active_names()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        previous_dtype = x.dtype
+        x = self._cast_input_dtype(x, self.get_base_layer().weight.dtype)
+        # Merging a then b gives H_out,b H_out,a W H_in,a H_in,b: the input sees the last adapter first.
+        for name in reversed(names):
+            x = self.transform_input(x, name)
+        result = self._output_chain(self.base_layer(x, *args, **kwargs), names)
+        return result.to(previous_dtype)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each leading row of `x` goes through its own adapter (or none for `"__base__"`), one base matmul in all."""
+        previous_dtype = x.dtype
+        x = self._cast_input_dtype(x, self.get_base_layer().weight.dtype)
+        groups = {name: index for name, index in adapter_index_groups(adapter_names, x.device).items()}
+        groups = {name: index for name, index in groups.items() if name in self.ether_u}
+        transformed = x.clone()
+        for name, index in groups.items():
+            transformed[index] = self.transform_input(x[index], name)
+        result = self.base_layer(transformed, *args, **kwargs)
+        out = result.clone()
+        for name, index in groups.items():
+            out[index] = self._output_chain(result[index], [name])
+        return out.to(previous_dtype)
+
+    # -- merge ---------------------------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge adapters into the base weight: `W ← H_out W H_in` (ETHER: `W ← W H`), computed in float32.
+
+        With `safe_merge=True` the new weight is computed on a copy and checked for NaN/inf before it replaces `W`.
+        """
+        base = self.get_base_layer()
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.ether_u:
+                continue
+            new_weight = self._merged_weight(base.weight.data, name, inverse=False)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(f"NaNs or infs detected in the merged weights of adapter {name!r}; not merging it.")
+            if name in self.ether_v and self._min_alignment(name) < MIN_UNMERGE_ALIGNMENT:
+                warnings.warn(
+                    f"ETHER+ adapter {name!r} is nearly singular (|û·v̂| < {MIN_UNMERGE_ALIGNMENT}): it merges fine, "
+                    "but cannot be unmerged accurately later. Keep a copy of the base weights if you need them back."
+                )
+            base.weight.data = new_weight
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo `merge`. ETHER: a reflection is its own inverse, so `W H H = W` (exact up to rounding).
+
+        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 by the rank-2 Woodbury inverse; refused when the inverse is
+        ill-conditioned (`|û·v̂| < MIN_UNMERGE_ALIGNMENT` in some block, `det H⁺ = (û·v̂)²`).
+        """
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            if name in self.ether_v:
+                alignment = self._min_alignment(name)
+                if alignment < MIN_UNMERGE_ALIGNMENT:
+                    # The inverse would amplify the merged weight's rounding error by ~2/c² per side.
+                    raise ValueError(
+                        f"Cannot unmerge ETHER+ adapter {name!r}: its H⁺ is nearly singular (min |û·v̂| = "
+                        f"{alignment:.2e} < {MIN_UNMERGE_ALIGNMENT}; det H⁺ = (û·v̂)²), so inverting it would not "
+                        "restore the base weights. Reload the base model instead, or use `merge_and_unload()` on a "
+                        "copy when you need both the merged and the unmerged model."
+                    )
+            base.weight.data = self._merged_weight(base.weight.data, name, inverse=True)
+            self.merged_adapters.pop()
+
+    def _min_alignment(self, name: str) -> float:
+        pairs = [(self.ether_u, self.ether_v), (self.ether_u_out, self.ether_v_out)]
+        values = [
+            (normalize_blocks(u[name]) * normalize_blocks(v[name])).sum(-1).abs().min() for u, v in pairs if name in u
+        ]
+        return min(values).item()
+
+    def _merged_weight(self, weight: torch.Tensor, name: str, inverse: bool) -> torch.Tensor:
+        """The base weight (stored layout) with adapter `name` merged in, or taken out when `inverse`."""
+        w = weight_as_out_in(weight, self.fan_in_fan_out)
+        if not inverse or self.ether_variant[name] == "ether":
+            # Row-wise transforms of W give W H_in; column-wise (rows of Wᵀ) give H_out W. H_ether⁻¹ = H_ether.
+            dtype = torch.float32 if weight.dtype != torch.float64 else torch.float64
+            merged = self.transform_input(w.to(dtype), name)
+            merged = self.transform_output(merged.T, name).T
+        else:
+            merged = self._apply_inverse(w.double(), self.ether_u, self.ether_v, name)
+            if name in self.ether_u_out:
+                merged = self._apply_inverse(merged.T, self.ether_u_out, self.ether_v_out, name).T
+        return weight_as_out_in(merged, self.fan_in_fan_out).to(weight.dtype).contiguous()
+
+    @staticmethod
+    def _apply_inverse(x: torch.Tensor, u: nn.ParameterDict, v: nn.ParameterDict, name: str) -> torch.Tensor:
+        return ether_plus_inverse(x, normalize_blocks(u[name]).double(), normalize_blocks(v[name]).double())
+
+    def __repr__(self) -> str:
+        return "ether." + super().__repr__()

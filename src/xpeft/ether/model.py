@@ -1,0 +1,53 @@
+"""The ETHER tuner model: finds the target layers and swaps in [`EtherLinear`]."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_HRA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from ..tuners_utils import XpeftTuner
+from .config import EtherConfig
+from .layer import EtherLayer, EtherLinear
+
+
+class EtherModel(XpeftTuner):
+    """ETHER / ETHER+ (https://arxiv.org/abs/2405.20271) on a transformers model, through peft's API.
+
+    Example:
+        ```py
+        >>> import xpeft  # registers the "ether" peft type
+        >>> from peft import get_peft_model
+        >>> from xpeft import EtherConfig
+
+        >>> config = EtherConfig(target_modules=["q_proj", "v_proj"], n_blocks=32, variant="ether_plus")
+        >>> model = get_peft_model(base_model, config)
+        ```
+
+    Per-sample `adapter_names=[...]` (including `"__base__"`) work in `forward` and `generate`, as for LoRA.
+    """
+
+    prefix: str = "ether_"
+    tuner_layer_cls = EtherLayer
+    # Same defaults as LoRA/HRA (attention query and value projections), which is what the paper adapts on Llama-2.
+    target_module_mapping = TRANSFORMERS_MODELS_TO_HRA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        config: EtherConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if isinstance(target, EtherLayer):
+            target.update_layer(adapter_name, config, module_name=current_key)
+            return
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        new_module = EtherLinear(base_layer, adapter_name, config, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            # An added adapter is not trainable until `set_adapter` makes it active (as in peft's tuners).
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
