@@ -6,13 +6,20 @@
 
 from ._registry import ensure_peft_type, register_method
 from .ether import EtherConfig, EtherModel
+from .x_peft import ProfileStore, XPeftConfig, XPeftModel, attach_profile, build_bank, profile_cost
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EtherConfig",
     "EtherModel",
+    "ProfileStore",
+    "XPeftConfig",
+    "XPeftModel",
     "__version__",
+    "attach_profile",
+    "build_bank",
     "ensure_peft_type",
+    "profile_cost",
     "register_method",
 ]

@@ -90,6 +90,17 @@ def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_
     return args, kwargs
 
 
+def _check_batch_size(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> None:
+    # Layers that see flattened [batch * seq, features] rows (OPT's feed-forward) cannot tell a short `adapter_names`
+    # from a long sequence, so the number of samples is checked once on the model's own inputs.
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and len(inputs) != len(adapter_names):
+        raise ValueError(
+            f"`adapter_names` has {len(adapter_names)} entries but the batch has {len(inputs)} samples; pass exactly "
+            f"one adapter name (or '{BASE_ADAPTER_NAME}') per sample."
+        )
+
+
 class XpeftTuner(BaseTuner):
     """Base class of xpeft's tuner models.
 
@@ -143,7 +154,8 @@ class XpeftTuner(BaseTuner):
             # generate() repeats every sample num_beams times, so each sample's name must follow it.
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
         hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
-        handles = [
+        check = partial(_check_batch_size, adapter_names=list(adapter_names))
+        handles = [self.model.register_forward_pre_hook(check, with_kwargs=True)] + [
             module.register_forward_pre_hook(hook, with_kwargs=True)
             for module in self.model.modules()
             if isinstance(module, self.tuner_layer_cls)

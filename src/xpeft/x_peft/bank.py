@@ -1,0 +1,202 @@
+"""The frozen bank of X-PEFT: N bottleneck adapters per adapted layer, shared by every profile of a model.
+
+Two sources (DESIGN.md §2, "Bank sources"):
+
+- **random**: each layer's adapters are drawn on the CPU from a `torch.Generator` seeded by `(bank_seed, layer name)`,
+  then moved to the layer's device, so the same recipe gives the same bank bit for bit on CPU or CUDA and costs zero
+  bytes to store. Its fingerprint is the `recipe_fingerprint` of the recipe.
+- **trained**: built once from N existing single bottleneck adapters with [`build_bank`] and saved as one safetensors
+  file whose metadata holds the `tensor_fingerprint` of its tensors.
+
+Per layer the bank holds `A: [N, r, d]` (down), `a: [N, r]`, `B: [N, d, r]` (up) and `b: [N, d]`, in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+from ..serialization import atomic_save_file, load_checked, read_safetensors_metadata, recipe_fingerprint
+from ..serialization import tensor_fingerprint as _tensor_fingerprint
+
+BANK_FORMAT = "xpeft-bank/v1"
+RANDOM_GENERATOR = "xpeft-random-bank/v1"
+PARTS = ("A", "a", "B", "b")
+BIAS_STD = 0.02  # [open] random-bank biases: small, so that composition of biases is exercised but does not dominate
+
+
+def random_bank_recipe(bank_seed: int, bank_size: int, reduction_factor: int, non_linearity: str) -> dict:
+    """The recipe that determines a random bank (together with each layer's name and size)."""
+    return {
+        "kind": "random",
+        "generator": RANDOM_GENERATOR,
+        "seed": bank_seed,
+        "bank_size": bank_size,
+        "reduction_factor": reduction_factor,
+        "non_linearity": non_linearity,
+        "dtype": "float32",
+    }
+
+
+def random_bank_layer(bank_seed: int, layer_name: str, bank_size: int, d: int, r: int) -> dict[str, torch.Tensor]:
+    """Draw one layer's random bank on the CPU: `A ~ N(0, 1/d)`, `B ~ N(0, 1/r)`, biases `~ N(0, 0.02²)`.
+
+    The generator seed mixes `bank_seed` with the layer name, so a layer's adapters do not depend on which other
+    layers are adapted or in which order they are created.
+    """
+    digest = hashlib.sha256(f"{RANDOM_GENERATOR}|{bank_seed}|{layer_name}".encode()).digest()
+    generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return {
+        "A": torch.randn(bank_size, r, d, generator=generator) / d**0.5,
+        "a": torch.randn(bank_size, r, generator=generator) * BIAS_STD,
+        "B": torch.randn(bank_size, d, r, generator=generator) / r**0.5,
+        "b": torch.randn(bank_size, d, generator=generator) * BIAS_STD,
+    }
+
+
+def _buffer_key(layer_name: str) -> str:
+    # Buffer names may not contain dots; module paths never contain "/".
+    return layer_name.replace(".", "/")
+
+
+def read_bank_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """Load a bank file, check it against its recorded fingerprint; return `({layer: {part: tensor}}, metadata)`."""
+    metadata = read_safetensors_metadata(path)
+    if metadata.get("format") != BANK_FORMAT:
+        raise ValueError(
+            f"{path} is not an X-PEFT bank file (format {metadata.get('format')!r}, expected {BANK_FORMAT!r}); "
+            "create one with `xpeft.x_peft.build_bank`."
+        )
+    tensors = load_checked(path)
+    fingerprint = _tensor_fingerprint(tensors)
+    if fingerprint != metadata.get("fingerprint"):
+        raise ValueError(
+            f"Bank file {path} is corrupted: its tensors hash to {fingerprint} but its metadata records "
+            f"{metadata.get('fingerprint')}. Rebuild it with `xpeft.x_peft.build_bank`."
+        )
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        layer_name, part = name.rsplit(".", 1)
+        layers.setdefault(layer_name, {})[part] = tensor
+    return layers, metadata
+
+
+def build_bank(
+    adapters: Sequence[Mapping[str, Mapping[str, torch.Tensor]]], path: str | os.PathLike, non_linearity: str = "relu"
+) -> str:
+    """Build a trained bank from N single bottleneck adapters and save it once; return its fingerprint.
+
+    Each adapter maps a layer name (the module path of the adapted layer in the base model, e.g.
+    `"bert.encoder.layer.0.output.dense"`) to its weights `{"A": [r, d], "a": [r], "B": [d, r], "b": [d]}` for
+    `h ↦ h + B f(A h + a) + b`. Single adapters trained with this library come from [`extract_adapter`]; others
+    (e.g. AdapterHub Pfeiffer adapters) only need their weights put in this form. All adapters must cover the same
+    layers with the same shapes.
+    """
+    if not adapters:
+        raise ValueError("`build_bank` needs at least one adapter.")
+    layer_names = sorted(adapters[0])
+    tensors: dict[str, torch.Tensor] = {}
+    for layer_name in layer_names:
+        for part in PARTS:
+            try:
+                parts = [adapter[layer_name][part].detach().float().cpu() for adapter in adapters]
+            except KeyError as error:
+                raise ValueError(
+                    f"Adapter is missing {error} for layer {layer_name!r}; every adapter given to `build_bank` must "
+                    f"hold A, a, B and b for the same layers ({layer_names})."
+                ) from error
+            if len({tuple(p.shape) for p in parts}) != 1:
+                raise ValueError(f"Adapters disagree on the shape of {part} in layer {layer_name!r}.")
+            tensors[f"{layer_name}.{part}"] = torch.stack(parts)
+    fingerprint = _tensor_fingerprint(tensors)
+    metadata = {
+        "format": BANK_FORMAT,
+        "fingerprint": fingerprint,
+        "bank_size": str(len(adapters)),
+        "non_linearity": non_linearity,
+    }
+    atomic_save_file(tensors, path, metadata)
+    return fingerprint
+
+
+class XPeftBank(nn.Module):
+    """The bank of one model, held once by the tuner model; each X-PEFT layer keeps a reference and its layer name.
+
+    The tensors are non-persistent buffers: they follow `model.to(...)` but never enter a state dict, so no profile
+    ever contains them.
+    """
+
+    def __init__(self, source: str, bank_seed: int, bank_size: int, reduction_factor: int, non_linearity: str):
+        super().__init__()
+        self.source, self.bank_seed, self.bank_size = source, bank_seed, bank_size
+        self.reduction_factor, self.non_linearity = reduction_factor, non_linearity
+        self.parts = nn.ModuleDict({part: BufferDict({}, persistent=False) for part in PARTS})
+        self._file_layers: dict[str, dict[str, torch.Tensor]] | None = None
+        if source == "random":
+            recipe = random_bank_recipe(bank_seed, bank_size, reduction_factor, non_linearity)
+            self.fingerprint = recipe_fingerprint(recipe)
+            return
+        self._file_layers, metadata = read_bank_file(source)
+        self.fingerprint = metadata["fingerprint"]
+        if int(metadata.get("bank_size", -1)) != bank_size:
+            raise ValueError(
+                f"Bank file {source} holds {metadata.get('bank_size')} adapters per layer but `bank_size` is "
+                f"{bank_size}; set `bank_size={metadata.get('bank_size')}`."
+            )
+        if metadata.get("non_linearity", non_linearity) != non_linearity:
+            raise ValueError(
+                f"Bank file {source} was built for non_linearity={metadata['non_linearity']!r} but the config has "
+                f"{non_linearity!r}; set `non_linearity={metadata['non_linearity']!r}`."
+            )
+
+    def ensure_layer(self, layer_name: str, d: int, device: torch.device) -> None:
+        """Create (random) or fetch (file) the adapters of `layer_name`, whose output size is `d`."""
+        key = _buffer_key(layer_name)
+        if key in self.parts["A"]:
+            return
+        if self._file_layers is None:
+            r = d // self.reduction_factor
+            if r < 1:
+                raise ValueError(
+                    f"Layer {layer_name!r} has d={d} < reduction_factor={self.reduction_factor}, giving a bottleneck "
+                    "of size 0; lower `reduction_factor`."
+                )
+            tensors = random_bank_layer(self.bank_seed, layer_name, self.bank_size, d, r)
+        else:
+            if layer_name not in self._file_layers:
+                raise ValueError(
+                    f"Bank file {self.source} has no adapters for layer {layer_name!r}; it covers "
+                    f"{sorted(self._file_layers)}. Choose `target_modules` to match the bank."
+                )
+            tensors = self._file_layers[layer_name]
+            if tensors["B"].shape[1] != d:
+                raise ValueError(
+                    f"Bank adapters of layer {layer_name!r} have d={tensors['B'].shape[1]}, layer has {d}."
+                )
+        for part in PARTS:
+            self.parts[part][key] = tensors[part].to(device)
+
+    def layer(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(A, a, B, b)` of `layer_name`, on the device the bank currently lives on."""
+        key = _buffer_key(layer_name)
+        return tuple(self.parts[part][key] for part in PARTS)
+
+    def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """All layers created so far, as `{layer name: {part: tensor}}` (e.g. to save a random bank with `save_bank`)."""
+        return {key.replace("/", "."): {part: self.parts[part][key] for part in PARTS} for key in self.parts["A"]}
+
+
+def save_bank(bank: XPeftBank, path: str | os.PathLike) -> str:
+    """Save the layers of `bank` as a bank file (e.g. to freeze a random bank); return the file's fingerprint."""
+    layers = bank.layer_tensors()
+    adapters = [
+        {name: {part: tensors[part][i] for part in PARTS} for name, tensors in layers.items()}
+        for i in range(bank.bank_size)
+    ]
+    return build_bank(adapters, Path(path), non_linearity=bank.non_linearity)

@@ -1,0 +1,245 @@
+"""X-PEFT tuner model: one frozen bank per model, profiles of mask logits saved as a few hundred bytes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from safetensors.torch import save_file
+from torch import nn
+
+from ..tuners_utils import XpeftTuner
+from .bank import XPeftBank, read_bank_file, recipe_fingerprint, random_bank_recipe
+from .config import XPeftConfig
+from .layer import XPeftLayer
+from .store import ProfileStore, pack_masks, unpack_masks
+
+MASKS_KEY = "xpeft_masks"
+PEFT_PREFIX = "base_model.model."
+# Each block's feed-forward output projection (DESIGN.md §2: Pfeiffer adapter after the feed-forward output).
+# BERT-like encoders also have "attention.output.dense", which the regex excludes.
+_ENCODER_FFN_OUT = r".*\.layer\.\d+\.output\.dense"
+DEFAULT_TARGET_MODULES = {
+    "bert": _ENCODER_FFN_OUT,
+    "roberta": _ENCODER_FFN_OUT,
+    "deberta-v2": _ENCODER_FFN_OUT,
+    "gpt2": ["mlp.c_proj"],
+    "opt": ["fc2"],
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+}
+
+
+def bank_fingerprint_of(config: XPeftConfig) -> str:
+    """Fingerprint of the bank `config` describes: the recipe's (random) or the bank file's (trained)."""
+    if config.bank == "random":
+        recipe = random_bank_recipe(config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity)
+        return recipe_fingerprint(recipe)
+    return read_bank_file(config.bank)[1]["fingerprint"]
+
+
+def xpeft_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, XPeftLayer]]:
+    """The X-PEFT layers holding `adapter_name`, in module order (the row order of a saved profile)."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, XPeftLayer) and adapter_name in module.xpeft_mask_A
+    ]
+
+
+def _mask_logits(model: nn.Module, adapter_name: str, state_dict: dict | None = None) -> torch.Tensor:
+    rows = []
+    for name, layer in xpeft_layers(model, adapter_name):
+        pair = []
+        for attr in XPeftLayer.adapter_layer_names:
+            key = f"{name}.{attr}.{adapter_name}"
+            pair.append((state_dict or {}).get(key, getattr(layer, attr)[adapter_name]).detach())
+        rows.append(torch.stack(pair))
+    if not rows:
+        raise ValueError(f"No X-PEFT layer holds an adapter named {adapter_name!r}.")
+    return torch.stack(rows)
+
+
+class XPeftModel(XpeftTuner):
+    """X-PEFT (arXiv 2401.16137) as a peft tuner: `get_peft_model(model, XPeftConfig(...))`.
+
+    The bank (`self.xpeft_bank`, an [`XPeftBank`]) is created with the first profile and shared by all later ones;
+    a profile with another bank is refused with both fingerprints named. `save_pretrained` writes one tensor per
+    profile (its masks, bit-packed for hard masks) and the bank fingerprint in `adapter_config.json`, never the bank.
+    """
+
+    prefix = "xpeft_"
+    tuner_layer_cls = XPeftLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+    uses_shared_state = True
+    mergeable = False
+    unmergeable_reason = "the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it."
+
+    def _prepare_adapter_config(self, peft_config: XPeftConfig, model_config: dict) -> XPeftConfig:
+        if peft_config.target_modules is None and model_config.get("model_type") not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"X-PEFT has no default `target_modules` for model_type {model_config.get('model_type')!r} (defaults "
+                f"exist for {', '.join(DEFAULT_TARGET_MODULES)}). Pass `target_modules` with the name of each block's "
+                "feed-forward output projection, e.g. XPeftConfig(target_modules=['down_proj'])."
+            )
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def _check_new_adapter_config(self, config: XPeftConfig) -> None:
+        super()._check_new_adapter_config(config)
+        fingerprint = bank_fingerprint_of(config)
+        described = "bank='random', bank_seed=" + str(config.bank_seed) if config.bank == "random" else config.bank
+        if config.bank_fingerprint is not None and config.bank_fingerprint != fingerprint:
+            raise ValueError(
+                f"This X-PEFT profile was trained against bank {config.bank_fingerprint}, but its config describes "
+                f"bank {fingerprint} ({described}, bank_size={config.bank_size}, reduction_factor="
+                f"{config.reduction_factor}). Load it with the bank it was trained against."
+            )
+        bank = self._modules.get("xpeft_bank")
+        if bank is not None and bank.fingerprint != fingerprint:
+            raise ValueError(
+                f"This X-PEFT profile needs bank {fingerprint} ({described}) but the model's bank is "
+                f"{bank.fingerprint}: all profiles of a model share its bank. Load the profile into a model built "
+                "with its bank, or retrain it against this one."
+            )
+        if bank is None:
+            self.xpeft_bank = XPeftBank(
+                config.bank, config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity
+            )
+        config.bank_fingerprint = fingerprint
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        if isinstance(target, XPeftLayer):
+            target.update_layer(adapter_name, config)
+            return
+        new_module = XPeftLayer(target, adapter_name, config, self.xpeft_bank, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # -- saving: one tensor of masks per profile, never the bank -------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        layers = xpeft_layers(model, adapter_name)
+        prefix = PEFT_PREFIX if layers and layers[0][0].startswith(PEFT_PREFIX) else ""
+        payload = pack_masks(_mask_logits(model, adapter_name, state_dict), config.mask_type, config.hard_k)
+        return {f"{prefix}{MASKS_KEY}.{adapter_name}": payload}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = dict(state_dict)
+        key = next((k for k in (PEFT_PREFIX + MASKS_KEY, MASKS_KEY) if k in state_dict), None)
+        if key is None:
+            raise ValueError(
+                f"The checkpoint has no '{PEFT_PREFIX}{MASKS_KEY}' tensor, so it is not an X-PEFT profile (or it is "
+                "corrupted); re-save it with `save_pretrained` after `import xpeft`."
+            )
+        payload = state_dict.pop(key)
+        layers = xpeft_layers(model, adapter_name)
+        logits = unpack_masks(payload, config.mask_type, config.hard_k, len(layers), config.bank_size)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for (name, _), row in zip(layers, logits):
+            for attr, values in zip(XPeftLayer.adapter_layer_names, row):
+                remapped[f"{name}.{attr}.{adapter_name}"] = values
+        return remapped
+
+
+# -- profiles as payloads: the store, attaching, extracting, cost ------------------------------------------------
+
+
+def profile_payload(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
+    """The saved form of profile `adapter_name` (what `save_pretrained` and [`ProfileStore`] keep)."""
+    config = model.peft_config[adapter_name]
+    return pack_masks(_mask_logits(model, adapter_name), config.mask_type, config.hard_k)
+
+
+def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | None = None, config=None) -> str:
+    """Add stored profile `name` to the peft `model` as adapter `adapter_name` (default: `name`); return its name.
+
+    The new adapter copies the config of the model's first X-PEFT adapter (or `config`), so the model must already
+    hold the bank the store was built for.
+    """
+    adapter_name = adapter_name or name
+    config = config or next(iter(model.peft_config.values()))
+    bank = model.base_model.xpeft_bank
+    if store.info["bank_fingerprint"] != bank.fingerprint:
+        raise ValueError(
+            f"Store {store.path} holds profiles of bank {store.info['bank_fingerprint']} but the model's bank is "
+            f"{bank.fingerprint}; attach them to a model built with that bank."
+        )
+    logits = store.masks(name)  # read and validated before the model changes
+    new_config = XPeftConfig(**{**config.to_dict(), "mask_type": store.info["mask_type"], "inference_mode": True})
+    new_config.hard_k = store.info["hard_k"]
+    model.add_adapter(adapter_name, new_config)
+    layers = xpeft_layers(model, adapter_name)
+    if len(layers) != store.info["layers"]:
+        model.delete_adapter(adapter_name)
+        raise ValueError(f"Store profiles cover {store.info['layers']} layers, the model adapts {len(layers)}.")
+    with torch.no_grad():
+        for (_, layer), row in zip(layers, logits):
+            layer.xpeft_mask_A[adapter_name].copy_(row[0])
+            layer.xpeft_mask_B[adapter_name].copy_(row[1])
+    return adapter_name
+
+
+def extract_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str, dict[str, torch.Tensor]]:
+    """Profile `adapter_name` as a single bottleneck adapter `{layer name: {"A", "a", "B", "b"}}` (for `build_bank`).
+
+    This is the simple way to obtain single adapters with this library: train a profile on any bank, extract its
+    composed adapter, and collect N of them (one per earlier task) into a trained bank with `build_bank`.
+    """
+    with torch.no_grad():
+        return {
+            layer.layer_name: {part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name))}
+            for _, layer in xpeft_layers(model, adapter_name)
+        }
+
+
+def _saved_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+        return path.stat().st_size
+
+
+def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[str, int]:
+    """Trainable parameters and bytes on disk of one profile, next to a full bottleneck adapter and LoRA r=`lora_r`.
+
+    `profile_file_bytes` is the size of the profile's `adapter_model.safetensors` without a head, `with_head_bytes`
+    with its `modules_to_save` tensors (0 head bytes without a head). Baselines: a full bottleneck adapter on the
+    same layers (`2rd + r + d` fp32 parameters per layer) and LoRA on peft's default targets for this model type
+    (`r(in + out)` per layer), as tensor bytes in safetensors files.
+    """
+    config = model.peft_config[adapter_name]
+    layers = xpeft_layers(model, adapter_name)
+    payload = profile_payload(model, adapter_name)
+    head = {
+        name: param.detach() for name, param in model.named_parameters() if f"modules_to_save.{adapter_name}." in name
+    }
+    bottleneck = {}
+    for name, layer in layers:
+        A, a, B, b = layer.xpeft_bank.layer(layer.layer_name)
+        bottleneck[name] = torch.zeros(A[0].numel() + a[0].numel() + B[0].numel() + b[0].numel())
+    model_type = model.get_base_model().config.model_type
+    lora_targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, [])
+    lora = {}
+    for name, module in model.get_base_model().named_modules():
+        base = module.get_base_layer() if isinstance(module, XPeftLayer) else module
+        if isinstance(base, nn.Linear) and name.split(".")[-1] in lora_targets:
+            lora[name] = torch.zeros(lora_r * (base.in_features + base.out_features))
+    return {
+        "layers": len(layers),
+        "bank_size": config.bank_size,
+        "trainable_parameters": 2 * len(layers) * config.bank_size,
+        "payload_bytes": payload.numel() * payload.element_size(),
+        "profile_file_bytes": _saved_bytes({MASKS_KEY: payload}),
+        "with_head_bytes": _saved_bytes({MASKS_KEY: payload, **head}),
+        "head_parameters": sum(t.numel() for t in head.values()),
+        "bottleneck_adapter_parameters": sum(t.numel() for t in bottleneck.values()),
+        "bottleneck_adapter_file_bytes": _saved_bytes(bottleneck) if bottleneck else 0,
+        "lora_parameters": sum(t.numel() for t in lora.values()),
+        "lora_file_bytes": _saved_bytes(lora) if lora else 0,
+    }
