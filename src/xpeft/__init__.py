@@ -6,6 +6,7 @@
 
 from ._registry import ensure_peft_type, register_method
 from .ether import EtherConfig, EtherModel
+from .pedro import PedroConfig, PedroModel
 from .x_peft import ProfileStore, XPeftConfig, XPeftModel, attach_profile, build_bank, profile_cost
 
 __version__ = "0.1.0"
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EtherConfig",
     "EtherModel",
+    "PedroConfig",
+    "PedroModel",
     "ProfileStore",
     "XPeftConfig",
     "XPeftModel",

@@ -1,0 +1,120 @@
+"""Configuration of PEDRO (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from .._registry import ensure_peft_type
+
+# Per architecture: the module names PEDRO scales and their role in the block. "q" is the query projection, "v" the
+# value projection, "u" the FFN up projection (the first FFN linear of non-gated FFNs) and "qv" GPT-2's fused
+# query/key/value projection, of which only the query and value thirds are scaled.
+PEDRO_ROLES: dict[str, dict[str, str]] = {
+    "llama": {"q_proj": "q", "v_proj": "v", "up_proj": "u"},
+    "mistral": {"q_proj": "q", "v_proj": "v", "up_proj": "u"},
+    "qwen2": {"q_proj": "q", "v_proj": "v", "up_proj": "u"},
+    "opt": {"q_proj": "q", "v_proj": "v", "fc1": "u"},
+    "gpt2": {"c_attn": "qv", "c_fc": "u"},
+    "bert": {"query": "q", "value": "v", "intermediate.dense": "u"},
+    "roberta": {"query": "q", "value": "v", "intermediate.dense": "u"},
+    "deberta-v2": {"query_proj": "q", "value_proj": "v", "intermediate.dense": "u"},
+}
+
+
+@dataclass
+class PedroConfig(PeftConfig):
+    """Configuration of a [`PedroModel`]: prompt-conditioned vectors that scale Q, V and the FFN up projection.
+
+    Args:
+        target_modules (`list[str]`, *optional*):
+            Which of the block's query, value and FFN-up projections to scale, by module name. Defaults to all three
+            for the supported model types (llama, mistral, qwen2, opt, gpt2, bert, roberta, deberta-v2); an explicit
+            list must be a subset of those names and contain the query or the value projection.
+        vg_rank (`int`):
+            Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff).
+        pooler (`Literal["attention", "mean", "last"]`):
+            How the prompt's hidden states are pooled: a learned softmax attention over prompt positions, their mean,
+            or the last prompt token.
+        activation (`Literal["rational", "gelu", "relu"]`):
+            Activation between down and up: a learnable rational (Padé) activation initialised to GeLU, GeLU or ReLU.
+        init_weights (`bool`):
+            If True the up projections start at zero, so every vector is 1 and the model equals the base model.
+        layers_to_transform (`list[int] | int`, *optional*):
+            Indices of the transformer blocks to adapt; all blocks if None.
+        layers_pattern (`list[str] | str`, *optional*):
+            Name of the block list (e.g. "layers" or "h"), used with `layers_to_transform`.
+        exclude_modules (`list[str] | str`, *optional*):
+            Module names or a regex of modules not to adapt.
+        modules_to_save (`list[str]`, *optional*):
+            Modules besides the PEDRO layers that are trained and saved, e.g. a classification head.
+    """
+
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Which of the block's query, value and FFN-up projections to scale, by module name. Defaults to "
+            "all three for the supported model types (llama, mistral, qwen2, opt, gpt2, bert, roberta, deberta-v2); "
+            "an explicit list must be a subset of those names and contain the query or the value projection."
+        },
+    )
+    vg_rank: int = field(
+        default=12, metadata={"help": "Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff)."}
+    )
+    pooler: Literal["attention", "mean", "last"] = field(
+        default="attention",
+        metadata={
+            "help": "How the prompt's hidden states are pooled: a learned softmax attention over prompt positions, "
+            "their mean, or the last prompt token."
+        },
+    )
+    activation: Literal["rational", "gelu", "relu"] = field(
+        default="rational",
+        metadata={
+            "help": "Activation between down and up: a learnable rational (Padé) activation initialised to GeLU, "
+            "GeLU or ReLU."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "If True the up projections start at zero, so every vector is 1 and the model equals the base "
+            "model."
+        },
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Indices of the transformer blocks to adapt; all blocks if None."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={"help": 'Name of the block list (e.g. "layers" or "h"), used with `layers_to_transform`.'},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules besides the PEDRO layers that are trained and saved, e.g. a classification head."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("PEDRO")
+        if isinstance(self.target_modules, str):
+            # Roles (query, value, FFN up) are looked up by module name, which a regex cannot provide.
+            raise ValueError(
+                f"`target_modules` must be a list of module names for PEDRO, got the string {self.target_modules!r}; "
+                "pass e.g. ['q_proj', 'v_proj', 'up_proj'] or None for the architecture's defaults."
+            )
+        if self.target_modules is not None:
+            self.target_modules = set(self.target_modules)
+        if not isinstance(self.vg_rank, int) or self.vg_rank < 1:
+            raise ValueError(f"`vg_rank` must be a positive integer, got {self.vg_rank!r}.")
+        if self.pooler not in ("attention", "mean", "last"):
+            raise ValueError(f"`pooler` must be 'attention', 'mean' or 'last', got {self.pooler!r}.")
+        if self.activation not in ("rational", "gelu", "relu"):
+            raise ValueError(f"`activation` must be 'rational', 'gelu' or 'relu', got {self.activation!r}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` is only used with `layers_to_transform`; set both or neither.")

@@ -1,0 +1,229 @@
+"""PEDRO layers: a wrapped q, v or FFN-up projection whose output is scaled by prompt-conditioned vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..tuners_utils import adapter_index_groups, check_mixed_batch_args, layer_features
+from .config import PedroConfig
+from .generator import VectorGenerator, pedro_vectors
+
+
+@dataclass
+class PedroCallState:
+    """What the current model call tells the PEDRO layers, set by [`PedroModel`]'s hook on the transformers model.
+
+    `step` changes at every model forward that computes vectors; `reuse` is True for a forward that continues the
+    previous one (a decode step of `generate`, or any forward continuing a KV cache), which only broadcasts the vectors
+    cached at the computing forward.
+    """
+
+    step: int = 0
+    in_forward: bool = False
+    reuse: bool = False
+    prompt_mask: torch.Tensor | None = None
+    in_peft_call: bool = False
+    computed_in_call: bool = False
+
+    def prompt_mask_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if not self.in_forward or self.prompt_mask is None:
+            return None  # called outside a model forward: the whole input is the prompt
+        if hidden.dim() != 3 or self.prompt_mask.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"PEDRO's prompt mask has shape {tuple(self.prompt_mask.shape)} but the block input has shape "
+                f"{tuple(hidden.shape)}; pass `prompt_mask` with one entry per input token ([batch, seq_len])."
+            )
+        return self.prompt_mask
+
+
+@dataclass
+class PedroBlock:
+    """Per transformer block: which layer holds each adapter's generator, and the codes `z` of the current step."""
+
+    owners: dict[str, nn.Module] = field(default_factory=dict)
+    step: int = -1
+    codes: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+
+
+def scale_output(result: torch.Tensor, scale: torch.Tensor, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """`y ← l ⊙ y` (DESIGN.md §3) on the scaled segments of the output features; `scale` is `[B, Σ segment sizes]`.
+
+    Unscaled features (GPT-2's keys in its fused projection) get a factor 1. Inputs flattened to `[B*T, out]` (OPT's
+    FFN) are viewed as `[B, T, out]` for the broadcast.
+    """
+    out_features = result.shape[-1]
+    if segments != ((0, out_features),):
+        pieces, start, offset = [], 0, 0
+        for low, high in segments:
+            pieces.append(scale.new_ones(scale.shape[0], low - start))
+            pieces.append(scale[:, offset : offset + high - low])
+            start, offset = high, offset + high - low
+        pieces.append(scale.new_ones(scale.shape[0], out_features - start))
+        scale = torch.cat(pieces, dim=1)
+    batch = scale.shape[0]
+    if result.dim() == 2:
+        return (result.view(batch, -1, out_features) * scale[:, None, :]).view(result.shape)
+    return result * scale.view(batch, *([1] * (result.dim() - 2)), out_features)
+
+
+class PedroLayer(nn.Module, BaseTunerLayer):
+    """A projection `y = W x` of a transformer block, scaled as `y ← l ⊙ y` by prompt-conditioned vectors.
+
+    PEDRO (Xie et al., arXiv 2409.17834; DESIGN.md §3): per block a vector generator pools the block input over the
+    prompt tokens, `z = act(down(pool(h_prompt)))`, and `up` maps `z` to `[l_q, l_v, l_u] = 1 + up(z)`; then
+    :math:`Q \\leftarrow l_q \\odot Q`, :math:`V \\leftarrow l_v \\odot V`, :math:`U \\leftarrow l_u \\odot U`. The
+    generator reads the input of the block's query (or value) projection, i.e. the normalised block input; it lives in
+    one layer of the block (`pedro_generator`), and each scaled projection holds its own rows of `up` (`pedro_up`).
+    The vectors are computed once per prompt and broadcast at every decode step. They depend on the prompt, so PEDRO
+    cannot be merged into the weights.
+    """
+
+    adapter_layer_names = ("pedro_generator", "pedro_up")
+    other_param_names = ()
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: PedroConfig,
+        role: str,
+        owns_generator: bool,
+        block: PedroBlock,
+        call: PedroCallState,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.pedro_generator = nn.ModuleDict({})
+        self.pedro_up = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer, "PEDRO")
+        self.role = role
+        if role == "qv":
+            # GPT-2's c_attn outputs [query | key | value]: scale the query and value thirds only.
+            third = self.out_features // 3
+            self.segments = ((0, third), (2 * third, 3 * third))
+        else:
+            self.segments = ((0, self.out_features),)
+        self._block = block
+        self._call = call
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, owns_generator)
+
+    def update_layer(self, adapter_name: str, config: PedroConfig, owns_generator: bool) -> None:
+        if owns_generator:
+            generator = VectorGenerator(self.in_features, config.vg_rank, config.pooler, config.activation)
+            self.pedro_generator[adapter_name] = generator
+            self._block.owners[adapter_name] = self
+        up = nn.Linear(config.vg_rank, sum(high - low for low, high in self.segments))
+        if config.init_weights:
+            # Identity init (DESIGN.md §3): up = 0, so l = 1 and the model equals the base model.
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+        self.pedro_up[adapter_name] = up
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if self._block.owners.get(adapter_name) is self:
+            del self._block.owners[adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            "PEDRO adapters cannot be merged into the base weights: the vectors are computed from each prompt at run "
+            "time. Keep the model unmerged, or use `model.unload()` to get the base model back."
+        )
+
+    def unmerge(self) -> None:
+        # Nothing can be merged (see `merge`), so there is nothing to restore.
+        return
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def _block_codes(self, hidden: torch.Tensor, adapter_names: Sequence[str] | None, adapters: Sequence[str]):
+        """The codes `z` of this block for the current step: `{adapter: (sample indices or None, z)}`."""
+        block, call = self._block, self._call
+        if block.step == call.step and call.in_forward:
+            return block.codes
+        if self.role == "u":
+            # The generator reads the attention input; an FFN projection runs after it in every supported block.
+            raise RuntimeError(
+                "PEDRO's FFN projection ran before the block's query/value projection computed the vectors; PEDRO "
+                "needs the query or value projection of each adapted block in `target_modules`."
+            )
+        mask = call.prompt_mask_for(hidden)
+        codes = {}
+        if adapter_names is None:
+            for name in adapters:
+                if name in block.owners:
+                    codes[name] = (None, block.owners[name].pedro_generator[name](hidden, mask))
+        else:
+            for name, index in adapter_index_groups(adapter_names, hidden.device).items():
+                if name in block.owners:
+                    sub_mask = None if mask is None else mask[index]
+                    codes[name] = (index, block.owners[name].pedro_generator[name](hidden[index], sub_mask))
+        block.step, block.codes = call.step, codes
+        return codes
+
+    def _scales(self, codes, adapter_names: Sequence[str] | None, adapters: Sequence[str], batch: int):
+        """`[B, Σ segments]` product of `1 + up(z)` over the adapters each sample uses (1 where none applies)."""
+        dtype = self.pedro_up[adapters[0]].weight.dtype if adapters else torch.float32
+        scale = None
+        for name in adapters:
+            if name not in codes:
+                continue
+            index, code = codes[name]
+            vectors = pedro_vectors(code, self.pedro_up[name])
+            if index is not None:
+                full = vectors.new_ones(batch, vectors.shape[1])
+                vectors = full.index_copy(0, index, vectors)
+            scale = vectors if scale is None else scale * vectors
+        if scale is None:
+            width = sum(high - low for low, high in self.segments)
+            scale = torch.ones(batch, width, dtype=dtype, device=self.pedro_up[adapters[0]].weight.device)
+        return scale
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        check_mixed_batch_args(self, x, adapter_names)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        if adapter_names is not None:
+            adapters = [name for name in dict.fromkeys(adapter_names) if name in self.pedro_up]
+            key = tuple(adapter_names)
+        else:
+            adapters = [name for name in self.active_adapters if name in self.pedro_up]
+            key = ("__active__", *adapters)
+        if not adapters:
+            return result
+        batch = len(adapter_names) if adapter_names is not None else None
+        if self._call.reuse and self._call.in_forward:
+            scale = self._cached_scale(key)
+        else:
+            codes = self._block_codes(x, adapter_names, adapters)
+            if batch is None:
+                batch = next(code.shape[0] for _, code in codes.values()) if codes else x.shape[0]
+            scale = self._scales(codes, adapter_names, adapters, batch)
+            # Decode steps only broadcast these vectors; they are constants there, hence detached.
+            self._cache = (key, scale.detach())
+        return scale_output(result, scale.to(result.dtype), self.segments)
+
+    def _cached_scale(self, key: tuple) -> torch.Tensor:
+        if self._cache is None or self._cache[0] != key:
+            raise ValueError(
+                "This forward continues a KV cache, but PEDRO has no vectors for it: the vectors are computed at the "
+                "forward that starts the cache (the prefill), with the same adapters. Run the prompt through this "
+                "PEDRO model first, or call `generate`, which does it."
+            )
+        return self._cache[1]
+
+    def __repr__(self) -> str:
+        return "pedro." + super().__repr__()

@@ -1,0 +1,176 @@
+"""PEDRO tuner model: target resolution per architecture, and the per-call prompt boundary (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tuners_utils import XpeftTuner
+from .config import PEDRO_ROLES, PedroConfig
+from .generator import prompt_mask_from_labels, prompt_mask_from_lengths
+from .layer import PedroBlock, PedroCallState, PedroLayer
+
+_BLOCK_KEY = re.compile(r"^(.*?\.\d+)\.")
+
+
+def _cache_length(past_key_values: Any) -> int:
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    return int(past_key_values[0][0].shape[-2])  # legacy tuple of (key, value) per layer
+
+
+def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_lengths=None) -> torch.Tensor | None:
+    """The prompt positions `[B, T]` of one model call, or None when every position is prompt.
+
+    Priority: an explicit `prompt_mask`, then `prompt_lengths`, then token-level `labels` (prompt = `-100` before the
+    first supervised token), then the `attention_mask` alone (no labels: the whole non-padding input is the prompt).
+    Padding (`attention_mask == 0`) is never prompt.
+    """
+    attention_mask = arguments.get("attention_mask")
+    reference = arguments.get("input_ids")
+    if reference is None and arguments.get("inputs_embeds") is not None:
+        reference = arguments["inputs_embeds"][..., 0]
+    if attention_mask is None and reference is not None:
+        attention_mask = torch.ones(reference.shape[:2], dtype=torch.bool, device=reference.device)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        attention_mask = None  # a 4-d custom mask carries no padding information we can use
+    if prompt_mask is not None:
+        mask = torch.as_tensor(prompt_mask).bool()
+        if attention_mask is not None and mask.shape != attention_mask.shape:
+            raise ValueError(
+                f"PEDRO's prompt mask has shape {tuple(mask.shape)} but the input has shape "
+                f"{tuple(attention_mask.shape)}; pass `prompt_mask` with one entry per input token ([batch, seq_len])."
+            )
+        return mask if attention_mask is None else mask & attention_mask.bool()
+    if prompt_lengths is not None:
+        if attention_mask is None:
+            raise ValueError("`prompt_lengths` needs `input_ids` or an `attention_mask` to know the sequence length.")
+        return prompt_mask_from_lengths(prompt_lengths, attention_mask)
+    labels = arguments.get("labels")
+    if labels is not None and reference is not None and labels.shape == reference.shape[:2]:
+        return prompt_mask_from_labels(labels, attention_mask)
+    return None if attention_mask is None else attention_mask.bool()
+
+
+def _begin_model_call(tuner: PedroModel, module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on the transformers model: read the prompt boundary, decide compute or reuse."""
+    prompt_mask = kwargs.pop("prompt_mask", None)  # PEDRO's own per-call arguments never reach the base model
+    prompt_lengths = kwargs.pop("prompt_lengths", None)
+    arguments = dict(zip(tuner._forward_arguments, args, strict=False)) | kwargs
+    call = tuner._pedro_call
+    continues_cache = _cache_length(arguments.get("past_key_values")) > 0
+    call.reuse = (call.in_peft_call and call.computed_in_call) or continues_cache
+    if not call.reuse:
+        call.prompt_mask = prompt_mask_for_call(arguments, prompt_mask, prompt_lengths)
+        call.step += 1
+        call.computed_in_call = call.in_peft_call
+    call.in_forward = True
+    return args, kwargs
+
+
+def _end_model_call(call: PedroCallState, module: nn.Module, args: tuple, output: Any) -> None:
+    call.in_forward = False
+
+
+class PedroModel(XpeftTuner):
+    """PEDRO tuner (arXiv 2409.17834): prompt-conditioned vectors scaling Q, V and the FFN up projection.
+
+    Per call: `forward` computes the vectors from the call's prompt (explicit `prompt_mask=`/`prompt_lengths=`
+    keywords, else token-level `labels`, else the non-padding input); `generate` computes them at its first forward
+    (the prefill) and reuses them for every later forward of that call; outside `generate`, a forward that continues a
+    KV cache reuses the vectors of the forward that started it.
+    """
+
+    prefix: str = "pedro_"
+    tuner_layer_cls = PedroLayer
+    target_module_mapping = {model_type: sorted(roles) for model_type, roles in PEDRO_ROLES.items()}
+    mergeable = False
+    unmergeable_reason = (
+        "PEDRO's vectors are computed from each prompt at run time, so no fixed weight reproduces them."
+    )
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # The generator is a nested module (`pedro_generator.<name>.down.weight`), so peft's default, which expects
+        # the adapter name second to last, would leave it in; drop it right after the container name instead.
+        containers = "|".join(re.escape(name) for name in PedroLayer.adapter_layer_names)
+        return re.sub(rf"\.({containers})\.{re.escape(adapter_name)}(?=\.|$)", r".\1", key)
+
+    def _pre_injection_hook(self, model: nn.Module, config: PedroConfig, adapter_name: str) -> None:
+        if hasattr(self, "_pedro_call"):
+            return
+        self._pedro_call = PedroCallState()
+        self._blocks: dict[str, PedroBlock] = {}
+        self._forward_arguments = list(inspect.signature(model.forward).parameters)
+        self._hook_handles = [
+            model.register_forward_pre_hook(partial(_begin_model_call, self), with_kwargs=True),
+            model.register_forward_hook(partial(_end_model_call, self._pedro_call), always_call=True),
+        ]
+
+    def _prepare_adapter_config(self, peft_config: PedroConfig, model_config: dict) -> PedroConfig:
+        model_type = model_config.get("model_type")
+        roles = PEDRO_ROLES.get(model_type)
+        if roles is None:
+            raise ValueError(
+                f"PEDRO does not know the query, value and FFN-up projections of model type {model_type!r}; "
+                f"supported model types: {', '.join(PEDRO_ROLES)}. Open an issue to add yours."
+            )
+        if peft_config.target_modules is None:
+            peft_config.target_modules = set(roles)
+        unknown = set(peft_config.target_modules) - set(roles)
+        if unknown:
+            raise ValueError(
+                f"`target_modules` contains {sorted(unknown)}, which PEDRO cannot scale in a {model_type} model; "
+                f"choose among {sorted(roles)} (the query, value and FFN-up projections)."
+            )
+        if not {roles[name] for name in peft_config.target_modules} & {"q", "v", "qv"}:
+            raise ValueError(
+                f"`target_modules` {sorted(peft_config.target_modules)} has no query or value projection, where "
+                f"PEDRO's vector generator reads the block input; add one of {sorted(roles)}."
+            )
+        return peft_config
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        roles = PEDRO_ROLES[self.model.config.model_type]
+        name = next(n for n in roles if current_key == n or current_key.endswith("." + n))
+        role = roles[name]
+        targeted = {roles[n] for n in config.target_modules}
+        # The generator sits in the query projection if targeted (else the value one): both read the same input.
+        owner_role = role in ("qv", "q") or (role == "v" and "q" not in targeted)
+        match = _BLOCK_KEY.match(current_key)
+        if match is None:
+            raise ValueError(f"PEDRO found no block index in the module name {current_key!r}.")
+        block = self._blocks.setdefault(match.group(1), PedroBlock())
+        if isinstance(target, PedroLayer):
+            target.update_layer(adapter_name, config, owner_role)
+            return
+        new_module = PedroLayer(target, adapter_name, config, role, owner_role, block, self._pedro_call)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        # peft enters this context around every PeftModel forward and generate call: one call computes the vectors
+        # once (its first model forward) and every later forward of the call (generate's decode steps) reuses them.
+        with super()._enable_peft_forward_hooks(*args, **kwargs):
+            self._pedro_call.in_peft_call, self._pedro_call.computed_in_call = True, False
+            try:
+                yield
+            finally:
+                self._pedro_call.in_peft_call = False
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        for handle in self._hook_handles:
+            handle.remove()
+        return model

@@ -1,0 +1,304 @@
+"""PEDRO against independent math: identity init, a float64 reference forward, causality, options, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from models import make_inputs, make_model, task_type
+from xpeft import PedroConfig
+from xpeft.pedro.generator import GELU_DENOMINATOR, GELU_NUMERATOR, rational
+
+ROLES = {"q_proj": "q", "v_proj": "v", "up_proj": "u"}
+
+
+def perturbed(model, std=0.3, seed=0, **config):
+    """A PEDRO model on `model` with every adapter parameter moved away from its identity init."""
+    peft_model = get_peft_model(model, PedroConfig(vg_rank=4, task_type="CAUSAL_LM", **config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "pedro_" in name:
+                param.add_(std * torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype))
+    return peft_model.eval()
+
+
+def prompt_batch(padding_side: str):
+    """Three samples with prompts of 4, 6 and 5 tokens; the last one is padded by 3 tokens on `padding_side`."""
+    inputs = make_inputs("llama", batch=3, seq_len=10)
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    if padding_side == "left":
+        attention_mask = attention_mask.flip(1)
+    prompt = torch.zeros_like(attention_mask, dtype=torch.bool)
+    for row, (length, start) in enumerate([(4, 0), (6, 0), (5, 3 if padding_side == "left" else 0)]):
+        prompt[row, start : start + length] = True
+    labels = torch.where(prompt | (attention_mask == 0), -100, input_ids)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, prompt
+
+
+# -- the independent reference (float64, per-sample loops, explicit formulas) -----------------------------------------
+
+
+def ref_activation(x, activation, numerator=None, denominator=None):
+    if activation == "gelu":
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    if activation == "relu":
+        return torch.clamp(x, min=0)
+    p = sum(numerator[i] * x**i for i in range(len(numerator)))
+    q = 1 + torch.abs(sum(denominator[j - 1] * x**j for j in range(1, len(denominator) + 1)))
+    return p / q
+
+
+def ref_pool(hidden, prompt, pooler, score):
+    rows = []
+    for b in range(hidden.shape[0]):
+        h = hidden[b, prompt[b]]
+        if len(h) == 0:
+            rows.append(torch.zeros(hidden.shape[-1], dtype=hidden.dtype))
+        elif pooler == "mean":
+            rows.append(h.mean(0))
+        elif pooler == "last":
+            rows.append(h[-1])
+        else:
+            a = torch.softmax(h @ score, dim=0)
+            rows.append((a[:, None] * h).sum(0))
+    return torch.stack(rows)
+
+
+def reference_logits(peft_model, inputs, prompt, pooler, activation):
+    """The base model with hooks that scale q, v and up outputs by vectors computed here from the PEDRO weights."""
+    base = make_model("llama").double()
+    state = dict(peft_model.named_parameters())
+    handles, vectors = [], {}
+    for index, block in enumerate(base.model.layers):
+        prefix = f"base_model.model.model.layers.{index}."
+
+        def param(path, _prefix=prefix):
+            return state[_prefix + path].detach()
+
+        def hook(module, args, output, role, index=index, param=param):
+            if role == "q":  # the generator reads the block's normalised input, i.e. the input of q_proj
+                gen = "self_attn.q_proj.pedro_generator.default."
+                score = param(gen + "score") if pooler == "attention" else None
+                pooled = ref_pool(args[0], prompt, pooler, score)
+                pre = pooled @ param(gen + "down.weight").T + param(gen + "down.bias")
+                if activation == "rational":
+                    num, den = param(gen + "act.numerator"), param(gen + "act.denominator")
+                    vectors[index] = ref_activation(pre, activation, num, den)
+                else:
+                    vectors[index] = ref_activation(pre, activation)
+            path = {"q": "self_attn.q_proj", "v": "self_attn.v_proj", "u": "mlp.up_proj"}[role]
+            up_w, up_b = param(path + ".pedro_up.default.weight"), param(path + ".pedro_up.default.bias")
+            scale = 1 + vectors[index] @ up_w.T + up_b
+            return output * scale[:, None, :]
+
+        for name, role in ROLES.items():
+            module = block.self_attn if role != "u" else block.mlp
+            module = getattr(module, name)
+            handles.append(module.register_forward_hook(lambda m, a, o, role=role, hook=hook: hook(m, a, o, role)))
+    with torch.no_grad():
+        out = base(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    for handle in handles:
+        handle.remove()
+    return out
+
+
+# -- tests ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "opt", "bert"])
+def test_init_equals_base_exactly(model_name):
+    inputs = make_inputs(model_name)
+    with torch.no_grad():
+        base = make_model(model_name)(**inputs).logits
+        model = get_peft_model(make_model(model_name), PedroConfig(task_type=task_type(model_name))).eval()
+        torch.testing.assert_close(model(**inputs).logits, base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pooler", ["attention", "mean", "last"])
+@pytest.mark.parametrize("activation", ["rational", "gelu", "relu"])
+def test_matches_float64_reference(pooler, activation):
+    inputs, prompt = prompt_batch("right")
+    model = perturbed(make_model("llama").double(), pooler=pooler, activation=activation)
+    with torch.no_grad():
+        actual = model(**inputs).logits
+    expected = reference_logits(model, inputs, prompt, pooler, activation)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(actual, make_model("llama").double()(**inputs).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("source", ["labels", "prompt_mask", "prompt_lengths", "none"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_prompt_boundary_sources(source, padding_side):
+    """labels, an explicit mask and explicit lengths give the same prompt; without any, the whole input is prompt."""
+    inputs, prompt = prompt_batch(padding_side)
+    model = perturbed(make_model("llama").double())
+    call = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    if source == "labels":
+        call["labels"] = inputs["labels"]
+    elif source == "prompt_mask":
+        call["prompt_mask"] = prompt
+    elif source == "prompt_lengths":
+        call["prompt_lengths"] = torch.tensor([4, 6, 5])
+    else:
+        prompt = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        actual = model(**call).logits
+    expected = reference_logits(model, inputs, prompt, "attention", "rational")
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def capture_codes(model):
+    """Forward hooks that record each vector generator's output z."""
+    codes, handles = [], []
+    for name, module in model.named_modules():
+        if name.endswith("pedro_generator.default"):
+            handles.append(module.register_forward_hook(lambda m, a, out: codes.append(out.detach().clone())))
+    return codes, handles
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_causality(padding_side):
+    inputs, prompt = prompt_batch(padding_side)
+    model = perturbed(make_model("llama"))
+    codes, _ = capture_codes(model)
+    with torch.no_grad():
+        first = model(**inputs).logits
+        first_codes = list(codes)
+        # Change every response token and every padding token: codes and prompt-position logits must not move.
+        codes.clear()
+        changed = dict(inputs)
+        changed["input_ids"] = torch.where(prompt, inputs["input_ids"], (inputs["input_ids"] + 7) % 90 + 3)
+        changed["labels"] = torch.where(inputs["labels"] == -100, -100, changed["input_ids"])
+        second = model(**changed).logits
+        for a, b in zip(first_codes, codes, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(second[prompt], first[prompt], rtol=1e-6, atol=1e-6)
+        # Change one prompt token of sample 0 only: its codes move, the other samples' do not.
+        codes.clear()
+        changed = {k: v.clone() for k, v in inputs.items()}
+        position = prompt[0].nonzero()[0, 0]
+        changed["input_ids"][0, position] = (changed["input_ids"][0, position] + 1) % 90 + 3
+        model(**changed)
+        for a, b in zip(first_codes, codes, strict=True):
+            assert not torch.allclose(a[0], b[0], atol=1e-6)
+            torch.testing.assert_close(a[1:], b[1:], rtol=0, atol=0)
+
+
+def test_gpt2_fused_projection_scales_query_and_value_only():
+    inputs = make_inputs("gpt2")
+    model = perturbed(make_model("gpt2"))
+    outputs = {}
+    base = make_model("gpt2")
+    base.transformer.h[0].attn.c_attn.register_forward_hook(lambda m, a, o: outputs.setdefault("base", o))
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    layer.register_forward_hook(lambda m, a, o: outputs.setdefault("pedro", o))
+    with torch.no_grad():
+        base(**inputs)
+        model(**inputs)
+    d = 32
+    torch.testing.assert_close(outputs["pedro"][..., d : 2 * d], outputs["base"][..., d : 2 * d], rtol=0, atol=0)
+    for low in (0, 2 * d):
+        assert not torch.allclose(outputs["pedro"][..., low : low + d], outputs["base"][..., low : low + d])
+
+
+def test_bert_accepts_prompt_arguments_through_peft_forward():
+    """BERT's forward does not take unknown keywords: PEDRO must consume its own before the base model sees them."""
+    inputs = make_inputs("bert")
+    model = get_peft_model(make_model("bert"), PedroConfig(vg_rank=4, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "pedro_" in name:
+                param.add_(0.5 * torch.randn_like(param))
+        model.eval()
+        lengths = torch.tensor([3, 5, 4])
+        by_lengths = model(**inputs, prompt_lengths=lengths).logits
+        mask = torch.arange(10)[None, :] < lengths[:, None]
+        by_mask = model(**inputs, prompt_mask=mask).logits
+        whole = model(**inputs).logits
+    torch.testing.assert_close(by_lengths, by_mask, rtol=0, atol=0)
+    assert not torch.allclose(by_lengths, whole, atol=1e-5)
+
+
+def test_rational_initialisation_approximates_gelu():
+    x = torch.linspace(-3, 3, 2001, dtype=torch.float64)
+    approx = rational(x, torch.tensor(GELU_NUMERATOR, dtype=torch.float64), torch.tensor(GELU_DENOMINATOR).double())
+    exact = torch.nn.functional.gelu(x)
+    assert (approx - exact).abs().max() < 0.01
+
+
+def test_not_mergeable_layer_level():
+    model = perturbed(make_model("llama"))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="cannot be merged"):
+        layer.merge()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_modules": "q_proj"}, "must be a list of module names"),
+        ({"vg_rank": 0}, "`vg_rank` must be a positive integer"),
+        ({"pooler": "max"}, "`pooler` must be"),
+        ({"activation": "tanh"}, "`activation` must be"),
+        ({"layers_pattern": "layers"}, "only used with `layers_to_transform`"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PedroConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("model_name", "targets", "match"),
+    [
+        ("llama", ["q_proj", "k_proj"], r"contains \['k_proj'\].*choose among"),
+        ("llama", ["up_proj"], "no query or value projection"),
+    ],
+)
+def test_target_errors(model_name, targets, match):
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(make_model(model_name), PedroConfig(target_modules=targets))
+
+
+def test_unknown_model_type_errors():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    with pytest.raises(ValueError, match="model type 'gpt_neox'.*supported model types"):
+        get_peft_model(GPTNeoXForCausalLM(config), PedroConfig())
+
+
+def test_value_only_target_holds_generator():
+    """With only v_proj (and up_proj) targeted, the generator sits in v_proj and still reads the block input."""
+    inputs = make_inputs("llama")
+    model = perturbed(make_model("llama"), target_modules=["v_proj", "up_proj"])
+    assert "default" in model.base_model.model.model.layers[0].self_attn.v_proj.pedro_generator
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, make_model("llama")(**inputs).logits, atol=1e-4)
+
+
+def test_prompt_mask_shape_error():
+    inputs = make_inputs("llama")
+    model = perturbed(make_model("llama"))
+    with pytest.raises(ValueError, match="prompt mask has shape"):
+        model(**inputs, prompt_mask=torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_continuing_foreign_cache_errors():
+    """A KV cache started without this PEDRO adapter has no vectors to reuse: clear error, not silent garbage."""
+    inputs = make_inputs("llama")
+    model = perturbed(make_model("llama"))
+    with torch.no_grad():
+        with model.disable_adapter():
+            cache = model(**inputs, use_cache=True).past_key_values
+        model.add_adapter("fresh", PedroConfig(vg_rank=4, task_type="CAUSAL_LM"))
+        model.set_adapter("fresh")
+        step = {"input_ids": inputs["input_ids"][:, :1], "past_key_values": cache}
+        with pytest.raises(ValueError, match="no vectors for it"):
+            model.base_model.model(**step)
