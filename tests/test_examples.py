@@ -66,7 +66,12 @@ def test_example_trains_saves_and_reloads(method, tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(**inputs).logits, trained(**inputs).logits, rtol=0, atol=0)
 
 
-DDP_METHODS = ["ether", "lora"]
+# one DDP run per xpeft script (about 30 s each here); ETHER stays in the quick set, the other two are marked slow
+DDP_METHODS = [
+    "ether",
+    pytest.param("x_peft_soft", marks=pytest.mark.slow),
+    pytest.param("pedro", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("method", DDP_METHODS)
