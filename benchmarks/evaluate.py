@@ -414,6 +414,11 @@ def _multi_tenant(model, method, tok, prompts, tenants, tenant_of_row, budget) -
         # Every tenant gets its own adapter (a copy of the trained one: throughput does not depend on the values).
         for name in tenants:
             model.load_adapter(tmp, adapter_name=name)
+    if not hasattr(model.base_model, "_enable_peft_forward_hooks"):
+        # peft silently ignores `adapter_names` for tuners without this hook (IA3 in peft 0.21): a "mixed" run would
+        # decode every sample with the active adapter, so there is nothing honest to measure.
+        entry["mixed_error"] = "per-sample adapter_names not supported by this peft tuner"
+        return entry
     try:
         entry["mixed_tokens_per_s"] = decode_throughput(model, tok, prompts, budget, tenant_of_row)
         entry["tenants"] = len(tenants)
