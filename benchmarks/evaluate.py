@@ -112,13 +112,33 @@ def spam_methods() -> list[Method]:
         Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
         Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's BERT default: key, value, FFN output
         Method("HRA r=8", 1e-3, lambda: HRAConfig(task_type=t, r=8, target_modules=qv)),
-        Method("ETHER", 1e-2, lambda: _xp("EtherConfig")(task_type=t, target_modules=qv), "peft", "EtherConfig", "xpeft"),
         Method(
-            "ETHER+", 1e-2, lambda: _xp("EtherConfig")(task_type=t, target_modules=qv, variant="ether_plus"),
-            "peft", "EtherConfig", "xpeft",
+            "ETHER", 1e-2, lambda: _xp("EtherConfig")(task_type=t, target_modules=qv), "peft", "EtherConfig", "xpeft"
+        ),
+        Method(
+            "ETHER+",
+            1e-2,
+            lambda: _xp("EtherConfig")(task_type=t, target_modules=qv, variant="ether_plus"),
+            "peft",
+            "EtherConfig",
+            "xpeft",
         ),  # fmt: skip
-        Method("X-PEFT soft", 1e-2, lambda: _xp("XPeftConfig")(task_type=t, mask_type="soft"), "peft", "XPeftConfig", "xpeft"),
-        Method("X-PEFT hard", 1e-2, lambda: _xp("XPeftConfig")(task_type=t, mask_type="hard"), "peft", "XPeftConfig", "xpeft"),
+        Method(
+            "X-PEFT soft",
+            1e-2,
+            lambda: _xp("XPeftConfig")(task_type=t, mask_type="soft"),
+            "peft",
+            "XPeftConfig",
+            "xpeft",
+        ),
+        Method(
+            "X-PEFT hard",
+            1e-2,
+            lambda: _xp("XPeftConfig")(task_type=t, mask_type="hard"),
+            "peft",
+            "XPeftConfig",
+            "xpeft",
+        ),
         Method("PEDRO", 3e-3, lambda: _xp("PedroConfig")(task_type=t), "peft", "PedroConfig", "xpeft"),
     ]
 
@@ -134,8 +154,12 @@ def instruct_methods() -> list[Method]:
         Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's Llama default: k, v, down_proj
         Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
         Method(
-            "ETHER+ q,v", 1e-2, lambda: _xp("EtherConfig")(task_type=t, target_modules=qv, variant="ether_plus"),
-            "peft", "EtherConfig", "xpeft",
+            "ETHER+ q,v",
+            1e-2,
+            lambda: _xp("EtherConfig")(task_type=t, target_modules=qv, variant="ether_plus"),
+            "peft",
+            "EtherConfig",
+            "xpeft",
         ),  # fmt: skip
     ]
 
@@ -212,7 +236,11 @@ def f1_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict:
 # ------------------------------------------------------------------------------------------------ task 1: spam
 def encode_cls(tok, pairs, max_len):
     enc = tok([t for t, _ in pairs], truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([y for _, y in pairs])}
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor([y for _, y in pairs]),
+    }
 
 
 def run_spam_method(method: Method, lr: float, train_t, test_t, budget: Budget, seed: int) -> dict:
@@ -227,12 +255,16 @@ def run_spam_method(method: Method, lr: float, train_t, test_t, budget: Budget, 
             p.requires_grad_(name.startswith("classifier."))
     n_train = sum(p.numel() for p in trainable(model))
     row = {"method": method.name, "family": method.family, "lr": lr, "trainable_params": n_train}
-    row.update(train_loop(model, train_t, budget.cls_steps, budget.cls_batch, lr, seed, f"spam {method.name} lr={lr:g}"))
+    row.update(
+        train_loop(model, train_t, budget.cls_steps, budget.cls_batch, lr, seed, f"spam {method.name} lr={lr:g}")
+    )
     model.eval()
     preds = []
     with torch.no_grad():
         for i in range(0, len(test_t["labels"]), 64):
-            logits = model(input_ids=test_t["input_ids"][i : i + 64], attention_mask=test_t["attention_mask"][i : i + 64]).logits
+            logits = model(
+                input_ids=test_t["input_ids"][i : i + 64], attention_mask=test_t["attention_mask"][i : i + 64]
+            ).logits
             preds.append(logits.argmax(-1))
     row.update(f1_accuracy(torch.cat(preds), test_t["labels"]))
     row["final_loss"] = sum(row["losses"][-10:]) / len(row["losses"][-10:])
@@ -274,7 +306,9 @@ def task_spam(budget: Budget, seed: int) -> dict:
         if lr == m.lr:
             rows.append(row)
         if m.name in SWEPT and lr in budget.lr_sweep:
-            sweep.setdefault(m.name, []).append({k: row[k] for k in ("lr", "accuracy", "f1", "final_loss", "diverged")})
+            sweep.setdefault(m.name, []).append(
+                {k: row[k] for k in ("lr", "accuracy", "f1", "final_loss", "diverged")}
+            )
     return {
         "model": "all-MiniLM-L6-v2",
         "data": {"train": len(splits["train"]), "test": len(test), "max_len": budget.cls_len},
@@ -295,7 +329,9 @@ def _stratified_head(pairs, n):
 def encode_chat(tok, pairs, max_len):
     ids, labels, masks = [], [], []
     for prompt, answer in pairs:
-        head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        head = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         p = tok(head, add_special_tokens=False)["input_ids"]
         a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
         x, y = (p + a)[:max_len], ([-100] * len(p) + a)[:max_len]
@@ -315,18 +351,27 @@ def answer_loss(model, tensors, batch=8) -> dict:
             part = {k: v[i : i + batch] for k, v in tensors.items()}
             logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits[:, :-1]
             target = part["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
+                )
+            )
             count += int((target != -100).sum())
     loss = total / max(1, count)
     return {"answer_loss": loss, "answer_ppl": math.exp(loss), "answer_tokens": count}
 
 
 def generate(model, tok, prompts, max_new_tokens, adapter_names=None):
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, **kwargs)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, **kwargs
+    )
     return enc, out
 
 
@@ -337,7 +382,10 @@ def decode_throughput(model, tok, prompts, budget: Budget, adapter_names) -> flo
     with torch.no_grad():
         for rep in range(4):
             start = time.perf_counter()
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+            texts = [
+                tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                for p in prompts
+            ]
             tok.padding_side = "left"
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
@@ -363,7 +411,9 @@ def task_instruct(budget: Budget, seed: int) -> dict:
     train_t, test_t = encode_chat(tok, train, budget.lm_len), encode_chat(tok, test, budget.lm_len)
     gen_prompts = [p for p, _ in test[: budget.generations]]
     tenant_topics = [t for t in sorted(topics, key=lambda t: -len(topics[t]["test"]))][: budget.tenants]
-    decode_prompts = [topics[tenant_topics[i % budget.tenants]]["test"][i // budget.tenants][0] for i in range(budget.decode_batch)]
+    decode_prompts = [
+        topics[tenant_topics[i % budget.tenants]]["test"][i // budget.tenants][0] for i in range(budget.decode_batch)
+    ]
     tenant_of_row = [tenant_topics[i % budget.tenants] for i in range(budget.decode_batch)]
 
     def load():
@@ -374,8 +424,12 @@ def task_instruct(budget: Budget, seed: int) -> dict:
     rows = [{"method": "base (no tuning)", "family": "reference", "trainable_params": 0, **answer_loss(base, test_t)}]
     generations = {"prompts": gen_prompts, "reference": [a for _, a in test[: budget.generations]], "outputs": {}}
     enc, out = generate(base, tok, gen_prompts, budget.gen_tokens)
-    generations["outputs"]["base (no tuning)"] = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    throughput = [{"method": "base (no adapter)", "tokens_per_s": decode_throughput(base, tok, decode_prompts, budget, None)}]
+    generations["outputs"]["base (no tuning)"] = tok.batch_decode(
+        out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    throughput = [
+        {"method": "base (no adapter)", "tokens_per_s": decode_throughput(base, tok, decode_prompts, budget, None)}
+    ]
     del base
     skipped = []
     for m in tqdm(instruct_methods(), desc="task instruct"):
@@ -385,13 +439,20 @@ def task_instruct(budget: Budget, seed: int) -> dict:
             continue
         try:
             model = get_peft_model(load(), m.config())
-            row = {"method": m.name, "family": m.family, "lr": m.lr, "trainable_params": sum(p.numel() for p in trainable(model))}
+            row = {
+                "method": m.name,
+                "family": m.family,
+                "lr": m.lr,
+                "trainable_params": sum(p.numel() for p in trainable(model)),
+            }
             row.update(train_loop(model, train_t, budget.lm_steps, budget.lm_batch, m.lr, seed, f"instruct {m.name}"))
             row.update(answer_loss(model, test_t))
             row.update(saved_profile_bytes(model))
             rows.append(row)
             enc, out = generate(model, tok, gen_prompts, budget.gen_tokens)
-            generations["outputs"][m.name] = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            generations["outputs"][m.name] = tok.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
             throughput.append(_multi_tenant(model, m, tok, decode_prompts, tenant_topics, tenant_of_row, budget))
         except Exception as err:
             skipped.append({"method": m.name, "reason": f"{type(err).__name__}: {err}"})
@@ -430,7 +491,9 @@ def _multi_tenant(model, method, tok, prompts, tenants, tenant_of_row, budget) -
 # ----------------------------------------------------------------------------------------------------- report
 def machine_info() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = ""
     import peft
@@ -480,7 +543,7 @@ def render_markdown(res: dict) -> str:
         for r in s["rows"]:
             out.append(
                 f"| {r['method']} | {r['lr']:g} | {r['accuracy']:.4f} | {r['f1']:.4f} | {r['trainable_params']:,} | "
-                f"{_fmt_bytes(r['saved_bytes'])} ({_fmt_bytes(r['saved_bytes_excl_head'])}) | {r['train_seconds']:.0f} |"
+                f"{_fmt_bytes(r['saved_bytes'])} ({_fmt_bytes(r['saved_bytes_excl_head'])}) | {r['train_seconds']:.1f} |"
             )
         if s["lr_sweep"]:
             lrs = sorted({e["lr"] for v in s["lr_sweep"].values() for e in v})
@@ -488,7 +551,9 @@ def render_markdown(res: dict) -> str:
             out += ["| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
             for name, entries in s["lr_sweep"].items():
                 by = {e["lr"]: e for e in entries}
-                cells = [f"{by[lr]['accuracy']:.4f}{'†' if by[lr]['diverged'] else ''}" if lr in by else "–" for lr in lrs]
+                cells = [
+                    f"{by[lr]['accuracy']:.4f}{'†' if by[lr]['diverged'] else ''}" if lr in by else "–" for lr in lrs
+                ]
                 out.append(f"| {name} | " + " | ".join(cells) + " |")
         out += _skipped(s)
     if "instruct" in res:
@@ -503,12 +568,16 @@ def render_markdown(res: dict) -> str:
         ]
         for r in s["rows"]:
             lr = f"{r['lr']:g}" if "lr" in r else "–"
-            ts = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "–"
+            ts = f"{r['train_seconds']:.1f}" if "train_seconds" in r else "–"
             out.append(
                 f"| {r['method']} | {lr} | {r['answer_loss']:.4f} | {r['answer_ppl']:.2f} | {r['trainable_params']:,} | "
                 f"{_fmt_bytes(r.get('saved_bytes'))} | {ts} |"
             )
-        out += ["", f"Decode throughput, batch {b['decode_batch']}, {b['decode_tokens']} new tokens, tenants = {', '.join(s['tenants'])}:", ""]
+        out += [
+            "",
+            f"Decode throughput, batch {b['decode_batch']}, {b['decode_tokens']} new tokens, tenants = {', '.join(s['tenants'])}:",
+            "",
+        ]
         out += ["| method | one adapter (tok/s) | mixed tenants per sample (tok/s) |", "|---|---|---|"]
         for t in s["throughput"]:
             mixed = f"{t['mixed_tokens_per_s']:.1f}" if "mixed_tokens_per_s" in t else t.get("mixed_error", "–")
@@ -522,9 +591,17 @@ def render_markdown(res: dict) -> str:
         out += _skipped(s)
     if "profiles" in res:
         s = res["profiles"]
-        out += ["", f"## Many profiles ({s['setting']})", "", "| method | mean acc | bytes / profile (excl. head) | trainable params / profile |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"## Many profiles ({s['setting']})",
+            "",
+            "| method | mean acc | bytes / profile (excl. head) | trainable params / profile |",
+            "|---|---|---|---|",
+        ]
         for r in s["rows"]:
-            out.append(f"| {r['method']} | {r['accuracy']:.4f} | {_fmt_bytes(r['saved_bytes'])} ({_fmt_bytes(r['saved_bytes_excl_head'])}) | {r['trainable_params']:,} |")
+            out.append(
+                f"| {r['method']} | {r['accuracy']:.4f} | {_fmt_bytes(r['saved_bytes'])} ({_fmt_bytes(r['saved_bytes_excl_head'])}) | {r['trainable_params']:,} |"
+            )
         out += _skipped(s)
     return "\n".join(out) + "\n"
 
@@ -550,18 +627,30 @@ def render_plots(res: dict, out: Path, prefix: str) -> list[str]:
         for r in s["rows"]:
             ax.scatter(max(1, r["trainable_params"]), r["accuracy"], color="C1" if r["family"] == "xpeft" else "C0")
             ax.annotate(r["method"], (max(1, r["trainable_params"]), r["accuracy"]), fontsize=7)
-        ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel="test accuracy", title="Spam / MiniLM (orange: xpeft)")
+        ax.set(
+            xscale="log",
+            xlabel="trainable parameters (log)",
+            ylabel="test accuracy",
+            title="Spam / MiniLM (orange: xpeft)",
+        )
         files.append(_save(fig, out / f"{prefix}_spam_acc_vs_params.png"))
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in s["rows"]:
-            ax.barh(r["method"], max(1, r["saved_bytes_excl_head"] or 1), color="C1" if r["family"] == "xpeft" else "C0")
+            ax.barh(
+                r["method"], max(1, r["saved_bytes_excl_head"] or 1), color="C1" if r["family"] == "xpeft" else "C0"
+            )
         ax.set(xscale="log", xlabel="bytes per saved profile, excluding the task head (log)", title="Profile size")
         files.append(_save(fig, out / f"{prefix}_bytes_per_profile.png"))
         if s["lr_sweep"]:
             fig, ax = plt.subplots(figsize=(6, 4))
             for name, entries in s["lr_sweep"].items():
                 ax.plot([e["lr"] for e in entries], [e["accuracy"] for e in entries], marker="o", label=name)
-            ax.set(xscale="log", xlabel="learning rate", ylabel="test accuracy", title="Learning-rate sweep (spam / MiniLM)")
+            ax.set(
+                xscale="log",
+                xlabel="learning rate",
+                ylabel="test accuracy",
+                title="Learning-rate sweep (spam / MiniLM)",
+            )
             ax.legend()
             files.append(_save(fig, out / f"{prefix}_lr_sweep.png"))
     return files
@@ -581,13 +670,20 @@ TASKS = {"spam": task_spam, "instruct": task_instruct}
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few steps per method (checks the runner, not the methods)")
-    parser.add_argument("--tasks", default="spam,instruct,profiles", help="comma-separated subset of spam,instruct,profiles")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few steps per method (checks the runner, not the methods)"
+    )
+    parser.add_argument(
+        "--tasks", default="spam,instruct,profiles", help="comma-separated subset of spam,instruct,profiles"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--seed", type=int, default=data.DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # one load report per model load would drown the progress bars
     budget = SMOKE if args.smoke else FULL
     prefix = "eval_smoke" if args.smoke else "eval"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

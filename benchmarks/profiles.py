@@ -73,8 +73,19 @@ def matching_pairs(pairs, answers, seed):
 
 
 def encode(tok, triples, max_len):
-    enc = tok([p for p, _, _ in triples], [a for _, a, _ in triples], truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([y for _, _, y in triples])}
+    enc = tok(
+        [p for p, _, _ in triples],
+        [a for _, a, _ in triples],
+        truncation=True,
+        max_length=max_len,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor([y for _, _, y in triples]),
+    }
 
 
 def xpeft_target_names(model) -> list[str]:
@@ -116,7 +127,11 @@ def task_profiles(budget, seed: int) -> dict:
     from .evaluate import f1_accuracy, train_loop
 
     if not hasattr(xpeft, "XPeftConfig"):
-        return {"setting": "not run", "rows": [], "skipped": [{"method": "all", "reason": "xpeft.XPeftConfig missing"}]}
+        return {
+            "setting": "not run",
+            "rows": [],
+            "skipped": [{"method": "all", "reason": "xpeft.XPeftConfig missing"}],
+        }
     path = data.minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     topics = data.chatterbot(seed=seed)
@@ -128,7 +143,10 @@ def task_profiles(budget, seed: int) -> dict:
     for t in bank_topics + eval_topics:
         answers = sorted({a for p, a in topics[t]["train"] + topics[t]["test"]})
         test = matching_pairs(topics[t]["test"], answers, seed + 1)[: budget.profile_eval]
-        enc[t] = (encode(tok, matching_pairs(topics[t]["train"], answers, seed), budget.cls_len), encode(tok, test, budget.cls_len))
+        enc[t] = (
+            encode(tok, matching_pairs(topics[t]["train"], answers, seed), budget.cls_len),
+            encode(tok, test, budget.cls_len),
+        )
 
     def fresh():
         torch.manual_seed(seed)
@@ -151,14 +169,20 @@ def task_profiles(budget, seed: int) -> dict:
         entry = {name: a.as_bank_entry() for name, a in adapters.items()}
         flat = {f"{name}.{part}": t for name, e in entry.items() for part, t in e.items()}
         head = {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
-        cost = {"trainable_params": n, "saved_bytes": safetensors_bytes({**flat, **head}), "saved_bytes_excl_head": safetensors_bytes(flat)}
+        cost = {
+            "trainable_params": n,
+            "saved_bytes": safetensors_bytes({**flat, **head}),
+            "saved_bytes_excl_head": safetensors_bytes(flat),
+        }
         return model, entry, cost
 
     bank_entries = []
     for t in tqdm(bank_topics, desc="profiles: bank adapters"):
         model, entry, _ = train_bottleneck(t)
         bank_entries.append(entry)
-    results = {m: [] for m in ("X-PEFT soft (trained bank)", "X-PEFT hard (trained bank)", "dedicated adapter", "LoRA r=8")}
+    results = {
+        m: [] for m in ("X-PEFT soft (trained bank)", "X-PEFT hard (trained bank)", "dedicated adapter", "LoRA r=8")
+    }
     costs = {}
     with tempfile.TemporaryDirectory() as tmp:
         bank_path = str(Path(tmp) / "bank.safetensors")
@@ -166,7 +190,9 @@ def task_profiles(budget, seed: int) -> dict:
         for t in tqdm(eval_topics, desc="profiles: new topics"):
             for mask_type in ("soft", "hard"):
                 name = f"X-PEFT {mask_type} (trained bank)"
-                cfg = xpeft.XPeftConfig(task_type="SEQ_CLS", bank=bank_path, bank_size=len(bank_entries), mask_type=mask_type)
+                cfg = xpeft.XPeftConfig(
+                    task_type="SEQ_CLS", bank=bank_path, bank_size=len(bank_entries), mask_type=mask_type
+                )
                 model = get_peft_model(fresh(), cfg)
                 train_loop(model, enc[t][0], budget.profile_steps, budget.cls_batch, lr_mask, seed, f"{name} {t}")
                 results[name].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
@@ -178,15 +204,27 @@ def task_profiles(budget, seed: int) -> dict:
                 }
             model, _, costs["dedicated adapter"] = train_bottleneck(t)
             results["dedicated adapter"].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
-            model = get_peft_model(fresh(), LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]))
+            model = get_peft_model(
+                fresh(), LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"])
+            )
             train_loop(model, enc[t][0], budget.profile_steps, budget.cls_batch, lr_lora, seed, f"LoRA {t}")
             results["LoRA r=8"].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
             from .evaluate import saved_profile_bytes
 
-            costs["LoRA r=8"] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **saved_profile_bytes(model)}
+            costs["LoRA r=8"] = {
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                **saved_profile_bytes(model),
+            }
     rows = []
     for name, per_topic in results.items():
-        rows.append({"method": name, "accuracy": sum(r["accuracy"] for r in per_topic) / len(per_topic), "per_topic": per_topic, **costs[name]})
+        rows.append(
+            {
+                "method": name,
+                "accuracy": sum(r["accuracy"] for r in per_topic) / len(per_topic),
+                "per_topic": per_topic,
+                **costs[name],
+            }
+        )
     return {
         "setting": f"MiniLM answer-vs-distractor matching; bank of {len(bank_entries)} adapters from topics "
         f"{', '.join(bank_topics)}; new topics {', '.join(eval_topics)}; {budget.profile_steps} steps each",

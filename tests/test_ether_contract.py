@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+
 from contract import ContractSuite
 from models import task_type
-
 from xpeft import EtherConfig
 
 TARGETS = {

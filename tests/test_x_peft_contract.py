@@ -2,7 +2,6 @@
 
 from contract import ContractSuite
 from models import MODEL_FACTORIES, task_type
-
 from xpeft import XPeftConfig
 
 
