@@ -55,11 +55,11 @@ LR_SWEEP = (1e-4, 1e-3, 1e-2, 1e-1)
 class Budget:
     """Step budget and sizes; identical for every method within a run."""
 
-    cls_steps: int = 150
+    cls_steps: int = 100
     cls_batch: int = 16
     cls_len: int = 64
     cls_eval: int | None = None  # None: the whole held-out test split
-    lm_steps: int = 60
+    lm_steps: int = 40
     lm_batch: int = 4
     lm_len: int = 80
     lm_eval: int = 96
@@ -70,7 +70,7 @@ class Budget:
     tenants: int = 4
     lr_sweep: tuple = LR_SWEEP
     profile_bank_topics: int = 6
-    profile_steps: int = 60
+    profile_steps: int = 40
     profile_eval: int = 64
 
 
@@ -107,7 +107,7 @@ def spam_methods() -> list[Method]:
     t = "SEQ_CLS"
     qv = ["query", "value"]
     return [
-        Method("head only", 1e-3, mode="head", family="reference"),
+        Method("head only", 1e-2, mode="head", family="reference"),
         Method("full FT", 5e-5, mode="full", family="reference"),
         Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
         Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's BERT default: key, value, FFN output
@@ -525,9 +525,10 @@ def render_markdown(res: dict) -> str:
     out = [f"# xpeft evaluation{' (SMOKE: a few steps, numbers mean nothing)' if res['meta']['smoke'] else ''}", ""]
     meta = res["meta"]
     out.append(
-        f"Command: `{meta['command']}` · {meta['duration_s']:.0f} s · torch {meta['machine']['torch']}, transformers "
-        f"{meta['machine']['transformers']}, peft {meta['machine']['peft']} · {meta['machine']['cpu_count']} CPU cores, "
-        f"load average at start {meta['load_start'][0]:.1f} · commit `{meta['machine']['git_commit'][:10]}`"
+        f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, peft {meta['machine']['peft']}, "
+        f"{meta['machine']['cpu_count']} CPU cores. Every number below is in `{'eval_smoke' if meta['smoke'] else 'eval'}.json`; "
+        "each section names the command that produced it, its duration and the machine load (other jobs shared the CPU "
+        "when the load average exceeds the core count)."
     )
     b = meta["budget"]
     if "spam" in res:
@@ -606,10 +607,24 @@ def render_markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _run_line(section):
+    r = section.get("run")
+    if not r:
+        return []
+    return [
+        "",
+        f"Run: `{r['command']}` at {r['started_utc']}, {r['seconds']:.0f} s, {r['torch_threads']} torch threads, load "
+        f"average {r['load_average_start'][0]:.1f} → {r['load_average_end'][0]:.1f}, commit `{r['git_commit'][:10]}`.",
+    ]
+
+
 def _skipped(section):
     if not section.get("skipped"):
-        return []
-    return ["", "Not run: " + "; ".join(f"{s['method']}: {s['reason']}" for s in section["skipped"])]
+        return _run_line(section)
+    return _run_line(section) + [
+        "",
+        "Not run: " + "; ".join(f"{s['method']}: {s['reason']}" for s in section["skipped"]),
+    ]
 
 
 def render_plots(res: dict, out: Path, prefix: str) -> list[str]:
@@ -666,6 +681,7 @@ def _save(fig, path):
 
 
 TASKS = {"spam": task_spam, "instruct": task_instruct}
+TASK_NAMES = ("spam", "instruct", "profiles")
 
 
 def main(argv=None) -> dict:
@@ -691,32 +707,51 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles")
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    command = "python -m benchmarks.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {
         "meta": {
-            "command": "python -m benchmarks.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command,
             "smoke": args.smoke,
             "seed": args.seed,
             "budget": asdict(budget),
-            "load_start": list(os.getloadavg()),
             "machine": machine_info(),
             "xpeft_methods": [n for n in ("EtherConfig", "XPeftConfig", "PedroConfig") if hasattr(xpeft, n)],
         }
     }
+    previous = args.out / f"{prefix}.json"
+    if previous.is_file():
+        # A run of some tasks keeps the other tasks' sections of an earlier run with the same settings; every section
+        # records the command, time and load of the run that produced it.
+        old = json.loads(previous.read_text())
+        same = {k: old.get("meta", {}).get(k) for k in ("budget", "seed")} == {
+            "budget": asdict(budget),
+            "seed": args.seed,
+        }
+        if same:
+            res.update({k: v for k, v in old.items() if k in TASK_NAMES and k not in tasks})
     for task in tasks:
+        start, load = time.perf_counter(), list(os.getloadavg())
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if task == "profiles":
             from .profiles import task_profiles
 
             res[task] = task_profiles(budget, args.seed)
         else:
             res[task] = TASKS[task](budget, args.seed)
-        _write(res, args.out, prefix, start)  # partial results survive an interrupted run
-    return _write(res, args.out, prefix, start)
+        res[task]["run"] = {
+            "command": command,
+            "started_utc": started,
+            "seconds": time.perf_counter() - start,
+            "load_average_start": load,
+            "load_average_end": list(os.getloadavg()),
+            "torch_threads": torch.get_num_threads(),
+            "git_commit": res["meta"]["machine"]["git_commit"],
+        }
+        _write(res, args.out, prefix)  # partial results survive an interrupted run
+    return res
 
 
-def _write(res, out: Path, prefix: str, start: float) -> dict:
-    res["meta"]["duration_s"] = time.perf_counter() - start
-    res["meta"]["load_end"] = list(os.getloadavg())
+def _write(res, out: Path, prefix: str) -> dict:
     res["meta"]["plots"] = render_plots(res, out, prefix)
     (out / f"{prefix}.json").write_text(json.dumps(res, indent=1))
     (out / f"{prefix}.md").write_text(render_markdown(res))
