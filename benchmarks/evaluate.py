@@ -723,10 +723,10 @@ def main(argv=None) -> dict:
         # A run of some tasks keeps the other tasks' sections of an earlier run with the same settings; every section
         # records the command, time and load of the run that produced it.
         old = json.loads(previous.read_text())
-        same = {k: old.get("meta", {}).get(k) for k in ("budget", "seed")} == {
-            "budget": asdict(budget),
-            "seed": args.seed,
-        }
+        now = json.loads(
+            json.dumps({"budget": asdict(budget), "seed": args.seed})
+        )  # tuples become lists, as in the file
+        same = {k: old.get("meta", {}).get(k) for k in ("budget", "seed")} == now
         if same:
             res.update({k: v for k, v in old.items() if k in TASK_NAMES and k not in tasks})
     for task in tasks:
