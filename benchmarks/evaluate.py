@@ -1,6 +1,7 @@
 """Evaluation suite on real pretrained models and real data, offline (issue 7).
 
     python -m benchmarks.evaluate              # full run, about an hour on 2 CPU cores; writes benchmarks/results/eval*
+    python -m benchmarks.evaluate --quick      # shorter budget (about 40 min on a shared CPU); writes eval_quick*
     python -m benchmarks.evaluate --smoke      # a few steps per method, a few minutes; writes eval_smoke*
     python -m benchmarks.evaluate --tasks spam # one task (spam, instruct, profiles)
 
@@ -75,6 +76,10 @@ class Budget:
 
 
 FULL = Budget()
+# What fits in this session's shared CPU (about 40 minutes under load): fewer steps, a fixed 400-mail test subset.
+QUICK = Budget(
+    cls_steps=40, cls_eval=400, lm_steps=20, lm_eval=48, profile_bank_topics=4, profile_steps=20, profile_eval=32,
+)  # fmt: skip
 SMOKE = Budget(
     cls_steps=3, cls_batch=4, cls_len=32, cls_eval=32, lm_steps=2, lm_batch=2, lm_len=48, lm_eval=4, generations=1,
     gen_tokens=4, decode_batch=4, decode_tokens=2, tenants=2, lr_sweep=(1e-4, 1e-1), profile_bank_topics=2,
@@ -284,7 +289,7 @@ def task_spam(budget: Budget, seed: int) -> dict:
 
     splits = data.spam_assassin(seed=seed)
     tok = AutoTokenizer.from_pretrained(data.minilm_path())
-    test = splits["test"] if budget.cls_eval is None else _stratified_head(splits["test"], budget.cls_eval)
+    test = splits["test"] if budget.cls_eval is None else _test_subset(splits["test"], budget.cls_eval, seed)
     train_t, test_t = encode_cls(tok, splits["train"], budget.cls_len), encode_cls(tok, test, budget.cls_len)
     rows, sweep, skipped = [], {}, []
     methods = spam_methods()
@@ -318,11 +323,13 @@ def task_spam(budget: Budget, seed: int) -> dict:
     }
 
 
-def _stratified_head(pairs, n):
-    """The first n/2 of each label (the split is already shuffled): a fixed, balanced-enough subset for smoke runs."""
-    pos = [p for p in pairs if p[1] == 1][: n // 2]
-    neg = [p for p in pairs if p[1] == 0][: n - len(pos)]
-    return neg + pos
+def _test_subset(pairs, n, seed):
+    """A fixed subset of n test mails with the test split's spam ratio (seeded), for the shorter presets."""
+    g = torch.Generator().manual_seed(seed)
+    pos = [pairs[i] for i in torch.randperm(len(pairs), generator=g).tolist() if pairs[i][1] == 1]
+    neg = [pairs[i] for i in torch.randperm(len(pairs), generator=g).tolist() if pairs[i][1] == 0]
+    k = round(n * len(pos) / len(pairs))
+    return neg[: n - k] + pos[:k]
 
 
 # --------------------------------------------------------------------------------------------- task 2: instruct
@@ -522,11 +529,15 @@ def _fmt_bytes(n):
 
 
 def render_markdown(res: dict) -> str:
-    out = [f"# xpeft evaluation{' (SMOKE: a few steps, numbers mean nothing)' if res['meta']['smoke'] else ''}", ""]
+    title = {
+        "eval_smoke": " (SMOKE: a few steps, numbers mean nothing)",
+        "eval_quick": " (quick preset: short budget)",
+    }
+    out = [f"# xpeft evaluation{title.get(res['meta'].get('prefix'), '')}", ""]
     meta = res["meta"]
     out.append(
         f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, peft {meta['machine']['peft']}, "
-        f"{meta['machine']['cpu_count']} CPU cores. Every number below is in `{'eval_smoke' if meta['smoke'] else 'eval'}.json`; "
+        f"{meta['machine']['cpu_count']} CPU cores. Every number below is in `{meta['prefix']}.json`; "
         "each section names the command that produced it, its duration and the machine load (other jobs shared the CPU "
         "when the load average exceeds the core count)."
     )
@@ -689,6 +700,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--smoke", action="store_true", help="a few steps per method (checks the runner, not the methods)"
     )
+    parser.add_argument("--quick", action="store_true", help="shorter budget (40 steps per classifier, 20 per LM)")
     parser.add_argument(
         "--tasks", default="spam,instruct,profiles", help="comma-separated subset of spam,instruct,profiles"
     )
@@ -700,8 +712,10 @@ def main(argv=None) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()  # one load report per model load would drown the progress bars
-    budget = SMOKE if args.smoke else FULL
-    prefix = "eval_smoke" if args.smoke else "eval"
+    if args.smoke and args.quick:
+        parser.error("--smoke and --quick are exclusive")
+    budget = SMOKE if args.smoke else QUICK if args.quick else FULL
+    prefix = "eval_smoke" if args.smoke else "eval_quick" if args.quick else "eval"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in (*TASKS, "profiles")]
     if unknown:
@@ -712,6 +726,7 @@ def main(argv=None) -> dict:
         "meta": {
             "command": command,
             "smoke": args.smoke,
+            "prefix": prefix,
             "seed": args.seed,
             "budget": asdict(budget),
             "machine": machine_info(),
