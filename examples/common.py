@@ -42,9 +42,9 @@ def base_parser(description: str, default_lr: float, default_steps: int) -> argp
     parser.add_argument("--max-steps", type=int, default=default_steps)
     parser.add_argument("--lr", type=float, default=default_lr)
     parser.add_argument("--batch-size", type=int, default=16, help="per device")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (real data)")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (real data)")
     parser.add_argument("--n-train", type=int, default=None, help="cap on training examples (real data)")
-    parser.add_argument("--n-eval", type=int, default=256, help="cap on evaluation examples (real data)")
+    parser.add_argument("--n-eval", type=int, default=200, help="cap on evaluation examples (real data)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is present")
     parser.add_argument(

@@ -11,7 +11,7 @@ from common import base_parser, baseline_config, classification_setup, train
 
 
 def main(argv=None):
-    parser = base_parser(__doc__.splitlines()[0], default_lr=1e-2, default_steps=100)
+    parser = base_parser(__doc__.splitlines()[0], default_lr=1e-2, default_steps=30)
     parser.add_argument("--variant", choices=["ether", "ether_plus", "ether_plus_one_sided"], default="ether")
     parser.add_argument("--n-blocks", type=int, default=None, help="diagonal blocks (default: 32, 4 with --tiny)")
     parser.add_argument("--targets", nargs="+", default=["query", "value"], help="modules to adapt")

@@ -12,8 +12,8 @@ from common import base_parser, baseline_config, causal_setup, train
 
 
 def main(argv=None):
-    parser = base_parser(__doc__.splitlines()[0], default_lr=3e-3, default_steps=60)
-    parser.set_defaults(batch_size=8, max_length=96)
+    parser = base_parser(__doc__.splitlines()[0], default_lr=3e-3, default_steps=10)
+    parser.set_defaults(batch_size=4, max_length=80, n_eval=48)
     parser.add_argument("--vg-rank", type=int, default=12, help="bottleneck of the vector generator")
     parser.add_argument("--pooler", choices=["attention", "mean", "last"], default="attention")
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ from common import base_parser, baseline_config, classification_setup, train
 
 
 def main(argv=None):
-    parser = base_parser(__doc__.splitlines()[0], default_lr=1e-2, default_steps=100)
+    parser = base_parser(__doc__.splitlines()[0], default_lr=1e-2, default_steps=30)
     parser.add_argument("--mask-type", choices=["soft", "hard"], default="soft")
     parser.add_argument("--hard-k", type=int, default=1)
     parser.add_argument(
