@@ -162,11 +162,8 @@ def classification_setup(args):
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     splits = data.spam_assassin()
     train = splits["train"][: args.n_train] if args.n_train else splits["train"]
-    return (
-        model,
-        encode_classification(tok, train, args.max_length),
-        encode_classification(tok, splits["test"][: args.n_eval], args.max_length),
-    )
+    test = _shuffled(splits["test"], args.seed)[: args.n_eval]  # the split is ordered by mail path (ham first)
+    return model, encode_classification(tok, train, args.max_length), encode_classification(tok, test, args.max_length)
 
 
 def causal_setup(args):
@@ -189,10 +186,15 @@ def causal_setup(args):
     topics = data.chatterbot()
     train = [pa for t in sorted(topics) for pa in topics[t]["train"]]
     test = [pa for t in sorted(topics) for pa in topics[t]["test"]]
-    g = torch.Generator().manual_seed(args.seed)
-    train = [train[i] for i in torch.randperm(len(train), generator=g).tolist()]
+    train = _shuffled(train, args.seed)
     train = train[: args.n_train] if args.n_train else train
-    return model, encode_chat(tok, train, args.max_length), encode_chat(tok, test[: args.n_eval], args.max_length), tok
+    test = _shuffled(test, args.seed)[: args.n_eval]  # topics come in alphabetical order
+    return model, encode_chat(tok, train, args.max_length), encode_chat(tok, test, args.max_length), tok
+
+
+def _shuffled(rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------------------- training
