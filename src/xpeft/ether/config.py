@@ -97,9 +97,7 @@ class EtherConfig(PeftConfig):
     )
     layers_to_transform: list[int] | int | None = field(
         default=None,
-        metadata={
-            "help": "The layer indices to adapt; if None, all layers matching `target_modules` are adapted."
-        },
+        metadata={"help": "The layer indices to adapt; if None, all layers matching `target_modules` are adapted."},
     )
     layers_pattern: list[str] | str | None = field(
         default=None,
@@ -122,7 +120,9 @@ class EtherConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("ETHER")
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.target_modules = (
+            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        )
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )

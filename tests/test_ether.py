@@ -1,0 +1,455 @@
+"""ETHER / ETHER+ against independent dense float64 math (DESIGN.md §1), plus errors, dtypes and training."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import fields
+
+import pytest
+import torch
+from peft import HRAConfig, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from models import make_inputs, make_model, task_type
+from xpeft import EtherConfig
+from xpeft.ether import EtherLinear
+from xpeft.ether.layer import MIN_UNMERGE_ALIGNMENT, ether_plus_inverse
+
+VARIANTS = ("ether", "ether_plus", "ether_plus_one_sided")
+IN, OUT = 12, 8
+
+
+# -- independent dense reference ------------------------------------------------------------------------------------
+
+
+def unit(u: torch.Tensor) -> torch.Tensor:
+    u = u.detach().double()
+    return u / u.norm(dim=-1, keepdim=True)
+
+
+def dense_reflection(u: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal H = diag(I − 2 û_b û_bᵀ), built explicitly in float64."""
+    return torch.block_diag(*[torch.eye(len(b), dtype=torch.float64) - 2 * torch.outer(b, b) for b in unit(u)])
+
+
+def dense_ether_plus(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ), built explicitly in float64."""
+    blocks = [
+        torch.eye(len(a), dtype=torch.float64) - torch.outer(a, a) + torch.outer(b, b)
+        for a, b in zip(unit(u), unit(v), strict=True)
+    ]
+    return torch.block_diag(*blocks)
+
+
+def dense_transforms(layer: EtherLinear, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_out, H_in) of adapter `name` as dense float64 matrices."""
+    if layer.ether_variant[name] == "ether":
+        h_in = dense_reflection(layer.ether_u[name])
+    else:
+        h_in = dense_ether_plus(layer.ether_u[name], layer.ether_v[name])
+    if layer.ether_variant[name] == "ether_plus":
+        h_out = dense_ether_plus(layer.ether_u_out[name], layer.ether_v_out[name])
+    else:
+        h_out = torch.eye(layer.out_features, dtype=torch.float64)
+    return h_out, h_in
+
+
+def out_in(layer_or_weight) -> torch.Tensor:
+    """Base weight as float64 [out, in], whatever the layer type."""
+    if isinstance(layer_or_weight, Conv1D):
+        return layer_or_weight.weight.detach().double().T
+    return layer_or_weight.weight.detach().double()
+
+
+class TwoLayers(nn.Module):
+    """An nn.Linear and a GPT-2 Conv1D (weight [in, out]) side by side, both IN → OUT."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(IN, OUT)
+        self.conv = Conv1D(OUT, IN)
+        nn.init.normal_(self.conv.bias)
+
+    def forward(self, x):
+        return self.lin(x) + self.conv(x)
+
+
+def two_layer_model(variant: str, n_blocks: int = 2, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    base = TwoLayers()
+    config = EtherConfig(target_modules=["lin", "conv"], n_blocks=n_blocks, variant=variant, **kwargs)
+    return get_peft_model(base, config)
+
+
+def ether_layers(model) -> list[EtherLinear]:
+    return [m for m in model.modules() if isinstance(m, EtherLinear)]
+
+
+def move_away_from_identity(model, name: str = "default", std: float = 0.3, seed: int = 0) -> None:
+    """Perturb v around −u: ETHER+ leaves H⁺ = I but stays well-conditioned (|û·v̂| near 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in ether_layers(model):
+            for u, v in ((layer.ether_u, layer.ether_v), (layer.ether_u_out, layer.ether_v_out)):
+                if name in v:
+                    noise = torch.randn(v[name].shape, generator=generator)
+                    v[name].copy_(-u[name] + std * noise * u[name].norm(dim=-1, keepdim=True))
+
+
+def reference_output(model, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Σ_layers (H_out,names[-1]…H_out,names[0]) W (H_in,names[0]…H_in,names[-1]) x + b, in float64."""
+    y = 0
+    for layer in ether_layers(model):
+        weight = out_in(layer.get_base_layer())
+        for name in names:
+            h_out, h_in = dense_transforms(layer, name)
+            weight = h_out @ weight @ h_in
+        y = y + x.double() @ weight.T + layer.get_base_layer().bias.detach().double()
+    return y
+
+
+# Random (init_weights=False) ETHER+ vectors may be nearly singular; merging them warns, as it should.
+NEARLY_SINGULAR = pytest.mark.filterwarnings(r"ignore:ETHER\+ adapter '\w+' is nearly singular")
+
+
+# -- math -----------------------------------------------------------------------------------------------------------
+
+
+@NEARLY_SINGULAR
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_and_merge_match_dense_reference(variant):
+    model = two_layer_model(variant, init_weights=False).eval()
+    x = torch.randn(5, 3, IN)
+    expected = reference_output(model, x, ["default"])
+    expected_weights = {}
+    for layer in ether_layers(model):
+        h_out, h_in = dense_transforms(layer, "default")
+        expected_weights[layer] = h_out @ out_in(layer.get_base_layer()) @ h_in
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+        model.merge_adapter()
+        for layer, weight in expected_weights.items():
+            torch.testing.assert_close(out_in(layer.get_base_layer()), weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@NEARLY_SINGULAR
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_active_adapters_compose_like_successive_merges(variant):
+    model = two_layer_model(variant, init_weights=False)
+    model.add_adapter("other", EtherConfig(target_modules=["lin", "conv"], n_blocks=4, variant=variant))
+    if variant != "ether":
+        move_away_from_identity(model, "other", std=1.0)
+    model.base_model.set_adapter(["default", "other"])
+    model.eval()
+    x = torch.randn(4, IN)
+    expected = reference_output(model, x, ["default", "other"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+        model.merge_adapter(["default", "other"])
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2, 3, 6])
+def test_ether_is_orthogonal_with_det_minus_one_per_block(n_blocks):
+    model = two_layer_model("ether", n_blocks=n_blocks)
+    layer = ether_layers(model)[0]
+    # The layer's own transform applied to the rows of I gives I H = H.
+    h = layer.transform_input(torch.eye(IN, dtype=torch.float64), "default")
+    # û is normalized in float32 (by design), hence the 1e-6 tolerance of a float64 comparison.
+    torch.testing.assert_close(h, dense_reflection(layer.ether_u["default"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(h @ h.T, torch.eye(IN, dtype=torch.float64), rtol=0, atol=1e-6)
+    size = IN // n_blocks
+    for b in range(n_blocks):
+        rows = slice(b * size, (b + 1) * size)
+        block = h[rows, rows]
+        assert torch.linalg.det(block).item() == pytest.approx(-1.0, abs=1e-6)
+        off_block = h[rows].clone()
+        off_block[:, rows] = 0
+        assert off_block.abs().max() == 0
+        # A reflection is never the identity: ‖H_b − I‖_F = 2 for every block (the paper's distance bound).
+        assert torch.linalg.norm(block - torch.eye(size, dtype=torch.float64)).item() == pytest.approx(2.0)
+
+
+def test_ether_plus_inverse_matches_dense_inverse():
+    torch.manual_seed(0)
+    u, v = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    inverse = ether_plus_inverse(torch.eye(15, dtype=torch.float64), unit(u), unit(v))
+    torch.testing.assert_close(inverse, torch.linalg.inv(dense_ether_plus(u, v)), rtol=1e-10, atol=1e-10)
+    # det H⁺ = (û·v̂)² per block: the reason unmerge refuses when û·v̂ is near zero.
+    for a, b in zip(unit(u), unit(v), strict=True):
+        single = dense_ether_plus(a[None], b[None])
+        assert torch.linalg.det(single).item() == pytest.approx((a @ b).item() ** 2, rel=1e-9)
+
+
+def test_ether_with_one_block_equals_peft_hra_r1():
+    # peft's HRA (tuners/hra/layer.py) merges W·H on the input side, with hra_u of shape [in, r].
+    inputs = make_inputs("llama")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    hra = get_peft_model(make_model("llama"), HRAConfig(r=1, target_modules=targets, init_weights=False)).eval()
+    ether = get_peft_model(make_model("llama"), EtherConfig(target_modules=targets, n_blocks=1)).eval()
+    hra_vectors = {n: p for n, p in hra.named_parameters() if "hra_u" in n}
+    with torch.no_grad():
+        for name, param in ether.named_parameters():
+            if "ether_u" in name:
+                param.copy_(hra_vectors[name.replace("ether_u", "hra_u")].T)
+        assert len(hra_vectors) == 2 * 3
+        torch.testing.assert_close(ether(**inputs).logits, hra(**inputs).logits, rtol=1e-5, atol=1e-5)
+        base = make_model("llama")(**inputs).logits
+        assert not torch.allclose(ether(**inputs).logits, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n_blocks", [2, 4, 8])
+def test_parameter_count_is_independent_of_n_blocks(variant, n_blocks):
+    targets = ["q_proj", "k_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        make_model("llama"), EtherConfig(target_modules=targets, n_blocks=n_blocks, variant=variant)
+    )
+    per_layer = {
+        "ether": lambda i, o: i,
+        "ether_plus": lambda i, o: 2 * (i + o),
+        "ether_plus_one_sided": lambda i, o: 2 * i,
+    }
+    # llama: hidden 32, k_proj 32 → 16 (2 kv heads), intermediate 64; two decoder layers.
+    shapes = {"q_proj": (32, 32), "k_proj": (32, 16), "up_proj": (32, 64), "down_proj": (64, 32)}
+    expected = 2 * sum(per_layer[variant](i, o) for i, o in shapes.values())
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == expected
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("variant", ["ether_plus", "ether_plus_one_sided"])
+def test_ether_plus_starts_at_identity_exactly(model_name, variant):
+    inputs = make_inputs(model_name)
+    base = make_model(model_name)(**inputs).logits
+    config = EtherConfig(target_modules="all-linear", n_blocks=4, variant=variant, task_type=task_type(model_name))
+    model = get_peft_model(make_model(model_name), config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, base, rtol=0, atol=0)
+    random_config = EtherConfig(
+        target_modules="all-linear", n_blocks=4, variant=variant, init_weights=False, task_type=task_type(model_name)
+    )
+    model = get_peft_model(make_model(model_name), random_config).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_plain_ether_starts_from_a_random_reflection(init_weights):
+    inputs = make_inputs("llama")
+    base = make_model("llama")(**inputs).logits
+    config = EtherConfig(target_modules=["q_proj", "v_proj"], n_blocks=4, init_weights=init_weights)
+    model = get_peft_model(make_model("llama"), config).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_vectors_give_identity_not_nan(variant):
+    model = two_layer_model(variant).eval()
+    with torch.no_grad():
+        for layer in ether_layers(model):
+            for container in (layer.ether_u, layer.ether_v, layer.ether_u_out, layer.ether_v_out):
+                if "default" in container:
+                    container["default"].zero_()
+        x = torch.randn(3, IN)
+        out = model(x)
+        with model.disable_adapter():
+            base = model(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, base, rtol=0, atol=1e-6)
+
+
+@NEARLY_SINGULAR
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_half_precision_forward_and_merge(dtype, variant):
+    inputs = make_inputs("llama")
+    config = EtherConfig(target_modules="all-linear", n_blocks=4, variant=variant, init_weights=False)
+    reference = get_peft_model(make_model("llama"), config).eval()
+    torch.manual_seed(0)
+    half = get_peft_model(make_model("llama").to(dtype), config).eval()
+    half.load_state_dict(reference.state_dict())
+    # peft upcasts half-precision adapter vectors to float32 (autocast_adapter_dtype); normalization is float32 too.
+    assert all(p.dtype == torch.float32 for n, p in half.named_parameters() if "ether_" in n)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        out = half(**inputs).logits
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+        half.merge_adapter()
+        assert all(layer.get_base_layer().weight.dtype == dtype for layer in ether_layers(half))
+        torch.testing.assert_close(half(**inputs).logits.float(), expected, rtol=0.05, atol=0.05)
+
+
+# -- merge / unmerge ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merge_unmerge_restores_weights(variant):
+    model = two_layer_model(variant)
+    move_away_from_identity(model, std=1.0)
+    before = {layer: layer.get_base_layer().weight.detach().clone() for layer in ether_layers(model)}
+    model.merge_adapter()
+    assert all(not torch.allclose(layer.get_base_layer().weight, w) for layer, w in before.items())
+    model.unmerge_adapter()
+    for layer, weight in before.items():
+        restored = layer.get_base_layer().weight.detach()
+        relative = ((restored - weight).norm() / weight.norm()).item()
+        # ETHER: H is its own inverse (an involution), so unmerge is exact up to float32 rounding.
+        assert relative < (1e-6 if variant == "ether" else 1e-5), relative
+
+
+def test_ether_plus_unmerge_refuses_when_ill_conditioned():
+    model = two_layer_model("ether_plus")
+    layer = ether_layers(model)[0]
+    with torch.no_grad():
+        u = layer.ether_u["default"]
+        v = torch.randn_like(u)
+        v -= (v * u).sum(-1, keepdim=True) / (u * u).sum(-1, keepdim=True) * u  # v ⟂ u: det H⁺ = 0
+        layer.ether_v["default"].copy_(v)
+    with pytest.warns(UserWarning, match="nearly singular"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match=r"Cannot unmerge ETHER\+ adapter 'default'.*Reload the base model"):
+        model.unmerge_adapter()
+    # The refusal leaves the adapter merged (and the model usable), the threshold being the documented one.
+    assert layer.merged and layer._min_alignment("default") < MIN_UNMERGE_ALIGNMENT
+
+
+def test_safe_merge_rejects_non_finite_weights():
+    model = two_layer_model("ether")
+    with torch.no_grad():
+        ether_layers(model)[0].ether_u["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs or infs detected"):
+        model.merge_and_unload(safe_merge=True)
+
+
+def test_disabling_a_merged_adapter_unmerges_it():
+    model = two_layer_model("ether").eval()
+    x = torch.randn(2, IN)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(x)
+        adapted = model(x)
+        model.merge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x), base, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ether_layers(model)[0].unmerge()
+        ether_layers(model)[0].unmerge()
+    assert any("Already unmerged" in str(w.message) for w in caught)
+
+
+# -- behaviour through peft -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_few_training_steps_lower_the_loss(model_name, variant):
+    torch.manual_seed(0)
+    inputs = make_inputs(model_name, batch=4, seq_len=12)
+    config = EtherConfig(target_modules="all-linear", n_blocks=4, variant=variant, task_type="CAUSAL_LM")
+    model = get_peft_model(make_model(model_name), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def eval_loss() -> float:
+        # In eval mode, so that GPT-2's dropout does not blur the comparison.
+        with torch.no_grad():
+            return model.eval()(**inputs, labels=labels).loss.item()
+
+    before = eval_loss()
+    model.train()
+    for _ in range(10):
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = eval_loss()
+    assert after < before - 0.03, (before, after)
+
+
+def test_generate_with_mixed_adapter_names():
+    inputs = make_inputs("llama", batch=2)
+    inputs["attention_mask"][:] = 1
+    config = EtherConfig(target_modules=["q_proj", "v_proj"], n_blocks=4, variant="ether")
+    model = get_peft_model(make_model("llama"), config).eval()
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    mixed = model.generate(**inputs, adapter_names=["default", "__base__"], **kwargs)
+    alone = model.generate(**{k: v[:1] for k, v in inputs.items()}, **kwargs)
+    with model.disable_adapter():
+        base = model.generate(**{k: v[1:] for k, v in inputs.items()}, **kwargs)
+    assert mixed[0].equal(alone[0]) and mixed[1].equal(base[0])
+
+
+# -- errors and config ----------------------------------------------------------------------------------------------
+
+
+def test_block_count_that_does_not_divide_names_module_and_valid_counts():
+    config = EtherConfig(target_modules=["up_proj"], n_blocks=5)
+    with pytest.raises(ValueError, match=re.escape("in_features=32 of module 'model.layers.0.mlp.up_proj'")) as info:
+        get_peft_model(make_model("llama"), config)
+    assert "Valid block counts for this layer: 1, 2, 4, 8, 16." in str(info.value)
+
+
+def test_ether_plus_block_count_must_divide_both_sides():
+    model = TwoLayers()
+    model.lin = nn.Linear(12, 10)
+    with pytest.raises(
+        ValueError, match=r"out_features=10 of module 'lin'.*Valid block counts for this layer: 1, 2\."
+    ):
+        get_peft_model(model, EtherConfig(target_modules=["lin"], n_blocks=3, variant="ether_plus"))
+    # One-sided ETHER+ only splits the input side, so n_blocks=3 is fine there.
+    get_peft_model(TwoLayers(), EtherConfig(target_modules=["lin"], n_blocks=3, variant="ether_plus_one_sided"))
+
+
+def test_block_of_one_feature_is_refused():
+    with pytest.raises(ValueError, match="blocks of at least two features"):
+        get_peft_model(TwoLayers(), EtherConfig(target_modules=["lin"], n_blocks=12))
+
+
+def test_unsupported_layer_type_lists_supported_ones():
+    with pytest.raises(TypeError, match=r"type `Embedding`; supported layer types are .*Linear.*Conv1D"):
+        get_peft_model(make_model("llama"), EtherConfig(target_modules=["embed_tokens"], n_blocks=4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"variant": "ether+"}, r"`variant`='ether\+' is not an ETHER variant; choose one of 'ether', 'ether_plus'"),
+        ({"n_blocks": 0}, "`n_blocks` must be a positive integer, got 0"),
+        ({"n_blocks": 2.0}, "`n_blocks` must be a positive integer, got 2.0"),
+        ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "`layers_to_transform` cannot be used"),
+        ({"target_modules": ".*q_proj", "layers_pattern": "layers"}, "`layers_pattern` cannot be used"),
+        ({"target_modules": ["q_proj"], "layers_pattern": "layers"}, "`layers_to_transform` is None"),
+    ],
+)
+def test_config_validation_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EtherConfig(**kwargs)
+
+
+def test_layers_to_transform_adapts_only_those_layers():
+    config = EtherConfig(target_modules=["q_proj"], n_blocks=4, layers_to_transform=[1], layers_pattern="layers")
+    model = get_peft_model(make_model("llama"), config)
+    adapted = [name for name, module in model.named_modules() if isinstance(module, EtherLinear)]
+    assert adapted == ["base_model.model.model.layers.1.self_attn.q_proj"]
+
+
+def test_default_config_and_help_equal_docstring():
+    config = EtherConfig()
+    assert (config.n_blocks, config.variant, config.init_weights) == (32, "ether", True)
+    assert config.peft_type.value == "ETHER"
+    doc = " ".join(EtherConfig.__doc__.split())
+    for f in fields(EtherConfig):
+        if f.name in {"target_modules", "exclude_modules", "n_blocks", "variant", "init_weights"} | {
+            "layers_to_transform",
+            "layers_pattern",
+            "modules_to_save",
+        }:
+            help_text = " ".join(f.metadata["help"].split())
+            assert help_text in doc, f.name
