@@ -40,6 +40,8 @@ def compose_adapter(bank: Composed, weights_A: torch.Tensor, weights_B: torch.Te
     single bottleneck runs per token, never N.
     """
     A, a, B, b = bank
+    # The bank may have been cast with the model (e.g. `model.half()`); the mixing weights follow it.
+    weights_A, weights_B = weights_A.to(A.dtype), weights_B.to(B.dtype)
     lead = weights_A.shape[:-1]
     A_star = (weights_A @ A.flatten(1)).view(*lead, *A.shape[1:])
     B_star = (weights_B @ B.flatten(1)).view(*lead, *B.shape[1:])
@@ -94,16 +96,18 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def update_layer(self, adapter_name: str, config) -> None:
+    def update_layer(self, adapter_name: str, config, init_logits: torch.Tensor | None = None) -> None:
+        """Add profile `adapter_name`; `init_logits` `[2, N]` (S_A, S_B) sets its masks, e.g. from a profile store."""
         weight = self.get_base_layer().weight
         self.xpeft_bank.ensure_layer(self.layer_name, self.out_features, weight.device)
-        n = config.bank_size
-        if config.init_weights:
-            scale = 0.0 if config.mask_type == "soft" else 0.01  # hard: small noise breaks top-k ties
-        else:
-            scale = 1.0
-        for container in (self.xpeft_mask_A, self.xpeft_mask_B):
-            container[adapter_name] = nn.Parameter(torch.randn(n) * scale)
+        if init_logits is None:
+            if config.init_weights:
+                scale = 0.0 if config.mask_type == "soft" else 0.01  # hard: small noise breaks top-k ties
+            else:
+                scale = 1.0
+            init_logits = torch.randn(2, config.bank_size) * scale
+        for container, logits in zip((self.xpeft_mask_A, self.xpeft_mask_B), init_logits, strict=True):
+            container[adapter_name] = nn.Parameter(logits.clone())
         self.xpeft_mask_type[adapter_name] = config.mask_type
         self.xpeft_hard_k[adapter_name] = config.hard_k
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -116,24 +120,23 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
 
     # -- composition with caching ----------------------------------------------------------------------------
 
-    def _cache_key(self, name: str) -> tuple:
+    def _cache_key(self, name: str, bank_ptr: int) -> tuple:
         # `_version` changes on every in-place update (optimizer step, load_state_dict, perturbation), data_ptr on
-        # re-assignment, so a changed mask never hits a stale entry.
-        mask_A, mask_B = self.xpeft_mask_A[name], self.xpeft_mask_B[name]
-        bank_A = self.xpeft_bank.layer(self.layer_name)[0]
-        return (mask_A._version, mask_A.data_ptr(), mask_B._version, mask_B.data_ptr(), bank_A.data_ptr(),
-                self.xpeft_mask_type[name], self.xpeft_hard_k[name])  # fmt: skip
+        # re-assignment, and the bank's data_ptr on a move or cast, so a changed mask never hits a stale entry.
+        # Read through `_parameters` directly: this runs once per profile per layer on every mixed-batch call.
+        mask_A, mask_B = self.xpeft_mask_A._parameters[name], self.xpeft_mask_B._parameters[name]
+        return (mask_A._version, mask_A.data_ptr(), mask_B._version, mask_B.data_ptr(), bank_ptr)
 
     def composed(self, name: str) -> Composed:
         """The composed adapter `(A*, a*, B*, b*)` of profile `name`, cached while its masks are unchanged."""
         mask_A, mask_B = self.xpeft_mask_A[name], self.xpeft_mask_B[name]
         needs_grad = torch.is_grad_enabled() and (mask_A.requires_grad or mask_B.requires_grad)
-        key = self._cache_key(name)
+        bank = self.xpeft_bank.layer(self.layer_name)
+        key = self._cache_key(name, bank[0].data_ptr())
         cached = self._composed_cache.get(name)
         if not needs_grad and cached is not None and cached[0] == key:
             return cached[1]
         mask_type, k = self.xpeft_mask_type[name], self.xpeft_hard_k[name]
-        bank = self.xpeft_bank.layer(self.layer_name)
         result = compose_adapter(bank, mask_weights(mask_A, mask_type, k), mask_weights(mask_B, mask_type, k))
         if not needs_grad:
             self._composed_cache[name] = (key, result)
@@ -142,7 +145,8 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
     def _batched(self, adapter_names: Sequence[str]) -> Composed:
         """Per-sample composed adapters `[S, ...]`; `"__base__"` samples get a zero adapter (an exact no-op)."""
         unique = [name for name in dict.fromkeys(adapter_names) if name != BASE_ADAPTER_NAME]
-        key = (tuple(adapter_names), tuple(self._cache_key(name) for name in unique))
+        bank_ptr = self.xpeft_bank.layer(self.layer_name)[0].data_ptr()
+        key = (tuple(adapter_names), tuple(self._cache_key(name, bank_ptr) for name in unique))
         if self._batch_cache is not None and self._batch_cache[0] == key and not torch.is_grad_enabled():
             return self._batch_cache[1]
         table = [self.composed(name) for name in unique]
@@ -158,7 +162,7 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         table.append(zero)
         slot = {name: i for i, name in enumerate(unique)}
         index = torch.tensor([slot.get(name, len(unique)) for name in adapter_names], device=zero[0].device)
-        result = tuple(torch.stack(parts)[index] for parts in zip(*table))
+        result = tuple(torch.stack(parts)[index] for parts in zip(*table, strict=True))
         self._batch_cache = (key, result)
         return result
 

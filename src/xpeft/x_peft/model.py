@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -10,8 +11,9 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import save_file
 from torch import nn
 
+from ..serialization import read_safetensors_metadata
 from ..tuners_utils import XpeftTuner
-from .bank import XPeftBank, read_bank_file, recipe_fingerprint, random_bank_recipe
+from .bank import XPeftBank, random_bank_recipe, recipe_fingerprint
 from .config import XPeftConfig
 from .layer import XPeftLayer
 from .store import ProfileStore, pack_masks, unpack_masks
@@ -38,7 +40,11 @@ def bank_fingerprint_of(config: XPeftConfig) -> str:
     if config.bank == "random":
         recipe = random_bank_recipe(config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity)
         return recipe_fingerprint(recipe)
-    return read_bank_file(config.bank)[1]["fingerprint"]
+    # The header is enough here: the bank's tensors are checked against it once, when the model's bank is built.
+    metadata = read_safetensors_metadata(config.bank)
+    if "fingerprint" not in metadata:
+        raise ValueError(f"{config.bank} is not an X-PEFT bank file; create one with `xpeft.x_peft.build_bank`.")
+    return metadata["fingerprint"]
 
 
 def xpeft_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, XPeftLayer]]:
@@ -141,8 +147,8 @@ class XPeftModel(XpeftTuner):
         layers = xpeft_layers(model, adapter_name)
         logits = unpack_masks(payload, config.mask_type, config.hard_k, len(layers), config.bank_size)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        for (name, _), row in zip(layers, logits):
-            for attr, values in zip(XPeftLayer.adapter_layer_names, row):
+        for (name, _), row in zip(layers, logits, strict=True):
+            for attr, values in zip(XPeftLayer.adapter_layer_names, row, strict=True):
                 remapped[f"{name}.{attr}.{adapter_name}"] = values
         return remapped
 
@@ -156,32 +162,43 @@ def profile_payload(model: nn.Module, adapter_name: str = "default") -> torch.Te
     return pack_masks(_mask_logits(model, adapter_name), config.mask_type, config.hard_k)
 
 
-def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | None = None, config=None) -> str:
+def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | None = None) -> str:
     """Add stored profile `name` to the peft `model` as adapter `adapter_name` (default: `name`); return its name.
 
-    The new adapter copies the config of the model's first X-PEFT adapter (or `config`), so the model must already
-    hold the bank the store was built for.
+    The new adapter copies the config of the model's first X-PEFT adapter, so the model must already hold the bank
+    the store was built for. Without `modules_to_save` the profile is attached directly to the existing X-PEFT
+    layers (two small tensors per layer, well under a millisecond for BERT-base); with a head, through peft's
+    `add_adapter`, which also copies the head.
     """
     adapter_name = adapter_name or name
-    config = config or next(iter(model.peft_config.values()))
+    if adapter_name in model.peft_config:
+        raise ValueError(f"The model already has an adapter named {adapter_name!r}; pass another `adapter_name`.")
+    template_name, template = next(iter(model.peft_config.items()))
     bank = model.base_model.xpeft_bank
     if store.info["bank_fingerprint"] != bank.fingerprint:
         raise ValueError(
             f"Store {store.path} holds profiles of bank {store.info['bank_fingerprint']} but the model's bank is "
             f"{bank.fingerprint}; attach them to a model built with that bank."
         )
-    logits = store.masks(name)  # read and validated before the model changes
-    new_config = XPeftConfig(**{**config.to_dict(), "mask_type": store.info["mask_type"], "inference_mode": True})
-    new_config.hard_k = store.info["hard_k"]
-    model.add_adapter(adapter_name, new_config)
-    layers = xpeft_layers(model, adapter_name)
+    layers = xpeft_layers(model, template_name)
     if len(layers) != store.info["layers"]:
-        model.delete_adapter(adapter_name)
-        raise ValueError(f"Store profiles cover {store.info['layers']} layers, the model adapts {len(layers)}.")
-    with torch.no_grad():
-        for (_, layer), row in zip(layers, logits):
-            layer.xpeft_mask_A[adapter_name].copy_(row[0])
-            layer.xpeft_mask_B[adapter_name].copy_(row[1])
+        raise ValueError(
+            f"Store {store.path} holds profiles of {store.info['layers']} layers but the model adapts {len(layers)}."
+        )
+    logits = store.masks(name)  # read and validated before the model changes
+    config = copy.copy(template)
+    config.mask_type, config.hard_k, config.inference_mode = store.info["mask_type"], store.info["hard_k"], True
+    if config.modules_to_save:
+        model.add_adapter(adapter_name, config)
+        layers = xpeft_layers(model, adapter_name)
+        with torch.no_grad():
+            for (_, layer), row in zip(layers, logits, strict=True):
+                layer.xpeft_mask_A[adapter_name].copy_(row[0])
+                layer.xpeft_mask_B[adapter_name].copy_(row[1])
+        return adapter_name
+    model.peft_config[adapter_name] = config
+    for (_, layer), row in zip(layers, logits, strict=True):
+        layer.update_layer(adapter_name, config, init_logits=row)
     return adapter_name
 
 
@@ -193,7 +210,9 @@ def extract_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str
     """
     with torch.no_grad():
         return {
-            layer.layer_name: {part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name))}
+            layer.layer_name: {
+                part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name), strict=True)
+            }
             for _, layer in xpeft_layers(model, adapter_name)
         }
 

@@ -38,10 +38,14 @@ def pack_masks(logits: torch.Tensor, mask_type: str, hard_k: int) -> torch.Tenso
 
 
 def unpack_masks(payload: torch.Tensor, mask_type: str, hard_k: int, layers: int, bank_size: int) -> torch.Tensor:
-    """Decode a payload into mask logits `[layers, 2, bank_size]`, with a clear error if it cannot be a profile."""
+    """Decode a payload into mask logits `[layers, 2, bank_size]`, with a clear error if it cannot be a profile.
+
+    Leading dimensions are kept, so `[P, ...]` payloads of P profiles decode (and are checked) in one call.
+    """
     shape = (layers, 2, bank_size)
+    lead = payload.shape[: payload.dim() - (3 if mask_type == "soft" else 1)]
     if mask_type == "soft":
-        if payload.dtype != torch.float32 or tuple(payload.shape) != shape:
+        if payload.dtype != torch.float32 or tuple(payload.shape[len(lead) :]) != shape:
             raise ValueError(
                 f"Soft X-PEFT masks must be float32 of shape {list(shape)} (layers, A/B, bank_size) for this model, "
                 f"got {payload.dtype} {list(payload.shape)}: the profile was saved for another model or config."
@@ -50,13 +54,13 @@ def unpack_masks(payload: torch.Tensor, mask_type: str, hard_k: int, layers: int
             raise ValueError("The profile's mask logits contain NaN or inf: the file is corrupted; re-save it.")
         return payload.clone()
     nbytes = math.ceil(math.prod(shape) / 8)
-    if payload.dtype != torch.uint8 or tuple(payload.shape) != (nbytes,):
+    if payload.dtype != torch.uint8 or payload.dim() < 1 or payload.shape[-1] != nbytes:
         raise ValueError(
             f"Hard X-PEFT masks for this model are {nbytes} bytes of uint8 (2 x {layers} layers x {bank_size} bits), "
             f"got {payload.dtype} {list(payload.shape)}: the profile was saved for another model or config."
         )
-    bits = (payload.cpu()[:, None] >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1
-    bits = bits.flatten()[: math.prod(shape)].view(shape)
+    bits = (payload.cpu()[..., None] >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1
+    bits = bits.reshape(*lead, nbytes * 8)[..., : math.prod(shape)].reshape(*lead, *shape)
     counts = bits.sum(-1)
     if not (counts == hard_k).all():
         raise ValueError(
@@ -143,24 +147,26 @@ class ProfileStore:
             )
         shape = self._record_shape(self.info)
         for name, payload in payloads.items():
-            # Decoding validates dtype, shape and (hard masks) the number of selected adapters.
+            if tuple(payload.shape) != shape or payload.dtype != self._dtype:
+                raise ValueError(
+                    f"Profile {name!r} has payload {payload.dtype} {list(payload.shape)}, the store expects "
+                    f"{self._dtype} {list(shape)}."
+                )
+        stacked = torch.stack(list(payloads.values())) if payloads else torch.empty(0, *shape, dtype=self._dtype)
+        info = self.info
+        for start in range(0, len(stacked), 4096):  # decoding validates them (e.g. k selected adapters per layer)
             unpack_masks(
-                payload, self.info["mask_type"], self.info["hard_k"], self.info["layers"], self.info["bank_size"]
+                stacked[start : start + 4096], info["mask_type"], info["hard_k"], info["layers"], info["bank_size"]
             )
-            if tuple(payload.shape) != shape:
-                raise ValueError(f"Profile {name!r} has payload shape {list(payload.shape)}, store expects {shape}.")
         with safe_open(self.path, framework="pt") as file:
             records = file.get_tensor("records")
-        names = list(self._names)
-        new_rows = []
-        for name, payload in payloads.items():
-            if name in self._index:
-                records[self._index[name]] = payload
-            else:
-                names.append(name)
-                new_rows.append(payload.to(records.dtype))
-        if new_rows:
-            records = torch.cat([records, torch.stack(new_rows)])
+        order = list(payloads)
+        replaced = [i for i, name in enumerate(order) if name in self._index]
+        added = [i for i, name in enumerate(order) if name not in self._index]
+        if replaced:
+            records[[self._index[order[i]] for i in replaced]] = stacked[replaced]
+        records = torch.cat([records, stacked[added]])
+        names = self._names + [order[i] for i in added]
         self._write(self.path, records, names, self.info)
         self._names, self._index = names, {name: i for i, name in enumerate(names)}
 

@@ -1,0 +1,308 @@
+"""X-PEFT profiles: packed saving, bank fingerprints, corruption, the profile store, mixed batches, trained banks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from models import make_inputs, make_model, task_type
+from xpeft import ProfileStore, XPeftConfig, attach_profile, build_bank, profile_cost
+from xpeft.x_peft import extract_adapter, pack_masks, profile_payload, unpack_masks
+from xpeft.x_peft.model import xpeft_layers
+
+N = 8
+
+
+def config(model_name="llama", **kwargs):
+    kwargs = {
+        "bank_size": N,
+        "reduction_factor": 4,
+        "init_weights": False,
+        "task_type": task_type(model_name),
+    } | kwargs
+    return XPeftConfig(**kwargs)
+
+
+def logits(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits
+
+
+# -- payload packing ---------------------------------------------------------------------------------------------
+
+
+def test_hard_payload_is_bitpacked_like_an_independent_reference():
+    torch.manual_seed(0)
+    layers, bank_size, k = 12, 100, 3
+    logits_ = torch.randn(layers, 2, bank_size)
+    payload = pack_masks(logits_, "hard", k)
+    assert payload.dtype == torch.uint8 and payload.numel() == 300  # 2 * 12 * 100 bits
+    # independent: selected set per row by sorting, then MSB-first bytes
+    bits = []
+    for row in logits_.reshape(-1, bank_size):
+        chosen = set(sorted(range(bank_size), key=lambda i: -float(row[i]))[:k])
+        bits += [1 if i in chosen else 0 for i in range(bank_size)]
+    expected = [sum(bit << (7 - j) for j, bit in enumerate(bits[i : i + 8])) for i in range(0, len(bits), 8)]
+    assert payload.tolist() == expected
+    decoded = unpack_masks(payload, "hard", k, layers, bank_size)
+    assert torch.equal(decoded.topk(k, -1).indices.sort(-1).values, logits_.topk(k, -1).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize(
+    ("mask_type", "payload", "match"),
+    [
+        ("hard", torch.zeros(4, dtype=torch.uint8), "exactly hard_k=2"),
+        ("hard", torch.zeros(5, dtype=torch.uint8), "4 bytes of uint8"),
+        ("soft", torch.zeros(2, 2, 9), r"float32 of shape \[2, 2, 8\]"),
+        ("soft", torch.full((2, 2, 8), float("nan")), "NaN"),
+    ],
+)
+def test_unpack_rejects_payloads_that_cannot_be_a_profile(mask_type, payload, match):
+    with pytest.raises(ValueError, match=match):
+        unpack_masks(payload, mask_type, 2, 2, 8)
+
+
+# -- saving and bank fingerprints --------------------------------------------------------------------------------
+
+
+def test_saved_profile_holds_only_the_masks_and_the_bank_fingerprint(tmp_path):
+    model = get_peft_model(make_model("llama"), config(mask_type="hard", hard_k=2))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert list(tensors) == ["base_model.model.xpeft_masks"]
+    assert tensors["base_model.model.xpeft_masks"].numel() == math.ceil(2 * 2 * N / 8)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["bank_fingerprint"] == model.base_model.xpeft_bank.fingerprint
+
+
+def test_profile_of_another_bank_is_refused_naming_both_fingerprints(tmp_path):
+    model = get_peft_model(make_model("llama"), config(bank_seed=0))
+    model.save_pretrained(tmp_path / "prof")
+    saved_fp = model.base_model.xpeft_bank.fingerprint
+    other = get_peft_model(make_model("llama"), config(bank_seed=1))
+    other_fp = other.base_model.xpeft_bank.fingerprint
+    with pytest.raises(ValueError, match=f"needs bank {saved_fp}.*model's bank is {other_fp}"):
+        other.load_adapter(tmp_path / "prof", adapter_name="prof")
+    assert "prof" not in other.peft_config
+    # a config edited to describe another bank than the one recorded at training time
+    path = tmp_path / "prof" / "adapter_config.json"
+    path.write_text(path.read_text().replace('"bank_seed": 0', '"bank_seed": 5'))
+    with pytest.raises(ValueError, match=f"trained against bank {saved_fp}, but its config describes bank"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path / "prof")
+
+
+def test_truncated_or_corrupted_profile_gives_a_clear_error(tmp_path):
+    model = get_peft_model(make_model("llama"), config(mask_type="hard", hard_k=2))
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    # corrupted payload: flip a byte so that a layer no longer selects exactly k adapters
+    tensors = load_file(file)
+    tensors["base_model.model.xpeft_masks"][0] ^= 0xFF
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="corrupted"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    # truncated file: safetensors itself refuses the header before X-PEFT sees it
+    file.write_bytes(data[: len(data) - 10])
+    with pytest.raises(SafetensorError, match="deserializing header"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    # a checkpoint without masks (e.g. another method's file renamed)
+    save_file({"base_model.model.other": torch.zeros(3)}, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not an X-PEFT profile"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+
+
+# -- mixed batches and the composed-adapter cache ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["llama", "opt"])
+def test_mixed_batch_of_many_profiles_equals_each_sample_alone_and_cache_follows_masks(model_name):
+    torch.manual_seed(0)
+    model = get_peft_model(make_model(model_name), config(model_name))
+    for i in range(4):
+        model.add_adapter(f"p{i}", config(model_name, mask_type="hard" if i % 2 else "soft", hard_k=3))
+    model.eval()
+    inputs = make_inputs(model_name, batch=6)
+    names = ["p2", "__base__", "default", "p0", "p2", "p3"]
+    mixed = logits(model, inputs, adapter_names=names)
+    for i, name in enumerate(names):
+        sample = {key: value[i : i + 1] for key, value in inputs.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = logits(model, sample)
+        else:
+            model.set_adapter(name)
+            alone = logits(model, sample)
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        base = logits(model, inputs)
+    torch.testing.assert_close(logits(model, inputs, adapter_names=["__base__"] * 6), base, rtol=0, atol=0)
+    # a changed mask must not be served from the cache
+    with torch.no_grad():
+        for _, layer in xpeft_layers(model, "p2"):
+            layer.xpeft_mask_A["p2"].mul_(-1.0)
+    changed = logits(model, inputs, adapter_names=names)
+    assert not torch.allclose(changed[0], mixed[0], atol=1e-4)
+    torch.testing.assert_close(changed[2], mixed[2], rtol=0, atol=0)
+
+
+def test_generate_with_mixed_profiles_equals_each_alone():
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), config())
+    model.add_adapter("other", config(mask_type="hard", hard_k=2))
+    model.eval()
+    inputs = make_inputs("llama", batch=3, seq_len=5)
+    inputs["attention_mask"][:] = 1
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    names = ["other", "__base__", "default"]
+    mixed = model.generate(**inputs, adapter_names=names, **kwargs)
+    for i, name in enumerate(names):
+        sample = {key: value[i : i + 1] for key, value in inputs.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model.generate(**sample, **kwargs)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(**sample, **kwargs)
+        assert torch.equal(mixed[i : i + 1], alone)
+
+
+# -- the profile store -------------------------------------------------------------------------------------------
+
+
+def test_store_add_get_list_attach_and_refusals(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), config(mask_type="hard", hard_k=2)).eval()
+    for i in range(3):
+        model.add_adapter(f"p{i}", config(mask_type="hard", hard_k=2))
+    path = tmp_path / "store.safetensors"
+    store = ProfileStore.create(path, model.peft_config["default"], layers=2)
+    fp = model.base_model.xpeft_bank.fingerprint
+    store.add({f"p{i}": profile_payload(model, f"p{i}") for i in range(3)}, bank_fingerprint=fp)
+    store.add({"p1": profile_payload(model, "p0")}, bank_fingerprint=fp)  # replace in place
+    reopened = ProfileStore(path)
+    assert reopened.list() == ["p0", "p1", "p2"] and len(reopened) == 3
+    assert torch.equal(reopened.get("p2"), profile_payload(model, "p2"))
+    assert torch.equal(reopened.get("p1"), profile_payload(model, "p0"))
+    assert path.stat().st_size < 2000  # 3 records of 4 bytes + header
+    # attach to a fresh model with the same bank: same outputs as the original profile
+    fresh = get_peft_model(make_model("llama"), config(mask_type="hard", hard_k=2)).eval()
+    attach_profile(fresh, reopened, "p2")
+    fresh.set_adapter("p2")
+    model.set_adapter("p2")
+    inputs = make_inputs("llama")
+    torch.testing.assert_close(logits(fresh, inputs), logits(model, inputs), rtol=0, atol=0)
+    with pytest.raises(KeyError, match="No profile 'nope'"):
+        reopened.get("nope")
+    with pytest.raises(ValueError, match="trained against bank 0+ but the store"):
+        reopened.add({"x": profile_payload(model, "p0")}, bank_fingerprint="0" * 64)
+    other = get_peft_model(make_model("llama"), config(mask_type="hard", hard_k=2, bank_seed=3))
+    with pytest.raises(ValueError, match=f"holds profiles of bank {fp} but the model's bank is"):
+        attach_profile(other, reopened, "p0")
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="truncated"):
+        ProfileStore(path)
+
+
+# -- trained banks -----------------------------------------------------------------------------------------------
+
+
+def test_trained_bank_from_single_adapters(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("gpt2"), config("gpt2")).eval()
+    for i in range(2):
+        model.add_adapter(f"t{i}", config("gpt2"))
+    singles = [extract_adapter(model, name) for name in ("default", "t0", "t1")]
+    path = tmp_path / "bank.safetensors"
+    fingerprint = build_bank(singles, path)
+    # a hard k=1 profile that selects adapter 1 for both A and B reproduces the single adapter "t0" exactly
+    trained = get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path), bank_size=3, mask_type="hard"))
+    assert trained.base_model.xpeft_bank.fingerprint == fingerprint
+    with torch.no_grad():
+        for _, layer in xpeft_layers(trained, "default"):
+            for mask in (layer.xpeft_mask_A["default"], layer.xpeft_mask_B["default"]):
+                mask.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    model.set_adapter("t0")
+    inputs = make_inputs("gpt2")
+    torch.testing.assert_close(logits(trained.eval(), inputs), logits(model, inputs), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="holds 3 adapters per layer but `bank_size` is 8"):
+        get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path)))
+    tensors = load_file(path)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, path, metadata=json.loads(json.dumps(dict(_metadata(path)))))
+    with pytest.raises(ValueError, match="is corrupted"):
+        get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path), bank_size=3))
+
+
+def _metadata(path):
+    from xpeft.serialization import read_safetensors_metadata
+
+    return read_safetensors_metadata(path)
+
+
+# -- config, defaults, cost report -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bank_size": 0}, "`bank_size` must be a positive integer, got 0"),
+        ({"reduction_factor": -1}, "`reduction_factor` must be a positive integer, got -1"),
+        ({"mask_type": "fuzzy"}, "`mask_type` must be 'soft' or 'hard', got 'fuzzy'"),
+        ({"mask_type": "hard", "hard_k": 9, "bank_size": 8}, "`hard_k` must be an integer between 1 and bank_size=8"),
+        ({"non_linearity": "swish"}, "`non_linearity` must be one of"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        XPeftConfig(**kwargs)
+
+
+def test_default_targets_are_ffn_outputs_and_unknown_architectures_are_refused():
+    model = get_peft_model(make_model("bert"), config("bert"))
+    names = [layer.layer_name for _, layer in xpeft_layers(model, "default")]
+    assert names == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+    gpt2 = get_peft_model(make_model("gpt2"), config("gpt2"))
+    assert [layer.layer_name for _, layer in xpeft_layers(gpt2, "default")] == [
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_proj",
+    ]
+    custom = torch.nn.Sequential(torch.nn.Linear(8, 8))  # not a transformers model: model_type "custom"
+    with pytest.raises(ValueError, match="no default `target_modules` for model_type 'custom'.*Pass `target_modules`"):
+        get_peft_model(custom, XPeftConfig(bank_size=2, reduction_factor=4))
+
+
+def test_profile_cost_report():
+    model = get_peft_model(make_model("bert"), config("bert", mask_type="hard", hard_k=2))
+    cost = profile_cost(model)
+    d, r, layers = 32, 8, 2
+    assert cost["trainable_parameters"] == 2 * layers * N
+    assert cost["payload_bytes"] == math.ceil(2 * layers * N / 8)
+    assert cost["bottleneck_adapter_parameters"] == layers * (2 * r * d + r + d)
+    assert cost["lora_parameters"] == 2 * layers * 8 * (d + d)  # query and value, r=8
+    assert cost["head_parameters"] == 2 * 32 + 2  # the seq-cls classifier saved with the profile
+    assert cost["profile_file_bytes"] < cost["with_head_bytes"] < cost["bottleneck_adapter_file_bytes"]
+
+
+@pytest.mark.parametrize("model_name", ["llama", "bert"])  # bert has a classifier head: attached via add_adapter
+def test_attached_profile_equals_the_original(model_name, tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(make_model(model_name), config(model_name)).eval()
+    store = ProfileStore.create(tmp_path / "s.safetensors", model.peft_config["default"], layers=2)
+    store.add({"u": profile_payload(model)}, bank_fingerprint=model.base_model.xpeft_bank.fingerprint)
+    inputs = make_inputs(model_name)
+    expected = logits(model, inputs)
+    model.set_adapter(attach_profile(model, store, "u", adapter_name="twin"))
+    assert model.active_adapter == "twin"
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+    mixed = logits(model, inputs, adapter_names=["twin", "default", "twin"])
+    torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="already has an adapter named 'twin'"):
+        attach_profile(model, store, "u", adapter_name="twin")
