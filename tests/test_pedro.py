@@ -302,3 +302,58 @@ def test_continuing_foreign_cache_errors():
         step = {"input_ids": inputs["input_ids"][:, :1], "past_key_values": cache}
         with pytest.raises(ValueError, match="no vectors for it"):
             model.base_model.model(**step)
+
+
+def test_config_help_matches_docstring():
+    import dataclasses
+    import re
+
+    doc = " ".join(PedroConfig.__doc__.split())
+    for item in dataclasses.fields(PedroConfig):
+        if item.name not in PedroConfig.__annotations__:
+            continue  # inherited from peft's PeftConfig
+        entry = re.search(rf"{item.name} \(`[^)]*`(?:, \*optional\*)?\): (.*?)(?= \w+ \(`|$)", doc)
+        assert entry, item.name
+        assert entry.group(1).strip() == " ".join(item.metadata["help"].split()), item.name
+
+
+def test_init_weights_false_is_not_identity():
+    inputs = make_inputs("llama")
+    model = get_peft_model(make_model("llama"), PedroConfig(init_weights=False)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, make_model("llama")(**inputs).logits, atol=1e-5)
+
+
+def test_layers_to_transform_and_exclude_modules():
+    model = get_peft_model(make_model("llama"), PedroConfig(layers_to_transform=[1], layers_pattern="layers"))
+    layers = model.base_model.model.model.layers
+    assert not hasattr(layers[0].self_attn.q_proj, "pedro_up")
+    assert "default" in layers[1].self_attn.q_proj.pedro_generator
+    model = get_peft_model(make_model("llama"), PedroConfig(exclude_modules=["up_proj"]))
+    layers = model.base_model.model.model.layers
+    assert not hasattr(layers[0].mlp.up_proj, "pedro_up") and hasattr(layers[0].self_attn.v_proj, "pedro_up")
+
+
+def test_unload_gives_back_the_base_model_without_hooks():
+    inputs = make_inputs("bert")
+    model = get_peft_model(make_model("bert"), PedroConfig(vg_rank=4, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "pedro_" in name:
+                param.add_(0.5 * torch.randn_like(param))
+    base = model.unload().eval()
+    assert not base._forward_pre_hooks and not base._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).logits, make_model("bert")(**inputs).logits, rtol=0, atol=0)
+
+
+def test_labels_without_prompt_warn_and_pool_to_zero():
+    """labels == input_ids everywhere: no prompt token; PEDRO warns and uses a zero pooled vector (finite output)."""
+    inputs = make_inputs("llama")
+    model = perturbed(make_model("llama").double())
+    with pytest.warns(UserWarning, match="no prompt tokens"):
+        with torch.no_grad():
+            actual = model(**inputs, labels=inputs["input_ids"]).logits
+    empty = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    expected = reference_logits(model, inputs, empty, "attention", "rational")
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)

@@ -172,9 +172,13 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         block.step, block.codes = call.step, codes
         return codes
 
-    def _scales(self, codes, adapter_names: Sequence[str] | None, adapters: Sequence[str], batch: int):
-        """`[B, Σ segments]` product of `1 + up(z)` over the adapters each sample uses (1 where none applies)."""
-        dtype = self.pedro_up[adapters[0]].weight.dtype if adapters else torch.float32
+    def _scales(
+        self, codes, adapter_names: Sequence[str] | None, adapters: Sequence[str], batch: int
+    ) -> torch.Tensor | None:
+        """`[B, Σ segments]` product of `1 + up(z)` over the adapters each sample uses (1 where none applies).
+
+        None when no adapter of the call has a generator in this block (nothing to scale).
+        """
         scale = None
         for name in adapters:
             if name not in codes:
@@ -185,9 +189,6 @@ class PedroLayer(nn.Module, BaseTunerLayer):
                 full = vectors.new_ones(batch, vectors.shape[1])
                 vectors = full.index_copy(0, index, vectors)
             scale = vectors if scale is None else scale * vectors
-        if scale is None:
-            width = sum(high - low for low, high in self.segments)
-            scale = torch.ones(batch, width, dtype=dtype, device=self.pedro_up[adapters[0]].weight.device)
         return scale
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -197,26 +198,35 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             return result
         if adapter_names is not None:
-            adapters = [name for name in dict.fromkeys(adapter_names) if name in self.pedro_up]
             key = tuple(adapter_names)
         else:
-            adapters = [name for name in self.active_adapters if name in self.pedro_up]
-            key = ("__active__", *adapters)
-        if not adapters:
-            return result
-        batch = len(adapter_names) if adapter_names is not None else None
+            key = ("__active__", *self.active_adapters)
         if self._call.reuse and self._call.in_forward:
+            # Decode step: broadcast the vectors of the prefill, no generator work.
             scale = self._cached_scale(key)
         else:
-            codes = self._block_codes(x, adapter_names, adapters)
-            if batch is None:
-                batch = next(code.shape[0] for _, code in codes.values()) if codes else x.shape[0]
-            scale = self._scales(codes, adapter_names, adapters, batch)
+            scale = self._compute_scale(x, adapter_names)
             # Decode steps only broadcast these vectors; they are constants there, hence detached.
-            self._cache = (key, scale.detach())
+            self._cache = (key, None if scale is None else scale.detach())
+        if scale is None:
+            return result  # no adapter of this call scales this projection
         return scale_output(result, scale.to(result.dtype), self.segments)
 
-    def _cached_scale(self, key: tuple) -> torch.Tensor:
+    def _compute_scale(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor | None:
+        if adapter_names is not None:
+            adapters = [name for name in dict.fromkeys(adapter_names) if name in self.pedro_up]
+        else:
+            adapters = [name for name in self.active_adapters if name in self.pedro_up]
+        if not adapters:
+            return None
+        codes = self._block_codes(x, adapter_names, adapters)
+        if adapter_names is not None:
+            batch = len(adapter_names)
+        else:
+            batch = next(code.shape[0] for _, code in codes.values()) if codes else x.shape[0]
+        return self._scales(codes, adapter_names, adapters, batch)
+
+    def _cached_scale(self, key: tuple) -> torch.Tensor | None:
         if self._cache is None or self._cache[0] != key:
             raise ValueError(
                 "This forward continues a KV cache, but PEDRO has no vectors for it: the vectors are computed at the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -45,6 +46,8 @@ def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_len
         attention_mask = None  # a 4-d custom mask carries no padding information we can use
     if prompt_mask is not None:
         mask = torch.as_tensor(prompt_mask).bool()
+        if attention_mask is not None:
+            mask = mask.to(attention_mask.device)
         if attention_mask is not None and mask.shape != attention_mask.shape:
             raise ValueError(
                 f"PEDRO's prompt mask has shape {tuple(mask.shape)} but the input has shape "
@@ -57,7 +60,15 @@ def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_len
         return prompt_mask_from_lengths(prompt_lengths, attention_mask)
     labels = arguments.get("labels")
     if labels is not None and reference is not None and labels.shape == reference.shape[:2]:
-        return prompt_mask_from_labels(labels, attention_mask)
+        mask = prompt_mask_from_labels(labels, attention_mask)
+        if not mask.any(dim=1).all():
+            warnings.warn(
+                "PEDRO found samples whose labels supervise from the first token, so they have no prompt tokens and "
+                "their vectors come from an empty (zero) prompt. Set the prompt's labels to -100, or pass "
+                "`prompt_lengths=`/`prompt_mask=` to the forward.",
+                stacklevel=2,
+            )
+        return mask
     return None if attention_mask is None else attention_mask.bool()
 
 
@@ -84,10 +95,17 @@ def _end_model_call(call: PedroCallState, module: nn.Module, args: tuple, output
 class PedroModel(XpeftTuner):
     """PEDRO tuner (arXiv 2409.17834): prompt-conditioned vectors scaling Q, V and the FFN up projection.
 
-    Per call: `forward` computes the vectors from the call's prompt (explicit `prompt_mask=`/`prompt_lengths=`
-    keywords, else token-level `labels`, else the non-padding input); `generate` computes them at its first forward
-    (the prefill) and reuses them for every later forward of that call; outside `generate`, a forward that continues a
-    KV cache reuses the vectors of the forward that started it.
+    When the vectors are computed (DESIGN.md §3):
+
+    - `forward` computes them from the call's prompt: an explicit `prompt_mask=` (`[B, T]`) or `prompt_lengths=` (`[B]`,
+      counted from each sample's first non-padding token) keyword, else token-level `labels` (the prompt is `-100`
+      before the first supervised token), else the whole non-padding input (no labels: everything is prompt).
+      Padding is never prompt; left and right padding both work. The two keywords are consumed by PEDRO before the
+      transformers model runs, so they work with any architecture; with `Trainer`, emit them from the data collator
+      and set `remove_unused_columns=False`.
+    - `generate` computes them at its first forward (the prefill, the whole non-padding prompt) and every later forward
+      of the call reuses them, with or without KV cache; beam search repeats each prompt's vectors with its beams.
+    - Outside `generate`, a forward that continues a KV cache reuses the vectors of the forward that started it.
     """
 
     prefix: str = "pedro_"

@@ -1,0 +1,212 @@
+"""PEDRO decode throughput for 32 requests from 32 tenants, against the base model, peft IA3 and multi-LoRA.
+
+Llama-like model from a config (no Hub), CPU, float32. Every forward of the model inside greedy `generate` is timed
+(forward hooks on the transformers model, so PEDRO's and peft's per-layer work is included, generate's own token
+selection is not); the decode step time is the median over all decode steps of several calls after a warm-up, and the
+four models are timed in interleaved rounds so that a change of machine load hits them alike.
+
+    PYTHONPATH=src python benchmarks/bench_pedro.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from peft import IA3Config, LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import xpeft
+from xpeft import PedroConfig
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pedro.json"
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def base_model(args) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def perturb(model, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad or "pedro_" in name or "lora_" in name or "ia3_" in name:
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+
+
+def trainable(model, adapter: str) -> int:
+    """Parameters of one adapter (all layers)."""
+    return sum(p.numel() for n, p in model.named_parameters() if f".{adapter}." in n or n.endswith(f".{adapter}"))
+
+
+def build(args):
+    models, params = {}, {}
+    models["base"] = base_model(args)
+
+    ia3 = get_peft_model(base_model(args), IA3Config(task_type="CAUSAL_LM"))  # peft's Llama defaults
+    perturb(ia3, 1)
+    models["ia3_single"], params["ia3"] = ia3.eval(), trainable(ia3, "default")
+
+    lora = get_peft_model(base_model(args), LoraConfig(r=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    for i in range(1, args.tenants):
+        lora.add_adapter(f"t{i}", LoraConfig(r=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    perturb(lora, 2)
+    models["lora_multi"], params["lora_r8"] = lora.eval(), trainable(lora, "default")
+
+    pedro = get_peft_model(base_model(args), PedroConfig(task_type="CAUSAL_LM"))
+    for i in range(1, args.tenants):
+        pedro.add_adapter(f"t{i}", PedroConfig(task_type="CAUSAL_LM"))
+    perturb(pedro, 3)
+    models["pedro_multi"], params["pedro"] = pedro.eval(), trainable(pedro, "default")
+    return models, params
+
+
+class StepTimer:
+    """Wall time of every forward of the transformers model: the first one of a generate call is the prefill."""
+
+    def __init__(self, model) -> None:
+        self.durations: list[float] = []
+        model.register_forward_pre_hook(self.start)
+        model.register_forward_hook(self.stop)
+
+    def start(self, module, args) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self, module, args, output) -> None:
+        self.durations.append(time.perf_counter() - self._start)
+
+
+def timed_generate(model, timer: StepTimer, inputs, new_tokens: int, adapter_names) -> tuple[float, list[float]]:
+    """Prefill time and the decode step times of one greedy generate call."""
+    kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    timer.durations.clear()
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs
+        )
+    assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
+    assert len(timer.durations) == new_tokens
+    return timer.durations[0], timer.durations[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small run to check the script (figures not reported)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    args.hidden, args.intermediate, args.vocab, args.tenants = 1024, 2816, 8192, 32
+    args.layers, args.prompt, args.new_tokens, args.repeats = (2, 16, 4, 2) if args.quick else (4, 32, 12, 8)
+    torch.set_num_threads(args.threads)
+
+    models, params = build(args)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, args.vocab, (args.tenants, args.prompt), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[::4, : args.prompt // 4] = 0  # a quarter of the requests are shorter (left padding)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    names = {
+        "base": None,
+        "ia3_single": None,
+        "lora_multi": ["default"] + [f"t{i}" for i in range(1, args.tenants)],
+        "pedro_multi": ["default"] + [f"t{i}" for i in range(1, args.tenants)],
+    }
+    timers = {key: StepTimer(model.get_base_model() if key != "base" else model) for key, model in models.items()}
+    prefill = {key: [] for key in models}
+    decode = {key: [] for key in models}
+    for key, model in models.items():  # warm-up
+        timed_generate(model, timers[key], inputs, 3, names[key])
+    for _ in range(args.repeats):  # interleaved rounds: a change of machine load hits every model alike
+        for key, model in models.items():
+            first, steps = timed_generate(model, timers[key], inputs, args.new_tokens + 1, names[key])
+            prefill[key].append(first)
+            decode[key].extend(steps)
+
+    results = {}
+    for key in models:
+        step = statistics.median(decode[key])
+        results[key] = {
+            "decode_step_median_s": step,
+            "decode_step_min_s": min(decode[key]),
+            "decode_tokens_per_s": args.tenants / step,
+            "prefill_median_s": statistics.median(prefill[key]),
+            "decode_steps_timed": len(decode[key]),
+        }
+    pedro, base, lora, ia3 = (
+        results[k]["decode_tokens_per_s"] for k in ("pedro_multi", "base", "lora_multi", "ia3_single")
+    )
+    ratios = {
+        "pedro_vs_multi_lora_throughput": pedro / lora,
+        "pedro_vs_base_decode_time": base / pedro,
+        "pedro_vs_ia3_decode_time": ia3 / pedro,
+    }
+    targets = {
+        "throughput >= 1.5x multi-LoRA": ratios["pedro_vs_multi_lora_throughput"] >= 1.5,
+        "decode time <= 1.15x base": ratios["pedro_vs_base_decode_time"] <= 1.15,
+    }
+    report = {
+        "setup": {
+            "model": f"LlamaForCausalLM(hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, "
+            f"heads=16, kv_heads=8, vocab={args.vocab}), float32, CPU",
+            "batch": args.tenants,
+            "tenants": args.tenants,
+            "prompt_tokens": args.prompt,
+            "new_tokens_timed": args.new_tokens,
+            "repeats": args.repeats,
+            "torch_threads": args.threads,
+            "lora": f"r=8 on {TARGETS}, unmerged, adapter_names over {args.tenants} adapters",
+            "ia3": "peft defaults for Llama (k_proj, v_proj, down_proj), single adapter",
+            "pedro": f"defaults (vg_rank=12, attention pooler, rational) on {TARGETS}, adapter_names over "
+            f"{args.tenants} adapters",
+            "quick": args.quick,
+        },
+        "environment": {
+            "uptime": os.popen("uptime").read().strip(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "xpeft": xpeft.__version__,
+        },
+        "trainable_params_per_adapter": params,
+        "results": results,
+        "ratios": ratios,
+        "targets_met": targets,
+    }
+    for key, value in results.items():
+        print(
+            f"{key:12s} decode {value['decode_tokens_per_s']:8.1f} tok/s  step {1e3 * value['decode_step_median_s']:7.2f} ms"
+        )
+    for key, value in ratios.items():
+        print(f"{key:34s} {value:6.3f}")
+    print("trainable params per adapter:", params)
+    print("targets met:", targets)
+    if not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
