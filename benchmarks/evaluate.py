@@ -707,6 +707,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--seed", type=int, default=data.DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--merge", nargs="*", default=[], help="results JSON files (same preset) whose task sections join this one"
+    )
     args = parser.parse_args(argv)
     set_threads(args.threads)
     import transformers
@@ -731,19 +734,16 @@ def main(argv=None) -> dict:
             "budget": asdict(budget),
             "machine": machine_info(),
             "xpeft_methods": [n for n in ("EtherConfig", "XPeftConfig", "PedroConfig") if hasattr(xpeft, n)],
+            "tasks_run": tasks,
         }
     }
-    previous = args.out / f"{prefix}.json"
-    if previous.is_file():
-        # A run of some tasks keeps the other tasks' sections of an earlier run with the same settings; every section
-        # records the command, time and load of the run that produced it.
-        old = json.loads(previous.read_text())
-        now = json.loads(
-            json.dumps({"budget": asdict(budget), "seed": args.seed})
-        )  # tuples become lists, as in the file
-        same = {k: old.get("meta", {}).get(k) for k in ("budget", "seed")} == now
-        if same:
-            res.update({k: v for k, v in old.items() if k in TASK_NAMES and k not in tasks})
+    for path in args.merge:
+        # Sections of runs made elsewhere (e.g. tasks run in parallel into another folder) join this results file; each
+        # keeps the run record (command, time, load, commit) of the run that produced it.
+        other = json.loads(Path(path).read_text())
+        if _settings(other) != _settings(res):
+            parser.error(f"{path} was made with another budget or seed than {prefix}; it cannot be merged")
+        res.update({k: v for k, v in other.items() if k in TASK_NAMES})
     for task in tasks:
         start, load = time.perf_counter(), list(os.getloadavg())
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -763,10 +763,25 @@ def main(argv=None) -> dict:
             "git_commit": res["meta"]["machine"]["git_commit"],
         }
         _write(res, args.out, prefix)  # partial results survive an interrupted run
+    if not tasks:
+        _write(res, args.out, prefix)
     return res
 
 
+def _settings(res: dict) -> dict:
+    return json.loads(json.dumps({k: res.get("meta", {}).get(k) for k in ("budget", "seed")}))  # tuples -> lists
+
+
 def _write(res, out: Path, prefix: str) -> dict:
+    previous = out / f"{prefix}.json"
+    if previous.is_file():
+        # Keep the other tasks' sections of earlier runs with the same settings (read now, not at start, so runs of
+        # different tasks into one folder do not overwrite each other); every section records the run that made it.
+        old = json.loads(previous.read_text())
+        if _settings(old) == _settings(res):
+            for key in TASK_NAMES:
+                if key in old and key not in res["meta"]["tasks_run"]:
+                    res.setdefault(key, old[key])
     res["meta"]["plots"] = render_plots(res, out, prefix)
     (out / f"{prefix}.json").write_text(json.dumps(res, indent=1))
     (out / f"{prefix}.md").write_text(render_markdown(res))
