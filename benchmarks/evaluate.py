@@ -416,7 +416,8 @@ def task_instruct(budget: Budget, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     test = [test[i] for i in torch.randperm(len(test), generator=g)[: budget.lm_eval].tolist()]
     train_t, test_t = encode_chat(tok, train, budget.lm_len), encode_chat(tok, test, budget.lm_len)
-    gen_prompts = [p for p, _ in test[: budget.generations]]
+    gen_pairs = list({p: (p, a) for p, a in test}.values())[: budget.generations]  # distinct prompts
+    gen_prompts = [p for p, _ in gen_pairs]
     tenant_topics = [t for t in sorted(topics, key=lambda t: -len(topics[t]["test"]))][: budget.tenants]
     decode_prompts = [
         topics[tenant_topics[i % budget.tenants]]["test"][i // budget.tenants][0] for i in range(budget.decode_batch)
@@ -429,7 +430,7 @@ def task_instruct(budget: Budget, seed: int) -> dict:
 
     base = load()
     rows = [{"method": "base (no tuning)", "family": "reference", "trainable_params": 0, **answer_loss(base, test_t)}]
-    generations = {"prompts": gen_prompts, "reference": [a for _, a in test[: budget.generations]], "outputs": {}}
+    generations = {"prompts": gen_prompts, "reference": [a for _, a in gen_pairs], "outputs": {}}
     enc, out = generate(base, tok, gen_prompts, budget.gen_tokens)
     generations["outputs"]["base (no tuning)"] = tok.batch_decode(
         out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
@@ -597,7 +598,7 @@ def render_markdown(res: dict) -> str:
         g = s["generations"]
         out += ["", "Generations (greedy):", ""]
         for i, prompt in enumerate(g["prompts"]):
-            out += [f"**Q:** {prompt}  ", f"*reference:* {g['reference'][i]}  "]
+            out += [f"**Q:** {prompt!r}  ", f"*reference:* {g['reference'][i]!r}  "]
             out += [f"- {name}: {texts[i]!r}" for name, texts in g["outputs"].items()]
             out.append("")
         out += _skipped(s)
