@@ -542,6 +542,8 @@ def render_markdown(res: dict) -> str:
         "each section names the command that produced it, its duration and the machine load (other jobs shared the CPU "
         "when the load average exceeds the core count)."
     )
+    if meta.get("tasks_run") is not None and set(meta["tasks_run"]) != {k for k in TASK_NAMES if k in res}:
+        out.append(f"\nThis file was last written by `{meta['command']}`; sections come from the runs they name.")
     b = meta["budget"]
     if "spam" in res:
         s = res["spam"]
