@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from models import make_inputs, make_model, task_type
 from xpeft import EtherConfig
 from xpeft.ether import EtherLinear
-from xpeft.ether.layer import MIN_UNMERGE_ALIGNMENT, ether_plus_inverse
+from xpeft.ether.layer import MIN_UNMERGE_ALIGNMENT, ether_plus_inverse, ether_plus_transform, householder_reflect
 
 VARIANTS = ("ether", "ether_plus", "ether_plus_one_sided")
 IN, OUT = 12, 8
@@ -171,6 +171,29 @@ def test_ether_is_orthogonal_with_det_minus_one_per_block(n_blocks):
         assert off_block.abs().max() == 0
         # A reflection is never the identity: ‖H_b − I‖_F = 2 for every block (the paper's distance bound).
         assert torch.linalg.norm(block - torch.eye(size, dtype=torch.float64)).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("x_requires_grad", [True, False])
+@pytest.mark.parametrize("variant", ["ether", "ether_plus"])
+def test_hand_written_gradients_match_finite_differences(variant, x_requires_grad):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 12, dtype=torch.float64, generator=generator).requires_grad_(x_requires_grad)
+    u = torch.randn(3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    v = torch.randn(3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    if variant == "ether":
+        assert torch.autograd.gradcheck(lambda x, u: householder_reflect(x, unit_grad(u)), (x, u))
+        dense = dense_reflection(u)
+        torch.testing.assert_close(householder_reflect(x, unit_grad(u)), x @ dense, rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.autograd.gradcheck(lambda x, u, v: ether_plus_transform(x, unit_grad(u), unit_grad(v)), (x, u, v))
+        dense = dense_ether_plus(u, v)
+        torch.testing.assert_close(
+            ether_plus_transform(x, unit_grad(u), unit_grad(v)), x @ dense, rtol=1e-12, atol=1e-12
+        )
+
+
+def unit_grad(u: torch.Tensor) -> torch.Tensor:
+    return u / u.norm(dim=-1, keepdim=True)
 
 
 def test_ether_plus_inverse_matches_dense_inverse():

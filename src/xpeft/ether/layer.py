@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..tuners_utils import adapter_index_groups, check_mixed_batch_args, layer_features, weight_as_out_in
 from .config import EtherConfig
@@ -37,15 +38,80 @@ def normalize_blocks(u: torch.Tensor) -> torch.Tensor:
     return u / u.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
+def _project(blocks: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """`ŵ_bᵀ x_b` per block, kept as `[..., n, 1]`. Broadcast multiply + sum: einsum lowers this to a strided bmm that
+    is ~40x slower on CPU."""
+    return (blocks * w_hat).sum(-1, keepdim=True)
+
+
+def _sum_outer(coef: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """`Σ_rows coef_{r,b} x_{r,b}`: `[..., n, 1]` and `[..., n, d/n]` summed over the leading axes to `[n, d/n]`."""
+    return torch.einsum("rn,rnb->nb", coef.reshape(-1, coef.shape[-2]), blocks.reshape(-1, *blocks.shape[-2:]))
+
+
+def _reflect_blocks(blocks: torch.Tensor, u_hat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(blocks, p, u_hat, value=-2.0)
+
+
+def _ether_plus_blocks(blocks, u_hat, v_hat, p, q):
+    # −û p + v̂ q rewritten as −û (p + q) + (v̂ + û) q: at the init v̂ = −û both terms are exactly zero, so the
+    # adapter is exactly the identity (the direct form can leave rounding residues, e.g. with fused multiply-adds).
+    return torch.addcmul(blocks, p + q, u_hat, value=-1.0).addcmul_(q, v_hat + u_hat)
+
+
+class _HouseholderReflect(torch.autograd.Function):
+    """`householder_reflect` with a hand-written backward: `H` is symmetric, so `∂L/∂x = H g`, and
+    `∂L/∂û = −2 Σ (ûᵀx) g + (ûᵀg) x`. Saves `x` and the `[..., n]` projections only (~25% faster than autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, u_hat):
+        blocks = x.unflatten(-1, u_hat.shape)
+        p = _project(blocks, u_hat)
+        ctx.save_for_backward(x, u_hat, p)
+        return _reflect_blocks(blocks, u_hat, p).flatten(-2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, u_hat, p = ctx.saved_tensors
+        g = grad.unflatten(-1, u_hat.shape)
+        pg = _project(g, u_hat)
+        grad_x = _reflect_blocks(g, u_hat, pg).flatten(-2) if ctx.needs_input_grad[0] else None
+        grad_u = -2 * (_sum_outer(p, g) + _sum_outer(pg, x.unflatten(-1, u_hat.shape)))
+        return grad_x, grad_u
+
+
+class _EtherPlusTransform(torch.autograd.Function):
+    """`ether_plus_transform` with a hand-written backward: `H⁺` is symmetric, so `∂L/∂x = H⁺ g`;
+    `∂L/∂û = −Σ (ûᵀx) g + (ûᵀg) x` and `∂L/∂v̂ = Σ (v̂ᵀx) g + (v̂ᵀg) x`."""
+
+    @staticmethod
+    def forward(ctx, x, u_hat, v_hat):
+        blocks = x.unflatten(-1, u_hat.shape)
+        p, q = _project(blocks, u_hat), _project(blocks, v_hat)
+        ctx.save_for_backward(x, u_hat, v_hat, p, q)
+        return _ether_plus_blocks(blocks, u_hat, v_hat, p, q).flatten(-2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, u_hat, v_hat, p, q = ctx.saved_tensors
+        g = grad.unflatten(-1, u_hat.shape)
+        blocks = x.unflatten(-1, u_hat.shape)
+        pg, qg = _project(g, u_hat), _project(g, v_hat)
+        grad_x = _ether_plus_blocks(g, u_hat, v_hat, pg, qg).flatten(-2) if ctx.needs_input_grad[0] else None
+        grad_u = -(_sum_outer(p, g) + _sum_outer(pg, blocks))
+        grad_v = _sum_outer(q, g) + _sum_outer(qg, blocks)
+        return grad_x, grad_u, grad_v
+
+
 def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
     """ETHER, DESIGN.md §1: `x_b ← x_b − 2 û_b (û_bᵀ x_b)` for each of the n blocks of the last axis of `x`.
 
     This is `x ↦ H x` with `H = diag(I − 2 û_b û_bᵀ)`, never built. `u_hat` is `[n, d/n]` in the dtype of `x`.
     `H` is symmetric and orthogonal, so it is its own inverse, and applied to the rows of `W` it gives `W H`.
     """
-    blocks = x.unflatten(-1, u_hat.shape)
-    coef = torch.einsum("...nb,nb->...n", blocks, u_hat)
-    return (blocks - 2 * coef.unsqueeze(-1) * u_hat).flatten(-2)
+    return _HouseholderReflect.apply(x, u_hat)
 
 
 def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -53,14 +119,7 @@ def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tens
 
     `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` is symmetric, so applied to the rows of `W` it gives `W H⁺`.
     """
-    blocks = x.unflatten(-1, u_hat.shape)
-    pq = torch.einsum("...nb,nkb->...nk", blocks, torch.stack((u_hat, v_hat), dim=1))  # p = ûᵀx, q = v̂ᵀx
-    p, q = pq.unbind(-1)
-    # −û p + v̂ q rewritten as −û (p + q) + (v̂ + û) q: at the init v̂ = −û both terms are exactly zero, so the
-    # adapter is exactly the identity (the direct form leaves rounding residues where fused multiply-adds are used).
-    coef = torch.stack((-(p + q), q), dim=-1)
-    basis = torch.stack((u_hat, v_hat + u_hat), dim=1)
-    return (blocks + torch.einsum("...nk,nkb->...nb", coef, basis)).flatten(-2)
+    return _EtherPlusTransform.apply(x, u_hat, v_hat)
 
 
 def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -98,7 +157,7 @@ class EtherLayer(BaseTunerLayer):
     adapter_layer_names = ("ether_u", "ether_v", "ether_u_out", "ether_v_out")
     other_param_names = ("ether_variant",)
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.ether_u = nn.ParameterDict({})  # input side, every variant
         self.ether_v = nn.ParameterDict({})  # input side, ETHER+ variants
@@ -109,7 +168,6 @@ class EtherLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
         self.in_features, self.out_features, self.fan_in_fan_out = layer_features(self.get_base_layer(), "ETHER")
-        self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: EtherConfig, module_name: str = "") -> None:
         """Create the vectors of `adapter_name` for this layer (`module_name` only serves error messages)."""
@@ -223,15 +281,17 @@ class EtherLinear(nn.Module, EtherLayer):
         """Each leading row of `x` goes through its own adapter (or none for `"__base__"`), one base matmul in all."""
         previous_dtype = x.dtype
         x = self._cast_input_dtype(x, self.get_base_layer().weight.dtype)
-        groups = {name: index for name, index in adapter_index_groups(adapter_names, x.device).items()}
-        groups = {name: index for name, index in groups.items() if name in self.ether_u}
+        # "__base__" (and adapters that do not reach this layer) keep their rows untouched.
+        groups = {
+            name: rows for name, rows in adapter_index_groups(adapter_names, x.device).items() if name in self.ether_u
+        }
         transformed = x.clone()
-        for name, index in groups.items():
-            transformed[index] = self.transform_input(x[index], name)
+        for name, rows in groups.items():
+            transformed[rows] = self.transform_input(x[rows], name)
         result = self.base_layer(transformed, *args, **kwargs)
         out = result.clone()
-        for name, index in groups.items():
-            out[index] = self._output_chain(result[index], [name])
+        for name, rows in groups.items():
+            out[rows] = self._output_chain(result[rows], [name])
         return out.to(previous_dtype)
 
     # -- merge ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,339 @@
+"""Training-step time and peak memory of ETHER / ETHER+ against peft baselines, in one run (issue 4).
+
+Same seeded Llama-like model (built from `LlamaConfig`, fp32, CPU, 'all-linear' targets) and same batch for every
+method; a step is forward + backward + AdamW step. Phase 1 builds the fast methods side by side in one process and
+times one step of each in turn (rotating the order), so that drifting machine load hits all of them alike; ratios
+are medians of same-cycle ratios. Phase 2 runs every method alone in its own process to read its peak memory
+(VmHWM from /proc/self/status, reset right after building the model; reported as peak during the steps minus RSS
+after building) and to time the slow baselines (HRA, BOFT), whose targets have wide margins.
+
+    PYTHONPATH=src python benchmarks/bench_ether.py            # full run → benchmarks/results/ether.json
+    PYTHONPATH=src python benchmarks/bench_ether.py --quick    # smoke run, in-process → ether_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+FULL = {"hidden": 1024, "intermediate": 2816, "layers": 2, "heads": 16, "vocab": 8192, "batch": 4, "seq": 256}
+QUICK = {"hidden": 256, "intermediate": 512, "layers": 1, "heads": 4, "vocab": 1024, "batch": 2, "seq": 32}
+
+# Timed side by side in one process (see `run_interleaved`). "ether_dense" is the official code's approach (dense
+# block-diagonal H built and multiplied into W on every step), written below as the reference ETHER must beat by 2x.
+FAST = (
+    "lora_r8",
+    "oft",
+    "full_ft",
+    "ether_dense",
+    "ether_weight_blocks",
+    "ether",
+    "ether_plus",
+    "ether_plus_one_sided",
+)
+# peft methods that rebuild a d×d weight every step: timed alone, each in its own process.
+SLOW = ("boft", "hra_r8", "hra_r1")
+N_BLOCKS = 32  # EtherConfig's default (the paper's best practice)
+
+
+def build_model(shape: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        max_position_embeddings=shape["seq"],
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+class DenseEtherLinear(nn.Module):
+    """Reference ETHER on the weight side: `F.linear(x, W H)` with `H` rebuilt every forward.
+
+    `blockwise=False`: `H = blockdiag(I − 2û_bû_bᵀ)` materialized as a d×d matrix and multiplied into `W` (the
+    "dense-matrix ETHER" of issue 4, like peft's HRA). `blockwise=True`: the official code's cheaper form, the n
+    `d/n × d/n` blocks multiplied into the matching column blocks of `W` (no d×d matrix, but still a new `W` per step,
+    whose gradient then costs as much as full fine-tuning's).
+    """
+
+    def __init__(self, base: nn.Linear, n_blocks: int, blockwise: bool):
+        super().__init__()
+        self.base = base
+        self.blockwise = blockwise
+        self.u = nn.Parameter(torch.randn(n_blocks, base.in_features // n_blocks))
+
+    def forward(self, x):
+        u = self.u / self.u.norm(dim=-1, keepdim=True)
+        n, size = u.shape
+        blocks = torch.eye(size, device=x.device, dtype=x.dtype) - 2 * u.unsqueeze(-1) * u.unsqueeze(-2)
+        weight = self.base.weight
+        if self.blockwise:
+            weight = torch.einsum("fnm,nmk->fnk", weight.unflatten(1, (n, size)), blocks).flatten(1)
+        else:
+            weight = weight @ torch.block_diag(*blocks)
+        return F.linear(x, weight, self.base.bias)
+
+
+def apply_dense_ether(model, n_blocks: int, blockwise: bool):
+    model.requires_grad_(False)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name != "lm_head":
+                setattr(module, child_name, DenseEtherLinear(child, n_blocks, blockwise))
+    return model
+
+
+def prepare(method: str, model):
+    """Wrap `model` for `method`; returns the module to train."""
+    import peft
+
+    import xpeft  # noqa: F401  (registers the "ether" peft type)
+
+    target = "all-linear"
+    configs = {
+        "lora_r8": lambda: peft.LoraConfig(r=8, target_modules=target),
+        "oft": lambda: peft.OFTConfig(target_modules=target),
+        "boft": lambda: peft.BOFTConfig(target_modules=target),
+        "hra_r8": lambda: peft.HRAConfig(r=8, target_modules=target),
+        "hra_r1": lambda: peft.HRAConfig(r=1, target_modules=target),
+        "ether": lambda: xpeft.EtherConfig(target_modules=target, n_blocks=N_BLOCKS, variant="ether"),
+        "ether_plus": lambda: xpeft.EtherConfig(target_modules=target, n_blocks=N_BLOCKS, variant="ether_plus"),
+        "ether_plus_one_sided": lambda: xpeft.EtherConfig(
+            target_modules=target, n_blocks=N_BLOCKS, variant="ether_plus_one_sided"
+        ),
+    }
+    if method == "full_ft":
+        return model
+    if method in ("ether_dense", "ether_weight_blocks"):
+        return apply_dense_ether(model, N_BLOCKS, blockwise=method == "ether_weight_blocks")
+    return peft.get_peft_model(model, configs[method]())
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> float:
+    """Reset the process's peak RSS (VmHWM) to its current RSS and return it, in MB.
+
+    `getrusage().ru_maxrss` cannot be used: Linux carries it over from the parent across fork + exec, so every child
+    would report the benchmark parent's peak. VmHWM belongs to the process's own address space.
+    """
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # "5" resets the peak RSS counter (Linux >= 4.0)
+    return _status_mb("VmRSS")
+
+
+def make_step(method: str, shape: dict):
+    """Build `method`'s model, optimizer and batch; return `(step, trainable_params)` where `step()` trains once."""
+    model = prepare(method, build_model(shape)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=generator)
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return step, sum(p.numel() for p in params)
+
+
+def run_one(method: str, shape: dict, warmup: int, steps: int, threads: int) -> dict:
+    """One method alone (its own process in a full run): peak memory, and step time for the slow methods."""
+    torch.set_num_threads(threads)
+    step, n_params = make_step(method, shape)
+    rss_before = reset_peak_rss()
+    times = [step() for _ in range(warmup + steps)][warmup:]
+    peak = _status_mb("VmHWM")
+    return {
+        "step_s_median": statistics.median(times),
+        "step_s_all": times,
+        "trainable_params": n_params,
+        "peak_rss_mb": peak,
+        "peak_rss_increase_mb": peak - rss_before,
+    }
+
+
+def run_interleaved(methods: list[str], shape: dict, warmup: int, cycles: int, threads: int) -> dict:
+    """Step times of `methods` built side by side in one process, one step each in turn (order rotated per cycle),
+    so that a change in machine load hits every method alike. Returns per-method times and same-cycle ratios."""
+    torch.set_num_threads(threads)
+    steps = {method: make_step(method, shape)[0] for method in methods}
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for cycle in range(warmup + cycles):
+        order = methods[cycle % len(methods) :] + methods[: cycle % len(methods)]
+        for method in order:
+            elapsed = steps[method]()
+            if cycle >= warmup:
+                times[method].append(elapsed)
+        if cycle >= warmup:
+            print(f"  cycle {cycle - warmup + 1}/{cycles}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, everything in-process: a smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every method (default 1)")
+    parser.add_argument("--cycles", type=int, default=None, help="timed interleaved cycles (default 5, quick 2)")
+    parser.add_argument("--slow-steps", type=int, default=None, help="timed steps of HRA/BOFT (default 3, quick 1)")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (default 256, quick 32)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-steps", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = dict(QUICK if args.quick else FULL)
+    if args.seq:
+        shape["seq"] = args.seq
+    cycles = args.cycles if args.cycles is not None else (2 if args.quick else 5)
+    slow_steps = args.slow_steps if args.slow_steps is not None else (1 if args.quick else 3)
+
+    if args.child:
+        print(json.dumps(run_one(args.child, shape, 1, args.child_steps, args.threads)))
+        return
+
+    load_before = os.getloadavg()
+    print(f"shape {shape}, {args.threads} thread(s), load {load_before}")
+    print("phase 1: interleaved step times of " + ", ".join(FAST))
+    times = run_interleaved(list(FAST), shape, warmup=1, cycles=cycles, threads=args.threads)
+
+    print("phase 2: each method alone (peak memory; step time of " + ", ".join(SLOW) + ")")
+    alone = {}
+    for method in FAST + SLOW:
+        n_steps = slow_steps if method in SLOW else 1
+        if args.quick:
+            alone[method] = run_one(method, shape, 1, n_steps, args.threads)
+        else:
+            command = [sys.executable, __file__, "--child", method, "--threads", str(args.threads)]
+            command += ["--child-steps", str(n_steps), "--seq", str(shape["seq"])]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
+            alone[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = alone[method]
+        print(
+            f"  {method:22s} params {r['trainable_params']:>11,d}  peak RSS +{r['peak_rss_increase_mb']:7.1f} MB "
+            f"(abs {r['peak_rss_mb']:7.1f} MB)  alone {r['step_s_median']:.2f} s/step",
+            flush=True,
+        )
+
+    results = {}
+    for method in FAST + SLOW:
+        source = times[method] if method in FAST else alone[method]["step_s_all"]
+        results[method] = {
+            **alone[method],
+            "step_s_median": statistics.median(source),
+            "step_s_all": source,
+            "timing": "interleaved (phase 1)" if method in FAST else "alone (phase 2)",
+        }
+        if method in FAST:
+            results[method]["alone_step_s"] = alone[method]["step_s_all"]
+
+    ratios = {}
+    for ether in ("ether", "ether_plus", "ether_plus_one_sided"):
+        for base in FAST + SLOW:
+            if base in ("ether", "ether_plus", "ether_plus_one_sided"):
+                continue
+            if base in FAST:
+                # Same-cycle ratios, then their median: robust to load that drifts between cycles.
+                ratios[f"{ether}/{base}"] = statistics.median(
+                    a / b for a, b in zip(times[ether], times[base], strict=True)
+                )
+            else:
+                ratios[f"{ether}/{base}"] = results[ether]["step_s_median"] / results[base]["step_s_median"]
+
+    targets = {}
+    for ether, limit in {"ether": 1.15, "ether_plus": 1.3}.items():
+        checks = {
+            f"{ether} <= {limit}x lora_r8": ("lora_r8", limit),
+            f"{ether} >= 3x faster than hra_r1": ("hra_r1", 1 / 3),
+            f"{ether} >= 3x faster than hra_r8": ("hra_r8", 1 / 3),
+            f"{ether} >= 3x faster than boft": ("boft", 1 / 3),
+            f"{ether} no slower than oft": ("oft", 1.0),
+            f"{ether} >= 2x faster than ether_dense": ("ether_dense", 0.5),
+        }
+        for label, (base, limit_ratio) in checks.items():
+            ratio = ratios[f"{ether}/{base}"]
+            targets[label] = {"ratio": ratio, "limit": limit_ratio, "met": ratio <= limit_ratio}
+
+    print("\nmedian step time (s):")
+    for method, r in results.items():
+        print(f"  {method:22s} {r['step_s_median']:8.3f}  ({r['timing']})")
+    print("\nratios (ETHER step time / baseline step time):")
+    for key, value in ratios.items():
+        print(f"  {key:36s} {value:6.3f}")
+    print("\ntargets:")
+    for label, value in targets.items():
+        verdict = f"{'MET' if value['met'] else 'MISSED'} ({value['ratio']:.3f}, limit {value['limit']:.3f})"
+        print(f"  {label:44s} {verdict}")
+
+    report = {
+        "shape": shape,
+        "quick": args.quick,
+        "timed_cycles": cycles,
+        "slow_timed_steps": slow_steps,
+        "torch_threads": args.threads,
+        "n_blocks": N_BLOCKS,
+        "target_modules": "all-linear",
+        "dtype": "float32",
+        "step": "forward + backward + AdamW step, causal-LM loss on one fixed batch",
+        "timing_method": (
+            f"{', '.join(FAST)}: built side by side in one process, one step each in turn with the order rotated, "
+            f"1 warm-up cycle + {cycles} timed; ratios are medians of same-cycle ratios. {', '.join(SLOW)}: each "
+            f"alone in its own process, 1 warm-up + {slow_steps} timed steps (their targets have wide margins)."
+        ),
+        "memory_metric": (
+            "VmHWM (peak RSS, /proc/self/status) of each method's own process, reset via /proc/self/clear_refs "
+            "after building the model; increase = peak during 1 warm-up + timed steps minus RSS after building"
+            + (" (quick mode runs in-process: memory figures are not per method)" if args.quick else "")
+        ),
+        "peft_defaults": "OFTConfig() and BOFTConfig() defaults, target_modules='all-linear'",
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "peft": __import__("peft").__version__,
+        },
+        "results": results,
+        "ratios": ratios,
+        "targets": targets,
+    }
+    out = args.out or RESULTS / ("ether_quick.json" if args.quick else "ether.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
