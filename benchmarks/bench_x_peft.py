@@ -169,8 +169,8 @@ def llama(quick: bool) -> LlamaForCausalLM:
 def bench_mixed(quick: bool) -> dict:
     """Batch of 32 samples from 32 profiles: X-PEFT vs peft LoRA r=8 (q/v) with adapter_names vs the base model."""
     batch, seq, adapters = 32, (16 if quick else 64), 32
-    repeats = 2 if quick else 5
-    decode_repeats = 5 if quick else 15
+    repeats = 2 if quick else 9
+    decode_repeats = 5 if quick else 25
     torch.manual_seed(1)
     input_ids = torch.randint(3, 4096, (batch, seq))
     next_ids = torch.randint(3, 4096, (batch, 1))
@@ -210,6 +210,14 @@ def bench_mixed(quick: bool) -> dict:
     for label in runs:
         results[f"{label}_prefill_s"] = statistics.median(times[f"{label}_prefill"])
         results[f"{label}_decode_ms"] = statistics.median(times[f"{label}_decode"]) * 1e3
+        # The best round is the least disturbed by other jobs on a shared CPU; reported next to the median.
+        results[f"{label}_prefill_best_s"] = min(times[f"{label}_prefill"])
+        results[f"{label}_decode_best_ms"] = min(times[f"{label}_decode"]) * 1e3
+    results["xpeft_prefill_over_base_best"] = results["xpeft_mixed_prefill_best_s"] / results["base_prefill_best_s"]
+    results["lora_prefill_over_base_best"] = results["lora_mixed_prefill_best_s"] / results["base_prefill_best_s"]
+    results["xpeft_decode_throughput_over_lora_best"] = (
+        results["lora_mixed_decode_best_ms"] / results["xpeft_mixed_decode_best_ms"]
+    )
     results["xpeft_prefill_over_base"] = results["xpeft_mixed_prefill_s"] / results["base_prefill_s"]
     results["lora_prefill_over_base"] = results["lora_mixed_prefill_s"] / results["base_prefill_s"]
     results["xpeft_decode_throughput_over_lora"] = results["lora_mixed_decode_ms"] / results["xpeft_mixed_decode_ms"]

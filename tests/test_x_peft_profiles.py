@@ -185,7 +185,9 @@ def test_store_add_get_list_attach_and_refusals(tmp_path):
     store = ProfileStore.create(path, model.peft_config["default"], layers=2)
     fp = model.base_model.xpeft_bank.fingerprint
     store.add({f"p{i}": profile_payload(model, f"p{i}") for i in range(3)}, bank_fingerprint=fp)
+    assert torch.equal(store.get("p1"), profile_payload(model, "p1"))  # the same object reads its own additions
     store.add({"p1": profile_payload(model, "p0")}, bank_fingerprint=fp)  # replace in place
+    assert torch.equal(store.get("p1"), profile_payload(model, "p0"))
     reopened = ProfileStore(path)
     assert reopened.list() == ["p0", "p1", "p2"] and len(reopened) == 3
     assert torch.equal(reopened.get("p2"), profile_payload(model, "p2"))
@@ -306,3 +308,28 @@ def test_attached_profile_equals_the_original(model_name, tmp_path):
     torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="already has an adapter named 'twin'"):
         attach_profile(model, store, "u", adapter_name="twin")
+
+
+def test_saved_random_bank_reproduces_the_random_bank_and_bank_geometry_errors(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from xpeft.x_peft import save_bank
+
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("gpt2"), config("gpt2")).eval()
+    path = tmp_path / "frozen.safetensors"
+    save_bank(model.base_model.xpeft_bank, path)
+    frozen = get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path))).eval()
+    with torch.no_grad():
+        for (_, src), (_, dst) in zip(xpeft_layers(model, "default"), xpeft_layers(frozen, "default"), strict=True):
+            dst.xpeft_mask_A["default"].copy_(src.xpeft_mask_A["default"])
+            dst.xpeft_mask_B["default"].copy_(src.xpeft_mask_B["default"])
+    inputs = make_inputs("gpt2")
+    torch.testing.assert_close(logits(frozen, inputs), logits(model, inputs), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has no adapters for layer 'model.layers.0.mlp.down_proj'"):
+        get_peft_model(make_model("llama"), config(bank=str(path)))
+    wider = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+    with pytest.raises(ValueError, match="have d=32, layer has 64"):
+        get_peft_model(wider, config("gpt2", bank=str(path)))
+    with pytest.raises(ValueError, match="d=32 < reduction_factor=64.*lower `reduction_factor`"):
+        get_peft_model(make_model("gpt2"), config("gpt2", reduction_factor=64))

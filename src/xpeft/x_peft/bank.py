@@ -177,7 +177,8 @@ class XPeftBank(nn.Module):
             tensors = self._file_layers[layer_name]
             if tensors["B"].shape[1] != d:
                 raise ValueError(
-                    f"Bank adapters of layer {layer_name!r} have d={tensors['B'].shape[1]}, layer has {d}."
+                    f"Bank adapters of layer {layer_name!r} have d={tensors['B'].shape[1]}, layer has {d}: the bank was "
+                    "built for another model; build one for this model with `build_bank`."
                 )
         for part in PARTS:
             self.parts[part][key] = tensors[part].to(device)
@@ -186,6 +187,10 @@ class XPeftBank(nn.Module):
         """`(A, a, B, b)` of `layer_name`, on the device the bank currently lives on."""
         key = _buffer_key(layer_name)
         return tuple(self.parts[part][key] for part in PARTS)
+
+    def layer_names(self) -> list[str]:
+        """Names of the layers created so far, in creation order (the model's module order)."""
+        return [key.replace("/", ".") for key in self.parts["A"]]
 
     def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """All layers created so far, as `{layer name: {part: tensor}}` (e.g. to save a random bank with `save_bank`)."""

@@ -55,8 +55,11 @@ def bottleneck_delta(h: torch.Tensor, composed: Composed, activation) -> torch.T
     sample axis on all four and `h: [S, T, d]`, computed as batched matmuls.
     """
     A, a, B, b = composed
-    z = activation(torch.matmul(h, A.mT) + a.unsqueeze(-2))
-    return torch.matmul(z, B.mT) + b.unsqueeze(-2)
+    if A.dim() == 2:
+        return F.linear(activation(F.linear(h, A, a)), B, b)
+    # Per-sample adapters: batched matmuls with the biases fused in.
+    z = torch.baddbmm(a.unsqueeze(1), h, A.mT)
+    return torch.baddbmm(b.unsqueeze(1), activation(z), B.mT)
 
 
 class XPeftLayer(nn.Module, BaseTunerLayer):
@@ -106,12 +109,17 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
             else:
                 scale = 1.0
             init_logits = torch.randn(2, config.bank_size) * scale
+        # Mask logits live on the base layer's device and stay float32 whatever the model's dtype (they are tiny, and
+        # top-k / softmax want the precision). Created in place rather than moved by peft's
+        # `_move_adapter_to_device_of_base_layer`, which scans every existing profile's parameters on each call.
         for container, logits in zip((self.xpeft_mask_A, self.xpeft_mask_B), init_logits, strict=True):
-            container[adapter_name] = nn.Parameter(logits.clone())
+            container[adapter_name] = nn.Parameter(logits.to(device=weight.device, dtype=torch.float32, copy=True))
         self.xpeft_mask_type[adapter_name] = config.mask_type
         self.xpeft_hard_k[adapter_name] = config.hard_k
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters)
+        # What `self.set_adapter(self.active_adapters)` would do for the new profile only: a store attaches thousands
+        # of profiles, and re-flagging every existing one on each attach would make that quadratic.
+        for container in (self.xpeft_mask_A, self.xpeft_mask_B):
+            container[adapter_name].requires_grad_(adapter_name in self.active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._composed_cache.pop(adapter_name, None)

@@ -180,7 +180,10 @@ def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | No
             f"Store {store.path} holds profiles of bank {store.info['bank_fingerprint']} but the model's bank is "
             f"{bank.fingerprint}; attach them to a model built with that bank."
         )
-    layers = xpeft_layers(model, template_name)
+    # The bank lists its layers in creation order, which is module order: a few lookups instead of a model walk.
+    base_model = model.get_base_model()
+    layers = [(n, base_model.get_submodule(n)) for n in bank.layer_names()]
+    layers = [(n, layer) for n, layer in layers if template_name in layer.xpeft_mask_A]
     if len(layers) != store.info["layers"]:
         raise ValueError(
             f"Store {store.path} holds profiles of {store.info['layers']} layers but the model adapts {len(layers)}."

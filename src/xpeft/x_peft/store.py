@@ -168,7 +168,7 @@ class ProfileStore:
         records = torch.cat([records, stacked[added]])
         names = self._names + [order[i] for i in added]
         self._write(self.path, records, names, self.info)
-        self._names, self._index = names, {name: i for i, name in enumerate(names)}
+        self.__init__(self.path)  # the header (names) changed size, so the records moved: re-read their offsets
 
     def get(self, name: str) -> torch.Tensor:
         """The payload of profile `name`, read alone (one slice of the records tensor)."""
