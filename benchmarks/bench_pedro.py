@@ -1,6 +1,6 @@
 """PEDRO decode throughput for 32 requests from 32 tenants, against the base model, peft IA3 and multi-LoRA.
 
-Llama-like model from a config (no Hub), CPU, float32. Every forward of the model inside greedy `generate` is timed
+Llama-like model from a config (no Hub), CPU, float32, one torch thread. Every forward of the model inside greedy `generate` is timed
 (forward hooks on the transformers model, so PEDRO's and peft's per-layer work is included, generate's own token
 selection is not); the decode step time is the median over all decode steps of several calls after a warm-up, and the
 four models are timed in interleaved rounds so that a change of machine load hits them alike.
@@ -83,21 +83,26 @@ def build(args):
 
 
 class StepTimer:
-    """Wall time of every forward of the transformers model: the first one of a generate call is the prefill."""
+    """Wall and CPU time of every forward of the transformers model: the first one of a generate call is the prefill.
+
+    The machine is shared, so wall time includes the time this process waits for a core; with one torch thread the
+    process CPU time measures the work itself. Both are reported; the ratios use CPU time.
+    """
 
     def __init__(self, model) -> None:
-        self.durations: list[float] = []
+        self.durations: list[tuple[float, float]] = []
         model.register_forward_pre_hook(self.start)
         model.register_forward_hook(self.stop)
 
     def start(self, module, args) -> None:
-        self._start = time.perf_counter()
+        self._start = (time.perf_counter(), time.process_time())
 
     def stop(self, module, args, output) -> None:
-        self.durations.append(time.perf_counter() - self._start)
+        wall, cpu = self._start
+        self.durations.append((time.perf_counter() - wall, time.process_time() - cpu))
 
 
-def timed_generate(model, timer: StepTimer, inputs, new_tokens: int, adapter_names) -> tuple[float, list[float]]:
+def timed_generate(model, timer: StepTimer, inputs, new_tokens: int, adapter_names) -> tuple[tuple, list[tuple]]:
     """Prefill time and the decode step times of one greedy generate call."""
     kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
     timer.durations.clear()
@@ -144,25 +149,28 @@ def main() -> None:
 
     results = {}
     for key in models:
-        step = statistics.median(decode[key])
+        wall = statistics.median(w for w, _ in decode[key])
+        cpu = statistics.median(c for _, c in decode[key])
         results[key] = {
-            "decode_step_median_s": step,
-            "decode_step_min_s": min(decode[key]),
-            "decode_tokens_per_s": args.tenants / step,
-            "prefill_median_s": statistics.median(prefill[key]),
+            "decode_step_cpu_median_s": cpu,
+            "decode_tokens_per_cpu_s": args.tenants / cpu,
+            "decode_step_wall_median_s": wall,
+            "decode_tokens_per_wall_s": args.tenants / wall,
+            "prefill_wall_median_s": statistics.median(w for w, _ in prefill[key]),
+            "prefill_cpu_median_s": statistics.median(c for _, c in prefill[key]),
             "decode_steps_timed": len(decode[key]),
         }
-    pedro, base, lora, ia3 = (
-        results[k]["decode_tokens_per_s"] for k in ("pedro_multi", "base", "lora_multi", "ia3_single")
-    )
-    ratios = {
-        "pedro_vs_multi_lora_throughput": pedro / lora,
-        "pedro_vs_base_decode_time": base / pedro,
-        "pedro_vs_ia3_decode_time": ia3 / pedro,
-    }
+    ratios = {}
+    for clock in ("cpu", "wall"):
+        pedro, base, lora, ia3 = (
+            results[k][f"decode_tokens_per_{clock}_s"] for k in ("pedro_multi", "base", "lora_multi", "ia3_single")
+        )
+        ratios[f"pedro_vs_multi_lora_throughput_{clock}"] = pedro / lora
+        ratios[f"pedro_vs_base_decode_time_{clock}"] = base / pedro
+        ratios[f"pedro_vs_ia3_decode_time_{clock}"] = ia3 / pedro
     targets = {
-        "throughput >= 1.5x multi-LoRA": ratios["pedro_vs_multi_lora_throughput"] >= 1.5,
-        "decode time <= 1.15x base": ratios["pedro_vs_base_decode_time"] <= 1.15,
+        "throughput >= 1.5x multi-LoRA (cpu time)": ratios["pedro_vs_multi_lora_throughput_cpu"] >= 1.5,
+        "decode time <= 1.15x base (cpu time)": ratios["pedro_vs_base_decode_time_cpu"] <= 1.15,
     }
     report = {
         "setup": {
@@ -195,11 +203,11 @@ def main() -> None:
         "targets_met": targets,
     }
     for key, value in results.items():
-        print(
-            f"{key:12s} decode {value['decode_tokens_per_s']:8.1f} tok/s  step {1e3 * value['decode_step_median_s']:7.2f} ms"
-        )
+        cpu_ms, wall_ms = 1e3 * value["decode_step_cpu_median_s"], 1e3 * value["decode_step_wall_median_s"]
+        tokens = value["decode_tokens_per_cpu_s"]
+        print(f"{key:12s} decode {tokens:7.1f} tok/cpu-s  step {cpu_ms:7.2f} cpu-ms, {wall_ms:7.2f} wall-ms")
     for key, value in ratios.items():
-        print(f"{key:34s} {value:6.3f}")
+        print(f"{key:40s} {value:6.3f}")
     print("trainable params per adapter:", params)
     print("targets met:", targets)
     if not args.quick:

@@ -357,3 +357,58 @@ def test_labels_without_prompt_warn_and_pool_to_zero():
     empty = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
     expected = reference_logits(model, inputs, empty, "attention", "rational")
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def _tiny(model_type):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    common |= {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    torch.manual_seed(0)
+    if model_type == "mistral":
+        return MistralForCausalLM(MistralConfig(**common)).eval()
+    if model_type == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    return make_model(model_type)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "expected"),
+    [
+        ("mistral", {"q_proj": 32, "v_proj": 16, "up_proj": 64}),
+        ("qwen2", {"q_proj": 32, "v_proj": 16, "up_proj": 64}),
+        ("roberta", {"query": 32, "value": 32, "dense": 64}),
+        ("deberta-v2", {"query_proj": 32, "value_proj": 32, "dense": 64}),
+    ],
+)
+def test_default_targets_per_architecture(model_type, expected):
+    """Defaults wrap exactly the q, v and FFN-up projections, with vectors of their output size (GQA: kv size)."""
+    model = get_peft_model(_tiny(model_type), PedroConfig(vg_rank=4))
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "pedro_up") and (".layers.0." in name or ".layer.0." in name):
+            found[name.rsplit(".", 1)[-1]] = module.pedro_up["default"].out_features
+    assert found == expected
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Checkpointed blocks are recomputed during backward, outside the model forward: same prompt, same gradients."""
+    inputs, _ = prompt_batch("left")
+    grads = []
+    for checkpointing in (False, True):
+        model = perturbed(make_model("llama").double())
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(**inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_ffn_projection_alone_errors():
+    model = perturbed(make_model("llama"))
+    up_proj = model.base_model.model.model.layers[0].mlp.up_proj
+    with pytest.raises(RuntimeError, match="ran before the block.s vector generator"):
+        up_proj(torch.randn(1, 3, 32))

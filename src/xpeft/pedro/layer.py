@@ -31,9 +31,14 @@ class PedroCallState:
     computed_in_call: bool = False
 
     def prompt_mask_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        if not self.in_forward or self.prompt_mask is None:
-            return None  # called outside a model forward: the whole input is the prompt
-        if hidden.dim() != 3 or self.prompt_mask.shape != hidden.shape[:2]:
+        matches = self.prompt_mask is not None and hidden.dim() == 3 and self.prompt_mask.shape == hidden.shape[:2]
+        if not self.in_forward:
+            # A block run outside a model forward: activation checkpointing recomputing the last forward during
+            # backward (same shape: same prompt), or a direct call (the whole input is the prompt).
+            return self.prompt_mask if matches else None
+        if self.prompt_mask is None:
+            return None
+        if not matches:
             raise ValueError(
                 f"PEDRO's prompt mask has shape {tuple(self.prompt_mask.shape)} but the block input has shape "
                 f"{tuple(hidden.shape)}; pass `prompt_mask` with one entry per input token ([batch, seq_len])."
@@ -43,29 +48,33 @@ class PedroCallState:
 
 @dataclass
 class PedroBlock:
-    """Per transformer block: which layer holds each adapter's generator, and the codes `z` of the current step."""
+    """Per transformer block: the latest codes `z` of each adapter, as `(step, sample indices or None, z)`."""
 
-    owners: dict[str, nn.Module] = field(default_factory=dict)
-    step: int = -1
-    codes: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+    codes: dict[str, tuple[int, torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
 
 
-def scale_output(result: torch.Tensor, scale: torch.Tensor, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """`y ← l ⊙ y` (DESIGN.md §3) on the scaled segments of the output features; `scale` is `[B, Σ segment sizes]`.
+def expand_segments(scale: torch.Tensor, segments: Sequence[tuple[int, int]], out_features: int) -> torch.Tensor:
+    """Place `scale` `[B, Σ segment sizes]` on the scaled output features; the others get a factor 1.
 
-    Unscaled features (GPT-2's keys in its fused projection) get a factor 1. Inputs flattened to `[B*T, out]` (OPT's
-    FFN) are viewed as `[B, T, out]` for the broadcast.
+    Only GPT-2's fused projection has unscaled features (its keys); every other projection is one full segment.
     """
-    out_features = result.shape[-1]
-    if segments != ((0, out_features),):
-        pieces, start, offset = [], 0, 0
-        for low, high in segments:
-            pieces.append(scale.new_ones(scale.shape[0], low - start))
-            pieces.append(scale[:, offset : offset + high - low])
-            start, offset = high, offset + high - low
-        pieces.append(scale.new_ones(scale.shape[0], out_features - start))
-        scale = torch.cat(pieces, dim=1)
-    batch = scale.shape[0]
+    if segments == ((0, out_features),):
+        return scale
+    pieces, start, offset = [], 0, 0
+    for low, high in segments:
+        pieces.append(scale.new_ones(scale.shape[0], low - start))
+        pieces.append(scale[:, offset : offset + high - low])
+        start, offset = high, offset + high - low
+    pieces.append(scale.new_ones(scale.shape[0], out_features - start))
+    return torch.cat(pieces, dim=1)
+
+
+def scale_output(result: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`y ← l ⊙ y` (DESIGN.md §3) with one vector `l` per sample (`scale` `[B, out]`), broadcast over the tokens.
+
+    Inputs flattened to `[B*T, out]` (OPT's FFN) are viewed as `[B, T, out]` for the broadcast.
+    """
+    batch, out_features = scale.shape
     if result.dim() == 2:
         return (result.view(batch, -1, out_features) * scale[:, None, :]).view(result.shape)
     return result * scale.view(batch, *([1] * (result.dim() - 2)), out_features)
@@ -74,7 +83,7 @@ def scale_output(result: torch.Tensor, scale: torch.Tensor, segments: Sequence[t
 class PedroLayer(nn.Module, BaseTunerLayer):
     """A projection `y = W x` of a transformer block, scaled as `y ← l ⊙ y` by prompt-conditioned vectors.
 
-    PEDRO (Xie et al., arXiv 2409.17834; DESIGN.md §3): per block a vector generator pools the block input over the
+    PEDRO (arXiv 2409.17834; DESIGN.md §3): per block a vector generator pools the block input over the
     prompt tokens, `z = act(down(pool(h_prompt)))`, and `up` maps `z` to `[l_q, l_v, l_u] = 1 + up(z)`; then
     :math:`Q \\leftarrow l_q \\odot Q`, :math:`V \\leftarrow l_v \\odot V`, :math:`U \\leftarrow l_u \\odot U`. The
     generator reads the input of the block's query (or value) projection, i.e. the normalised block input; it lives in
@@ -120,7 +129,6 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         if owns_generator:
             generator = VectorGenerator(self.in_features, config.vg_rank, config.pooler, config.activation)
             self.pedro_generator[adapter_name] = generator
-            self._block.owners[adapter_name] = self
         up = nn.Linear(config.vg_rank, sum(high - low for low, high in self.segments))
         if config.init_weights:
             # Identity init (DESIGN.md §3): up = 0, so l = 1 and the model equals the base model.
@@ -132,8 +140,7 @@ class PedroLayer(nn.Module, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        if self._block.owners.get(adapter_name) is self:
-            del self._block.owners[adapter_name]
+        self._block.codes.pop(adapter_name, None)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
@@ -148,41 +155,41 @@ class PedroLayer(nn.Module, BaseTunerLayer):
     # -- forward -------------------------------------------------------------------------------------------------
 
     def _block_codes(self, hidden: torch.Tensor, adapter_names: Sequence[str] | None, adapters: Sequence[str]):
-        """The codes `z` of this block for the current step: `{adapter: (sample indices or None, z)}`."""
+        """The codes `z` of this block for the current step: `{adapter: (sample indices or None, z)}`.
+
+        The layer that holds an adapter's generator (the query projection if targeted, else the value one: both read
+        the normalised block input, and run first in every supported block) computes its codes; the block's other
+        projections read them. A checkpointed block recomputed outside the model forward does the same.
+        """
         block, call = self._block, self._call
-        if block.step == call.step and call.in_forward:
-            return block.codes
-        if self.role == "u":
-            # The generator reads the attention input; an FFN projection runs after it in every supported block.
-            raise RuntimeError(
-                "PEDRO's FFN projection ran before the block's query/value projection computed the vectors; PEDRO "
-                "needs the query or value projection of each adapted block in `target_modules`."
-            )
-        mask = call.prompt_mask_for(hidden)
-        codes = {}
-        if adapter_names is None:
-            for name in adapters:
-                if name in block.owners:
-                    codes[name] = (None, block.owners[name].pedro_generator[name](hidden, mask))
-        else:
-            for name, index in adapter_index_groups(adapter_names, hidden.device).items():
-                if name in block.owners:
+        owned = [name for name in adapters if name in self.pedro_generator]
+        if owned:
+            mask = call.prompt_mask_for(hidden)
+            if adapter_names is None:
+                for name in owned:
+                    block.codes[name] = (call.step, None, self.pedro_generator[name](hidden, mask))
+            else:
+                groups = adapter_index_groups(adapter_names, hidden.device)
+                for name in owned:
+                    index = groups[name]
                     sub_mask = None if mask is None else mask[index]
-                    codes[name] = (index, block.owners[name].pedro_generator[name](hidden[index], sub_mask))
-        block.step, block.codes = call.step, codes
+                    block.codes[name] = (call.step, index, self.pedro_generator[name](hidden[index], sub_mask))
+        codes = {}
+        for name in adapters:
+            entry = block.codes.get(name)
+            if entry is None or (call.in_forward and entry[0] != call.step):
+                raise RuntimeError(
+                    f"PEDRO's projection {self.role!r} ran before the block's vector generator for adapter {name!r}; "
+                    "the generator sits in the block's query projection (or value projection when the query one is "
+                    "not targeted), which must run first: keep it in `target_modules`."
+                )
+            codes[name] = entry[1:]
         return codes
 
-    def _scales(
-        self, codes, adapter_names: Sequence[str] | None, adapters: Sequence[str], batch: int
-    ) -> torch.Tensor | None:
-        """`[B, Σ segments]` product of `1 + up(z)` over the adapters each sample uses (1 where none applies).
-
-        None when no adapter of the call has a generator in this block (nothing to scale).
-        """
+    def _scales(self, codes, adapters: Sequence[str], batch: int) -> torch.Tensor:
+        """`[B, Σ segments]` product of `1 + up(z)` over the adapters each sample uses (1 where none applies)."""
         scale = None
         for name in adapters:
-            if name not in codes:
-                continue
             index, code = codes[name]
             vectors = pedro_vectors(code, self.pedro_up[name])
             if index is not None:
@@ -206,11 +213,13 @@ class PedroLayer(nn.Module, BaseTunerLayer):
             scale = self._cached_scale(key)
         else:
             scale = self._compute_scale(x, adapter_names)
+            if scale is not None:
+                scale = expand_segments(scale, self.segments, self.out_features)
             # Decode steps only broadcast these vectors; they are constants there, hence detached.
             self._cache = (key, None if scale is None else scale.detach())
         if scale is None:
             return result  # no adapter of this call scales this projection
-        return scale_output(result, scale.to(result.dtype), self.segments)
+        return scale_output(result, scale.to(result.dtype))
 
     def _compute_scale(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor | None:
         if adapter_names is not None:
@@ -222,9 +231,9 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         codes = self._block_codes(x, adapter_names, adapters)
         if adapter_names is not None:
             batch = len(adapter_names)
-        else:
-            batch = next(code.shape[0] for _, code in codes.values()) if codes else x.shape[0]
-        return self._scales(codes, adapter_names, adapters, batch)
+        else:  # x may be flattened to [B*T, d] (OPT's FFN); the codes have one row per sample
+            batch = next(iter(codes.values()))[1].shape[0]
+        return self._scales(codes, adapters, batch)
 
     def _cached_scale(self, key: tuple) -> torch.Tensor | None:
         if self._cache is None or self._cache[0] != key:
