@@ -1,0 +1,795 @@
+"""Evaluation suite on real pretrained models and real data, offline (issue 7).
+
+    python -m benchmarks.evaluate              # full run, about an hour on 2 CPU cores; writes benchmarks/results/eval*
+    python -m benchmarks.evaluate --quick      # shorter budget (about 40 min on a shared CPU); writes eval_quick*
+    python -m benchmarks.evaluate --smoke      # a few steps per method, a few minutes; writes eval_smoke*
+    python -m benchmarks.evaluate --tasks spam # one task (spam, instruct, profiles)
+
+Tasks, all methods on the same splits, the same step budget, the same batch order and seed:
+
+1. ``spam``: SpamAssassin on all-MiniLM-L6-v2: head only, full fine-tuning, peft LoRA r=8, IA3, HRA r=8 and xpeft
+   ETHER, ETHER+, X-PEFT (soft, hard), PEDRO; test accuracy / F1, trainable parameters, bytes per saved profile, train
+   time; and a learning-rate sweep 1e-4 .. 1e-1 for ETHER, ETHER+ and LoRA.
+2. ``instruct``: SmolLM2-135M-Instruct tuned on chatterbot-corpus pairs, loss on the answer only: PEDRO, IA3,
+   LoRA r=8, ETHER+ on q,v; held-out answer loss / perplexity, generations side by side, multi-tenant decode
+   throughput (topics as tenants, per-sample ``adapter_names``).
+3. ``profiles``: X-PEFT's own setting on MiniLM: each chatterbot topic is a profile (answer-vs-distractor matching);
+   bottleneck adapters trained on the first topics form a bank, the remaining topics train masks only; compared with
+   a dedicated adapter and LoRA per topic.
+
+Outputs: ``<out>/<prefix>.json`` (every number), ``<prefix>.md`` (tables generated from that JSON) and PNG plots
+(if matplotlib is installed). xpeft methods missing from the installed xpeft are recorded as skipped, never faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from peft import HRAConfig, IA3Config, LoraConfig, get_peft_model  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import xpeft  # noqa: E402
+
+from . import data  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LR_SWEEP = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass
+class Budget:
+    """Step budget and sizes; identical for every method within a run."""
+
+    cls_steps: int = 100
+    cls_batch: int = 16
+    cls_len: int = 64
+    cls_eval: int | None = None  # None: the whole held-out test split
+    lm_steps: int = 40
+    lm_batch: int = 4
+    lm_len: int = 80
+    lm_eval: int = 96
+    generations: int = 3
+    gen_tokens: int = 24
+    decode_batch: int = 8
+    decode_tokens: int = 16
+    tenants: int = 4
+    lr_sweep: tuple = LR_SWEEP
+    profile_bank_topics: int = 6
+    profile_steps: int = 40
+    profile_eval: int = 64
+
+
+FULL = Budget()
+# What fits in this session's shared CPU (about 40 minutes under load): fewer steps, a fixed 400-mail test subset.
+QUICK = Budget(
+    cls_steps=40, cls_eval=400, lm_steps=20, lm_eval=48, profile_bank_topics=4, profile_steps=20, profile_eval=32,
+)  # fmt: skip
+SMOKE = Budget(
+    cls_steps=3, cls_batch=4, cls_len=32, cls_eval=32, lm_steps=2, lm_batch=2, lm_len=48, lm_eval=4, generations=1,
+    gen_tokens=4, decode_batch=4, decode_tokens=2, tenants=2, lr_sweep=(1e-4, 1e-1), profile_bank_topics=2,
+    profile_steps=2, profile_eval=8,
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ method table
+@dataclass(frozen=True)
+class Method:
+    """One row of a task: how to adapt the model, at which learning rate.
+
+    ``config`` builds the peft config (``None`` for the non-peft rows ``head`` and ``full``); ``requires`` names the
+    xpeft class the row needs, so a missing method is reported as skipped rather than crashing the run.
+    """
+
+    name: str
+    lr: float
+    config: Callable | None = None
+    mode: str = "peft"  # "peft" | "head" | "full"
+    requires: str | None = None
+    family: str = "peft"  # "xpeft" | "peft" | "reference"
+
+
+def _xp(name):
+    return getattr(xpeft, name)
+
+
+def spam_methods() -> list[Method]:
+    t = "SEQ_CLS"
+    qv = ["query", "value"]
+    return [
+        Method("head only", 1e-2, mode="head", family="reference"),
+        Method("full FT", 5e-5, mode="full", family="reference"),
+        Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
+        Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's BERT default: key, value, FFN output
+        Method("HRA r=8", 1e-3, lambda: HRAConfig(task_type=t, r=8, target_modules=qv)),
+        Method(
+            "ETHER", 1e-2, lambda: _xp("EtherConfig")(task_type=t, target_modules=qv), "peft", "EtherConfig", "xpeft"
+        ),
+        Method(
+            "ETHER+",
+            1e-2,
+            lambda: _xp("EtherConfig")(task_type=t, target_modules=qv, variant="ether_plus"),
+            "peft",
+            "EtherConfig",
+            "xpeft",
+        ),  # fmt: skip
+        Method(
+            "X-PEFT soft",
+            1e-2,
+            lambda: _xp("XPeftConfig")(task_type=t, mask_type="soft"),
+            "peft",
+            "XPeftConfig",
+            "xpeft",
+        ),
+        Method(
+            "X-PEFT hard",
+            1e-2,
+            lambda: _xp("XPeftConfig")(task_type=t, mask_type="hard"),
+            "peft",
+            "XPeftConfig",
+            "xpeft",
+        ),
+        Method("PEDRO", 3e-3, lambda: _xp("PedroConfig")(task_type=t), "peft", "PedroConfig", "xpeft"),
+    ]
+
+
+SWEPT = ("ETHER", "ETHER+", "LoRA r=8")
+
+
+def instruct_methods() -> list[Method]:
+    t = "CAUSAL_LM"
+    qv = ["q_proj", "v_proj"]
+    return [
+        Method("PEDRO", 3e-3, lambda: _xp("PedroConfig")(task_type=t), "peft", "PedroConfig", "xpeft"),
+        Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's Llama default: k, v, down_proj
+        Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
+        Method(
+            "ETHER+ q,v",
+            1e-2,
+            lambda: _xp("EtherConfig")(task_type=t, target_modules=qv, variant="ether_plus"),
+            "peft",
+            "EtherConfig",
+            "xpeft",
+        ),  # fmt: skip
+    ]
+
+
+def missing(method: Method) -> str | None:
+    if method.requires and not hasattr(xpeft, method.requires):
+        return f"xpeft.{method.requires} is not available in the installed xpeft"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def saved_profile_bytes(model) -> dict:
+    """Bytes on disk of what ``save_pretrained`` writes for one adapter, and the share that is not the task head."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        path = Path(tmp) / "adapter_model.safetensors"
+        total = path.stat().st_size
+        head = 0
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                if "classifier" in key or ".score." in key:
+                    t = f.get_tensor(key)
+                    head += t.numel() * t.element_size()
+    return {"saved_bytes": total, "saved_bytes_excl_head": total - head}
+
+
+def tensor_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def batches(n: int, batch: int, steps: int, seed: int):
+    """Deterministic batch indices (epochs of a seeded permutation), identical for every method."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while len(order) < batch:
+            order = torch.cat([order, torch.randperm(n, generator=g)])
+        yield order[:batch]
+        order = order[batch:]
+
+
+def train_loop(model, tensors: dict, budget_steps: int, batch: int, lr: float, seed: int, desc: str) -> dict:
+    params = trainable(model)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    n = len(next(iter(tensors.values())))
+    start = time.perf_counter()
+    for idx in tqdm(batches(n, batch, budget_steps, seed), total=budget_steps, desc=desc, leave=False):
+        out = model(**{k: v[idx] for k, v in tensors.items()})
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+    return {"train_seconds": time.perf_counter() - start, "losses": losses}
+
+
+def f1_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict:
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    fp = int(((pred == 1) & (labels == 0)).sum())
+    fn = int(((pred == 0) & (labels == 1)).sum())
+    return {"accuracy": float((pred == labels).float().mean()), "f1": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
+# ------------------------------------------------------------------------------------------------ task 1: spam
+def encode_cls(tok, pairs, max_len):
+    enc = tok([t for t, _ in pairs], truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor([y for _, y in pairs]),
+    }
+
+
+def run_spam_method(method: Method, lr: float, train_t, test_t, budget: Budget, seed: int) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)  # same classifier-head init for every method
+    model = AutoModelForSequenceClassification.from_pretrained(data.minilm_path(), num_labels=2)
+    if method.mode == "peft":
+        model = get_peft_model(model, method.config())
+    elif method.mode == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier."))
+    n_train = sum(p.numel() for p in trainable(model))
+    row = {"method": method.name, "family": method.family, "lr": lr, "trainable_params": n_train}
+    row.update(
+        train_loop(model, train_t, budget.cls_steps, budget.cls_batch, lr, seed, f"spam {method.name} lr={lr:g}")
+    )
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(test_t["labels"]), 64):
+            logits = model(
+                input_ids=test_t["input_ids"][i : i + 64], attention_mask=test_t["attention_mask"][i : i + 64]
+            ).logits
+            preds.append(logits.argmax(-1))
+    row.update(f1_accuracy(torch.cat(preds), test_t["labels"]))
+    row["final_loss"] = sum(row["losses"][-10:]) / len(row["losses"][-10:])
+    row["diverged"] = not math.isfinite(row["final_loss"])
+    if method.mode == "peft":
+        row.update(saved_profile_bytes(model))
+    else:  # head / full FT: the profile is the trainable tensors themselves
+        row["saved_bytes"] = tensor_bytes(trainable(model))
+        row["saved_bytes_excl_head"] = 0 if method.mode == "head" else tensor_bytes(
+            p for n, p in model.named_parameters() if not n.startswith("classifier.")
+        )  # fmt: skip
+    return row
+
+
+def task_spam(budget: Budget, seed: int) -> dict:
+    from transformers import AutoTokenizer
+
+    splits = data.spam_assassin(seed=seed)
+    tok = AutoTokenizer.from_pretrained(data.minilm_path())
+    test = splits["test"] if budget.cls_eval is None else _test_subset(splits["test"], budget.cls_eval, seed)
+    train_t, test_t = encode_cls(tok, splits["train"], budget.cls_len), encode_cls(tok, test, budget.cls_len)
+    rows, sweep, skipped = [], {}, []
+    methods = spam_methods()
+    jobs = []
+    for m in methods:
+        lrs = sorted(set(budget.lr_sweep) | {m.lr}) if m.name in SWEPT else [m.lr]
+        jobs += [(m, lr) for lr in lrs]
+    for m, lr in tqdm(jobs, desc="task spam"):
+        reason = missing(m)
+        if reason:
+            if lr == m.lr:
+                skipped.append({"method": m.name, "reason": reason})
+            continue
+        try:
+            row = run_spam_method(m, lr, train_t, test_t, budget, seed)
+        except Exception as err:  # a method that fails is a result to report, not a reason to lose the run
+            skipped.append({"method": m.name, "lr": lr, "reason": f"{type(err).__name__}: {err}"})
+            continue
+        if lr == m.lr:
+            rows.append(row)
+        if m.name in SWEPT and lr in budget.lr_sweep:
+            sweep.setdefault(m.name, []).append(
+                {k: row[k] for k in ("lr", "accuracy", "f1", "final_loss", "diverged")}
+            )
+    return {
+        "model": "all-MiniLM-L6-v2",
+        "data": {"train": len(splits["train"]), "test": len(test), "max_len": budget.cls_len},
+        "rows": rows,
+        "lr_sweep": sweep,
+        "skipped": skipped,
+    }
+
+
+def _test_subset(pairs, n, seed):
+    """A fixed subset of n test mails with the test split's spam ratio (seeded), for the shorter presets."""
+    g = torch.Generator().manual_seed(seed)
+    pos = [pairs[i] for i in torch.randperm(len(pairs), generator=g).tolist() if pairs[i][1] == 1]
+    neg = [pairs[i] for i in torch.randperm(len(pairs), generator=g).tolist() if pairs[i][1] == 0]
+    k = round(n * len(pos) / len(pairs))
+    return neg[: n - k] + pos[:k]
+
+
+# --------------------------------------------------------------------------------------------- task 2: instruct
+def encode_chat(tok, pairs, max_len):
+    ids, labels, masks = [], [], []
+    for prompt, answer in pairs:
+        head = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        p = tok(head, add_special_tokens=False)["input_ids"]
+        a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+        x, y = (p + a)[:max_len], ([-100] * len(p) + a)[:max_len]
+        pad = max_len - len(x)
+        ids.append(x + [tok.pad_token_id] * pad)
+        labels.append(y + [-100] * pad)
+        masks.append([1] * len(x) + [0] * pad)
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(masks), "labels": torch.tensor(labels)}
+
+
+def answer_loss(model, tensors, batch=8) -> dict:
+    """Mean cross-entropy over answer tokens of the held-out pairs (the same token set for every method)."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(tensors["labels"]), batch):
+            part = {k: v[i : i + batch] for k, v in tensors.items()}
+            logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits[:, :-1]
+            target = part["labels"][:, 1:]
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
+                )
+            )
+            count += int((target != -100).sum())
+    loss = total / max(1, count)
+    return {"answer_loss": loss, "answer_ppl": math.exp(loss), "answer_tokens": count}
+
+
+def generate(model, tok, prompts, max_new_tokens, adapter_names=None):
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, **kwargs
+    )
+    return enc, out
+
+
+def decode_throughput(model, tok, prompts, budget: Budget, adapter_names) -> float:
+    """Generated tokens per second for one batch (greedy, fixed length), median of 3 after a warm-up."""
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for rep in range(4):
+            start = time.perf_counter()
+            texts = [
+                tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                for p in prompts
+            ]
+            tok.padding_side = "left"
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+            model.generate(
+                **enc, max_new_tokens=budget.decode_tokens, min_new_tokens=budget.decode_tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id, **kwargs,
+            )  # fmt: skip
+            if rep:
+                times.append(time.perf_counter() - start)
+    return len(prompts) * budget.decode_tokens / sorted(times)[len(times) // 2]
+
+
+def task_instruct(budget: Budget, seed: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = data.smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    topics = data.chatterbot(seed=seed)
+    train = [pa for t in sorted(topics) for pa in topics[t]["train"]]
+    test = [pa for t in sorted(topics) for pa in topics[t]["test"]]
+    g = torch.Generator().manual_seed(seed)
+    test = [test[i] for i in torch.randperm(len(test), generator=g)[: budget.lm_eval].tolist()]
+    train_t, test_t = encode_chat(tok, train, budget.lm_len), encode_chat(tok, test, budget.lm_len)
+    gen_pairs = list({p: (p, a) for p, a in test}.values())[: budget.generations]  # distinct prompts
+    gen_prompts = [p for p, _ in gen_pairs]
+    tenant_topics = [t for t in sorted(topics, key=lambda t: -len(topics[t]["test"]))][: budget.tenants]
+    decode_prompts = [
+        topics[tenant_topics[i % budget.tenants]]["test"][i // budget.tenants][0] for i in range(budget.decode_batch)
+    ]
+    tenant_of_row = [tenant_topics[i % budget.tenants] for i in range(budget.decode_batch)]
+
+    def load():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    base = load()
+    rows = [{"method": "base (no tuning)", "family": "reference", "trainable_params": 0, **answer_loss(base, test_t)}]
+    generations = {"prompts": gen_prompts, "reference": [a for _, a in gen_pairs], "outputs": {}}
+    enc, out = generate(base, tok, gen_prompts, budget.gen_tokens)
+    generations["outputs"]["base (no tuning)"] = tok.batch_decode(
+        out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    throughput = [
+        {"method": "base (no adapter)", "tokens_per_s": decode_throughput(base, tok, decode_prompts, budget, None)}
+    ]
+    del base
+    skipped = []
+    for m in tqdm(instruct_methods(), desc="task instruct"):
+        reason = missing(m)
+        if reason:
+            skipped.append({"method": m.name, "reason": reason})
+            continue
+        try:
+            model = get_peft_model(load(), m.config())
+            row = {
+                "method": m.name,
+                "family": m.family,
+                "lr": m.lr,
+                "trainable_params": sum(p.numel() for p in trainable(model)),
+            }
+            row.update(train_loop(model, train_t, budget.lm_steps, budget.lm_batch, m.lr, seed, f"instruct {m.name}"))
+            row.update(answer_loss(model, test_t))
+            row.update(saved_profile_bytes(model))
+            rows.append(row)
+            enc, out = generate(model, tok, gen_prompts, budget.gen_tokens)
+            generations["outputs"][m.name] = tok.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            throughput.append(_multi_tenant(model, m, tok, decode_prompts, tenant_topics, tenant_of_row, budget))
+        except Exception as err:
+            skipped.append({"method": m.name, "reason": f"{type(err).__name__}: {err}"})
+    return {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)",
+        "data": {"train_pairs": len(train), "test_pairs": len(test), "max_len": budget.lm_len},
+        "rows": rows,
+        "generations": generations,
+        "throughput": throughput,
+        "tenants": tenant_topics,
+        "skipped": skipped,
+    }
+
+
+def _multi_tenant(model, method, tok, prompts, tenants, tenant_of_row, budget) -> dict:
+    """Decode throughput with one adapter for the whole batch, then with one adapter per topic mixed per sample."""
+    entry = {"method": method.name, "tokens_per_s": decode_throughput(model, tok, prompts, budget, None)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        # Every tenant gets its own adapter (a copy of the trained one: throughput does not depend on the values).
+        for name in tenants:
+            model.load_adapter(tmp, adapter_name=name)
+    if not hasattr(model.base_model, "_enable_peft_forward_hooks"):
+        # peft silently ignores `adapter_names` for tuners without this hook (IA3 in peft 0.21): a "mixed" run would
+        # decode every sample with the active adapter, so there is nothing honest to measure.
+        entry["mixed_error"] = "per-sample adapter_names not supported by this peft tuner"
+        return entry
+    try:
+        entry["mixed_tokens_per_s"] = decode_throughput(model, tok, prompts, budget, tenant_of_row)
+        entry["tenants"] = len(tenants)
+    except Exception as err:
+        entry["mixed_error"] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def machine_info() -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    import peft
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "git_commit": commit,
+    }
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def render_markdown(res: dict) -> str:
+    title = {
+        "eval_smoke": " (SMOKE: a few steps, numbers mean nothing)",
+        "eval_quick": " (quick preset: short budget)",
+    }
+    out = [f"# xpeft evaluation{title.get(res['meta'].get('prefix'), '')}", ""]
+    meta = res["meta"]
+    out.append(
+        f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, peft {meta['machine']['peft']}, "
+        f"{meta['machine']['cpu_count']} CPU cores. Every number below is in `{meta['prefix']}.json`; "
+        "each section names the command that produced it, its duration and the machine load (other jobs shared the CPU "
+        "when the load average exceeds the core count)."
+    )
+    if meta.get("tasks_run") is not None and set(meta["tasks_run"]) != {k for k in TASK_NAMES if k in res}:
+        out.append(f"\nThis file was last written by `{meta['command']}`; sections come from the runs they name.")
+    b = meta["budget"]
+    if "spam" in res:
+        s = res["spam"]
+        out += [
+            "",
+            f"## Spam classification ({s['model']}, SpamAssassin {s['data']['train']} train / {s['data']['test']} test mails, "
+            f"{b['cls_steps']} steps × batch {b['cls_batch']}, {b['cls_len']} tokens)",
+            "",
+            "| method | lr | test acc | test F1 | trainable params | bytes / profile (excl. head) | train s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in s["rows"]:
+            out.append(
+                f"| {r['method']} | {r['lr']:g} | {r['accuracy']:.4f} | {r['f1']:.4f} | {r['trainable_params']:,} | "
+                f"{_fmt_bytes(r['saved_bytes'])} ({_fmt_bytes(r['saved_bytes_excl_head'])}) | {r['train_seconds']:.1f} |"
+            )
+        if s["lr_sweep"]:
+            lrs = sorted({e["lr"] for v in s["lr_sweep"].values() for e in v})
+            out += ["", "Learning-rate sweep (test accuracy; † = loss not finite):", ""]
+            out += ["| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+            for name, entries in s["lr_sweep"].items():
+                by = {e["lr"]: e for e in entries}
+                cells = [
+                    f"{by[lr]['accuracy']:.4f}{'†' if by[lr]['diverged'] else ''}" if lr in by else "–" for lr in lrs
+                ]
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out += _skipped(s)
+    if "instruct" in res:
+        s = res["instruct"]
+        out += [
+            "",
+            f"## Instruction tuning ({s['model']}, chatterbot {s['data']['train_pairs']} train / {s['data']['test_pairs']} "
+            f"held-out pairs, {b['lm_steps']} steps × batch {b['lm_batch']}, {b['lm_len']} tokens, loss on answers only)",
+            "",
+            "| method | lr | held-out answer loss | perplexity | trainable params | bytes / profile | train s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in s["rows"]:
+            lr = f"{r['lr']:g}" if "lr" in r else "–"
+            ts = f"{r['train_seconds']:.1f}" if "train_seconds" in r else "–"
+            out.append(
+                f"| {r['method']} | {lr} | {r['answer_loss']:.4f} | {r['answer_ppl']:.2f} | {r['trainable_params']:,} | "
+                f"{_fmt_bytes(r.get('saved_bytes'))} | {ts} |"
+            )
+        out += [
+            "",
+            f"Decode throughput, batch {b['decode_batch']}, {b['decode_tokens']} new tokens, tenants = {', '.join(s['tenants'])}:",
+            "",
+        ]
+        out += ["| method | one adapter (tok/s) | mixed tenants per sample (tok/s) |", "|---|---|---|"]
+        for t in s["throughput"]:
+            mixed = f"{t['mixed_tokens_per_s']:.1f}" if "mixed_tokens_per_s" in t else t.get("mixed_error", "–")
+            out.append(f"| {t['method']} | {t['tokens_per_s']:.1f} | {mixed} |")
+        g = s["generations"]
+        out += ["", "Generations (greedy):", ""]
+        for i, prompt in enumerate(g["prompts"]):
+            out += [f"**Q:** {prompt!r}  ", f"*reference:* {g['reference'][i]!r}  "]
+            out += [f"- {name}: {texts[i]!r}" for name, texts in g["outputs"].items()]
+            out.append("")
+        out += _skipped(s)
+    if "profiles" in res:
+        s = res["profiles"]
+        out += [
+            "",
+            f"## Many profiles ({s['setting']})",
+            "",
+            "| method | mean acc | bytes / profile (excl. head) | trainable params / profile |",
+            "|---|---|---|---|",
+        ]
+        for r in s["rows"]:
+            out.append(
+                f"| {r['method']} | {r['accuracy']:.4f} | {_fmt_bytes(r['saved_bytes'])} ({_fmt_bytes(r['saved_bytes_excl_head'])}) | {r['trainable_params']:,} |"
+            )
+        out += _skipped(s)
+    return "\n".join(out) + "\n"
+
+
+def _run_line(section):
+    r = section.get("run")
+    if not r:
+        return []
+    return [
+        "",
+        f"Run: `{r['command']}` at {r['started_utc']}, {r['seconds']:.0f} s, {r['torch_threads']} torch threads, load "
+        f"average {r['load_average_start'][0]:.1f} → {r['load_average_end'][0]:.1f}, commit `{r['git_commit'][:10]}`.",
+    ]
+
+
+def _skipped(section):
+    if not section.get("skipped"):
+        return _run_line(section)
+    return _run_line(section) + [
+        "",
+        "Not run: " + "; ".join(f"{s['method']}: {s['reason']}" for s in section["skipped"]),
+    ]
+
+
+def render_plots(res: dict, out: Path, prefix: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    files = []
+    s = res.get("spam")
+    if s and s["rows"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in s["rows"]:
+            ax.scatter(max(1, r["trainable_params"]), r["accuracy"], color="C1" if r["family"] == "xpeft" else "C0")
+            ax.annotate(r["method"], (max(1, r["trainable_params"]), r["accuracy"]), fontsize=7)
+        ax.set(
+            xscale="log",
+            xlabel="trainable parameters (log)",
+            ylabel="test accuracy",
+            title="Spam / MiniLM (orange: xpeft)",
+        )
+        files.append(_save(fig, out / f"{prefix}_spam_acc_vs_params.png"))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in s["rows"]:
+            ax.barh(
+                r["method"], max(1, r["saved_bytes_excl_head"] or 1), color="C1" if r["family"] == "xpeft" else "C0"
+            )
+        ax.set(xscale="log", xlabel="bytes per saved profile, excluding the task head (log)", title="Profile size")
+        files.append(_save(fig, out / f"{prefix}_bytes_per_profile.png"))
+        if s["lr_sweep"]:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for name, entries in s["lr_sweep"].items():
+                ax.plot([e["lr"] for e in entries], [e["accuracy"] for e in entries], marker="o", label=name)
+            ax.set(
+                xscale="log",
+                xlabel="learning rate",
+                ylabel="test accuracy",
+                title="Learning-rate sweep (spam / MiniLM)",
+            )
+            ax.legend()
+            files.append(_save(fig, out / f"{prefix}_lr_sweep.png"))
+    return files
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+TASKS = {"spam": task_spam, "instruct": task_instruct}
+TASK_NAMES = ("spam", "instruct", "profiles")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few steps per method (checks the runner, not the methods)"
+    )
+    parser.add_argument("--quick", action="store_true", help="shorter budget (40 steps per classifier, 20 per LM)")
+    parser.add_argument(
+        "--tasks", default="spam,instruct,profiles", help="comma-separated subset of spam,instruct,profiles"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--seed", type=int, default=data.DEFAULT_SEED)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--merge", nargs="*", default=[], help="results JSON files (same preset) whose task sections join this one"
+    )
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # one load report per model load would drown the progress bars
+    if args.smoke and args.quick:
+        parser.error("--smoke and --quick are exclusive")
+    budget = SMOKE if args.smoke else QUICK if args.quick else FULL
+    prefix = "eval_smoke" if args.smoke else "eval_quick" if args.quick else "eval"
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in (*TASKS, "profiles")]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles")
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = {
+        "meta": {
+            "command": command,
+            "smoke": args.smoke,
+            "prefix": prefix,
+            "seed": args.seed,
+            "budget": asdict(budget),
+            "machine": machine_info(),
+            "xpeft_methods": [n for n in ("EtherConfig", "XPeftConfig", "PedroConfig") if hasattr(xpeft, n)],
+            "tasks_run": tasks,
+        }
+    }
+    for path in args.merge:
+        # Sections of runs made elsewhere (e.g. tasks run in parallel into another folder) join this results file; each
+        # keeps the run record (command, time, load, commit) of the run that produced it.
+        other = json.loads(Path(path).read_text())
+        if _settings(other) != _settings(res):
+            parser.error(f"{path} was made with another budget or seed than {prefix}; it cannot be merged")
+        res.update({k: v for k, v in other.items() if k in TASK_NAMES})
+    for task in tasks:
+        start, load = time.perf_counter(), list(os.getloadavg())
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if task == "profiles":
+            from .profiles import task_profiles
+
+            res[task] = task_profiles(budget, args.seed)
+        else:
+            res[task] = TASKS[task](budget, args.seed)
+        res[task]["run"] = {
+            "command": command,
+            "started_utc": started,
+            "seconds": time.perf_counter() - start,
+            "load_average_start": load,
+            "load_average_end": list(os.getloadavg()),
+            "torch_threads": torch.get_num_threads(),
+            "git_commit": res["meta"]["machine"]["git_commit"],
+        }
+        _write(res, args.out, prefix)  # partial results survive an interrupted run
+    if not tasks:
+        _write(res, args.out, prefix)
+    return res
+
+
+def _settings(res: dict) -> dict:
+    return json.loads(json.dumps({k: res.get("meta", {}).get(k) for k in ("budget", "seed")}))  # tuples -> lists
+
+
+def _write(res, out: Path, prefix: str) -> dict:
+    previous = out / f"{prefix}.json"
+    if previous.is_file():
+        # Keep the other tasks' sections of earlier runs with the same settings (read now, not at start, so runs of
+        # different tasks into one folder do not overwrite each other); every section records the run that made it.
+        old = json.loads(previous.read_text())
+        if _settings(old) == _settings(res):
+            for key in TASK_NAMES:
+                if key in old and key not in res["meta"]["tasks_run"]:
+                    res.setdefault(key, old[key])
+    res["meta"]["plots"] = render_plots(res, out, prefix)
+    (out / f"{prefix}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{prefix}.md").write_text(render_markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

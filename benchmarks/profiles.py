@@ -1,0 +1,237 @@
+"""Task "profiles" of the evaluation suite: X-PEFT's own setting, many profiles on one frozen MiniLM.
+
+Each chatterbot topic is a profile with its own small task, answer-vs-distractor matching: MiniLM reads
+``[CLS] prompt [SEP] candidate [SEP]`` and says whether the candidate is the corpus answer to the prompt or an answer
+to another prompt of the same topic (one distractor per pair, drawn with a fixed seed).
+
+1. Ordinary bottleneck adapters (Pfeiffer: ``h + B f(A h + a) + b`` on each FFN output, the layers X-PEFT adapts)
+   are trained on the first ``profile_bank_topics`` topics, one per topic, and stacked into a bank with
+   ``xpeft.build_bank``.
+2. Every remaining topic is trained four ways, same steps and data: X-PEFT soft and hard masks over that trained
+   bank (only the masks and the head train), a dedicated bottleneck adapter, and peft LoRA r=8 on query/value.
+
+Reported per method: mean held-out accuracy over the remaining topics, bytes per saved profile (with and without the
+per-profile classifier head) and trainable parameters per profile.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+import xpeft
+
+from . import data
+
+MIN_TRAIN_PAIRS, MIN_TEST_PAIRS = 10, 3
+
+
+class BottleneckAdapter(nn.Module):
+    """``y = W x + c`` followed by ``y + B relu(A y + a) + b`` (Pfeiffer adapter on the FFN output, as in X-PEFT).
+
+    ``B`` and ``b`` start at zero, so the model starts unchanged (the usual adapter init).
+    """
+
+    def __init__(self, base: nn.Linear, reduction_factor: int = 16):
+        super().__init__()
+        d = base.out_features
+        r = d // reduction_factor
+        self.base = base
+        self.down = nn.Linear(d, r)
+        self.up = nn.Linear(r, d)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        h = self.base(x)
+        return h + self.up(torch.relu(self.down(h)))
+
+    def as_bank_entry(self) -> dict[str, torch.Tensor]:
+        return {
+            "A": self.down.weight.detach().clone(),
+            "a": self.down.bias.detach().clone(),
+            "B": self.up.weight.detach().clone(),
+            "b": self.up.bias.detach().clone(),
+        }
+
+
+def matching_pairs(pairs, answers, seed):
+    """One positive (prompt, its answer) and one negative (prompt, another prompt's answer) per pair."""
+    rng = random.Random(seed)
+    out = []
+    for prompt, answer in pairs:
+        wrong = [a for a in answers if a != answer]
+        out += [(prompt, answer, 1), (prompt, rng.choice(wrong), 0)]
+    return out
+
+
+def encode(tok, triples, max_len):
+    enc = tok(
+        [p for p, _, _ in triples],
+        [a for _, a, _ in triples],
+        truncation=True,
+        max_length=max_len,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor([y for _, _, y in triples]),
+    }
+
+
+def xpeft_target_names(model) -> list[str]:
+    """Module paths X-PEFT adapts by default on this model (its layer names, the keys of a bank)."""
+    probe = get_peft_model(_clone_base(model), xpeft.XPeftConfig(task_type="SEQ_CLS", bank_size=1))
+    return sorted(layer.layer_name for layer in probe.modules() if isinstance(layer, xpeft.x_peft.XPeftLayer))
+
+
+def _clone_base(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def add_bottleneck(model, names, reduction_factor=16):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = {}
+    for name in names:
+        parent, child = name.rsplit(".", 1)
+        holder = model.get_submodule(parent)
+        adapters[name] = BottleneckAdapter(getattr(holder, child), reduction_factor)
+        setattr(holder, child, adapters[name])
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+    return adapters
+
+
+def safetensors_bytes(tensors: dict) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
+        return path.stat().st_size
+
+
+def task_profiles(budget, seed: int) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .evaluate import f1_accuracy, train_loop
+
+    if not hasattr(xpeft, "XPeftConfig"):
+        return {
+            "setting": "not run",
+            "rows": [],
+            "skipped": [{"method": "all", "reason": "xpeft.XPeftConfig missing"}],
+        }
+    path = data.minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    topics = data.chatterbot(seed=seed)
+    usable = [t for t in sorted(topics, key=lambda t: (-len(topics[t]["train"]), t))
+              if len(topics[t]["train"]) >= MIN_TRAIN_PAIRS and len(topics[t]["test"]) >= MIN_TEST_PAIRS]  # fmt: skip
+    k = budget.profile_bank_topics
+    bank_topics, eval_topics = usable[:k], usable[k : 2 * k]
+    enc = {}
+    for t in bank_topics + eval_topics:
+        answers = sorted({a for p, a in topics[t]["train"] + topics[t]["test"]})
+        test = matching_pairs(topics[t]["test"], answers, seed + 1)[: budget.profile_eval]
+        enc[t] = (
+            encode(tok, matching_pairs(topics[t]["train"], answers, seed), budget.cls_len),
+            encode(tok, test, budget.cls_len),
+        )
+
+    def fresh():
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+    def evaluate(model, test_t):
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=test_t["input_ids"], attention_mask=test_t["attention_mask"]).logits
+        return f1_accuracy(logits.argmax(-1), test_t["labels"])["accuracy"]
+
+    names = xpeft_target_names(fresh())
+    lr_adapter, lr_mask, lr_lora = 1e-3, 1e-2, 1e-3
+
+    def train_bottleneck(topic):
+        model = fresh()
+        adapters = add_bottleneck(model, names)
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        train_loop(model, enc[topic][0], budget.profile_steps, budget.cls_batch, lr_adapter, seed, f"adapter {topic}")
+        entry = {name: a.as_bank_entry() for name, a in adapters.items()}
+        flat = {f"{name}.{part}": t for name, e in entry.items() for part, t in e.items()}
+        head = {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
+        cost = {
+            "trainable_params": n,
+            "saved_bytes": safetensors_bytes({**flat, **head}),
+            "saved_bytes_excl_head": safetensors_bytes(flat),
+        }
+        return model, entry, cost
+
+    bank_entries = []
+    for t in tqdm(bank_topics, desc="profiles: bank adapters"):
+        model, entry, _ = train_bottleneck(t)
+        bank_entries.append(entry)
+    results = {
+        m: [] for m in ("X-PEFT soft (trained bank)", "X-PEFT hard (trained bank)", "dedicated adapter", "LoRA r=8")
+    }
+    costs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        bank_path = str(Path(tmp) / "bank.safetensors")
+        fingerprint = xpeft.build_bank(bank_entries, bank_path)
+        for t in tqdm(eval_topics, desc="profiles: new topics"):
+            for mask_type in ("soft", "hard"):
+                name = f"X-PEFT {mask_type} (trained bank)"
+                cfg = xpeft.XPeftConfig(
+                    task_type="SEQ_CLS", bank=bank_path, bank_size=len(bank_entries), mask_type=mask_type
+                )
+                model = get_peft_model(fresh(), cfg)
+                train_loop(model, enc[t][0], budget.profile_steps, budget.cls_batch, lr_mask, seed, f"{name} {t}")
+                results[name].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
+                cost = xpeft.profile_cost(model)
+                costs[name] = {
+                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "saved_bytes": cost["with_head_bytes"],
+                    "saved_bytes_excl_head": cost["profile_file_bytes"],
+                }
+            model, _, costs["dedicated adapter"] = train_bottleneck(t)
+            results["dedicated adapter"].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
+            model = get_peft_model(
+                fresh(), LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"])
+            )
+            train_loop(model, enc[t][0], budget.profile_steps, budget.cls_batch, lr_lora, seed, f"LoRA {t}")
+            results["LoRA r=8"].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
+            from .evaluate import saved_profile_bytes
+
+            costs["LoRA r=8"] = {
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                **saved_profile_bytes(model),
+            }
+    rows = []
+    for name, per_topic in results.items():
+        rows.append(
+            {
+                "method": name,
+                "accuracy": sum(r["accuracy"] for r in per_topic) / len(per_topic),
+                "per_topic": per_topic,
+                **costs[name],
+            }
+        )
+    return {
+        "setting": f"MiniLM answer-vs-distractor matching; bank of {len(bank_entries)} adapters from topics "
+        f"{', '.join(bank_topics)}; new topics {', '.join(eval_topics)}; {budget.profile_steps} steps each",
+        "bank_fingerprint": fingerprint,
+        "bank_topics": bank_topics,
+        "eval_topics": eval_topics,
+        "learning_rates": {"adapter": lr_adapter, "masks": lr_mask, "lora": lr_lora},
+        "rows": rows,
+        "skipped": [],
+    }

@@ -1,0 +1,79 @@
+"""Pieces of the evaluation runner that need no model: batch order, test subsets, report rendering, section merging."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from benchmarks import evaluate
+
+
+def test_batches_are_deterministic_epochs():
+    first = torch.cat(list(evaluate.batches(10, 4, 5, seed=0)))
+    again = torch.cat(list(evaluate.batches(10, 4, 5, seed=0)))
+    assert torch.equal(first, again)
+    # 20 indices = two full epochs: each index exactly twice
+    assert torch.bincount(first, minlength=10).tolist() == [2] * 10
+    assert not torch.equal(first, torch.cat(list(evaluate.batches(10, 4, 5, seed=1))))
+
+
+def test_test_subset_keeps_the_spam_ratio():
+    pairs = [(f"m{i}", int(i % 4 == 0)) for i in range(400)]  # 25 % spam
+    sub = evaluate._test_subset(pairs, 40, seed=0)
+    assert len(sub) == 40 and sum(y for _, y in sub) == 10
+    assert sub == evaluate._test_subset(pairs, 40, seed=0)
+
+
+def test_f1_accuracy_against_hand_counts():
+    pred = torch.tensor([1, 1, 0, 0, 1])
+    labels = torch.tensor([1, 0, 0, 1, 1])
+    out = evaluate.f1_accuracy(pred, labels)
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    assert out["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # tp=2, fp=1, fn=1
+
+
+def _fake(task_rows, tasks_run):
+    res = {
+        "meta": {
+            "command": "x", "smoke": True, "prefix": "eval_smoke", "seed": 0, "budget": asdict(evaluate.SMOKE),
+            "machine": {"torch": "t", "transformers": "t", "peft": "p", "cpu_count": 2, "git_commit": "abc"},
+            "tasks_run": tasks_run,
+        }
+    }  # fmt: skip
+    run = {"command": "x", "started_utc": "now", "seconds": 1.0, "load_average_start": [1.0] * 3}
+    run.update({"load_average_end": [1.0] * 3, "torch_threads": 1, "git_commit": "abc"})
+    if "spam" in task_rows:
+        row = {"method": "LoRA r=8", "family": "peft", "lr": 1e-3, "accuracy": 0.9, "f1": 0.8, "trainable_params": 10}
+        row.update({"saved_bytes": 2000, "saved_bytes_excl_head": 1000, "train_seconds": 1.0})
+        sweep = {"LoRA r=8": [{"lr": 1e-3, "accuracy": 0.9, "f1": 0.8, "final_loss": 0.1, "diverged": False}]}
+        res["spam"] = {"model": "m", "data": {"train": 1, "test": 1, "max_len": 1}, "rows": [row], "lr_sweep": sweep}
+        res["spam"].update({"skipped": [{"method": "PEDRO", "reason": "missing"}], "run": run})
+    if "profiles" in task_rows:
+        row = {
+            "method": "X-PEFT hard (trained bank)",
+            "accuracy": 0.7,
+            "saved_bytes": 900,
+            "saved_bytes_excl_head": 100,
+        }
+        res["profiles"] = {"setting": "s", "rows": [{**row, "trainable_params": 5}], "skipped": [], "run": run}
+    return res
+
+
+def test_report_renders_every_number_and_sections_merge(tmp_path):
+    evaluate._write(_fake({"spam"}, ["spam"]), tmp_path, "eval_smoke")
+    evaluate._write(_fake({"profiles"}, ["profiles"]), tmp_path, "eval_smoke")  # another run, another task
+    res = json.loads((tmp_path / "eval_smoke.json").read_text())
+    assert {"spam", "profiles"} <= set(res)
+    md = (tmp_path / "eval_smoke.md").read_text()
+    assert "| LoRA r=8 | 0.001 | 0.9000 | 0.8000 | 10 | 2.0 KB (1.0 KB) | 1.0 |" in md
+    assert "| X-PEFT hard (trained bank) | 0.7000 | 900 B (100 B) | 5 |" in md
+    assert "Not run: PEDRO: missing" in md
+    # a results file with other settings is never mixed in
+    other = _fake({"spam"}, ["spam"])
+    other["meta"]["budget"]["cls_steps"] = 999
+    other["spam"]["rows"][0]["accuracy"] = 0.1
+    out2 = tmp_path / "other"
+    out2.mkdir()
+    (out2 / "eval_smoke.json").write_text(json.dumps(other))
+    evaluate._write(_fake({"profiles"}, ["profiles"]), out2, "eval_smoke")
+    assert "spam" not in json.loads((out2 / "eval_smoke.json").read_text())

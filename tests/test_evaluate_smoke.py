@@ -1,0 +1,60 @@
+"""The evaluation runner end to end in --smoke mode (a few steps per method) on the real assets, so it cannot rot.
+
+Needs the evaluation assets (see benchmarks/data.py); skipped with the install command when one is missing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmarks import data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _assets_or_skip():
+    try:
+        data.minilm_path()
+        data.chatterbot()
+        data.spam_assassin()
+        data.smollm2_path()  # converts the GGUF once (about a minute) if the cache is empty
+    except data.MissingAssetError as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
+    _assets_or_skip()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    cmd = [sys.executable, "-m", "benchmarks.evaluate", "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "eval_smoke.json").read_text())
+    assert res["meta"]["smoke"] is True
+    spam = {r["method"] for r in res["spam"]["rows"]}
+    assert {"head only", "full FT", "LoRA r=8", "IA3", "HRA r=8"} <= spam
+    # every xpeft method in the installed package has a row (or an explained skip), none silently missing
+    expected = {
+        "EtherConfig": ["ETHER", "ETHER+"],
+        "XPeftConfig": ["X-PEFT soft", "X-PEFT hard"],
+        "PedroConfig": ["PEDRO"],
+    }
+    skipped = {s["method"] for s in res["spam"]["skipped"]}
+    for cls, names in expected.items():
+        for name in names:
+            assert name in (spam if cls in res["meta"]["xpeft_methods"] else skipped), (name, res["spam"]["skipped"])
+    for row in res["spam"]["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["trainable_params"] > 0 and row["saved_bytes"] > 0
+        assert len(row["losses"]) == res["meta"]["budget"]["cls_steps"]
+    assert set(res["spam"]["lr_sweep"]) >= {"LoRA r=8"}
+    instruct = {r["method"] for r in res["instruct"]["rows"]}
+    assert {"base (no tuning)", "IA3", "LoRA r=8"} <= instruct
+    assert all(t["tokens_per_s"] > 0 for t in res["instruct"]["throughput"])
+    assert len(res["profiles"]["rows"]) == 4
+    md = (tmp_path / "eval_smoke.md").read_text()
+    assert "| LoRA r=8 |" in md and "SMOKE" in md
+    for png in res["meta"]["plots"]:
+        assert (tmp_path / png).stat().st_size > 1000
