@@ -24,6 +24,7 @@ import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file
 
 from models import make_inputs, make_model
@@ -63,13 +64,29 @@ class ContractSuite:
                     params.extend([entry] if isinstance(entry, torch.nn.Parameter) else entry.parameters())
         return params
 
+    def head_wrappers(self, model) -> list[AuxiliaryTrainingWrapper]:
+        """peft's wrappers of `modules_to_save` heads (e.g. the classifier that SEQ_CLS adds)."""
+        return [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper) and hasattr(m, "modules_to_save")]
+
+    def head_parameters(self, model, adapter_name: str) -> list[torch.nn.Parameter]:
+        """The adapter's own copies of the `modules_to_save` heads."""
+        return [
+            param
+            for wrapper in self.head_wrappers(model)
+            if adapter_name in wrapper.modules_to_save
+            for param in wrapper.modules_to_save[adapter_name].parameters()
+        ]
+
     def perturb(self, model, adapter_name: str, seed: int) -> None:
-        """Move an adapter away from its (possibly identity) init so that its effect is visible."""
+        """Move an adapter (and its own heads) away from its init so that its effect, and any mix-up, is visible."""
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param in self.adapter_parameters(model, adapter_name):
                 noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
                 param.add_(self.perturb_std * noise.to(param.device, param.dtype))
+            for param in self.head_parameters(model, adapter_name):
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                param.add_(0.5 * noise.to(param.device, param.dtype))
 
     def peft_model(self, model_name: str, seed: int = 0):
         model = get_peft_model(make_model(model_name), self.make_config(model_name))
@@ -174,6 +191,11 @@ class ContractSuite:
         model.add_adapter("other", self.make_config(model_name))
         self.perturb(model, "other", seed=7)
         names = ["other", "__base__", "default"]
+        if any(not isinstance(m.original_module, torch.nn.Linear) for m in self.head_wrappers(model)):
+            # peft routes per-sample heads only for plain layers (RobertaClassificationHead is not), as for LoRA.
+            with pytest.raises(TypeError, match="Mixed batching is only supported"):
+                logits(model, inputs, adapter_names=names)
+            return
         mixed = logits(model, inputs, adapter_names=names)
         for index, name in enumerate(names):
             sample = {key: value[index : index + 1] for key, value in inputs.items()}

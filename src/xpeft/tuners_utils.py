@@ -85,20 +85,40 @@ def check_mixed_batch_args(
     )
 
 
+def _generation_expansion(model: nn.Module, kwargs: dict[str, Any]) -> int:
+    """How many rows `generate` makes of each sample: `num_beams` for beam search, else `num_return_sequences`."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    num_beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+    num_return = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+    return num_beams if num_beams > 1 else num_return
+
+
+def _route_samples(
+    module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str], expansion: int, routed: list[str]
+) -> None:
+    """Model-level pre-hook: fill `routed` with one adapter name per row of this forward's batch.
+
+    `generate` repeats each sample `expansion` times in adjacent rows (beams, returned sequences), so each name is
+    repeated with it. Layers that see flattened `[batch * seq, features]` rows (OPT's feed-forward) cannot tell a short
+    `adapter_names` from a long sequence, so the number of samples is checked here, on the model's own inputs.
+    """
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    rows = len(inputs) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else len(adapter_names)
+    if rows == len(adapter_names):
+        routed[:] = adapter_names
+    elif expansion > 1 and rows == len(adapter_names) * expansion:
+        routed[:] = [name for name in adapter_names for _ in range(expansion)]
+    else:
+        raise ValueError(
+            f"`adapter_names` has {len(adapter_names)} entries but the batch has {rows} rows; pass exactly one "
+            f"adapter name (or '{BASE_ADAPTER_NAME}') per input sample (generate repeats them for beams and "
+            "returned sequences itself)."
+        )
+
+
 def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
-
-
-def _check_batch_size(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> None:
-    # Layers that see flattened [batch * seq, features] rows (OPT's feed-forward) cannot tell a short `adapter_names`
-    # from a long sequence, so the number of samples is checked once on the model's own inputs.
-    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and len(inputs) != len(adapter_names):
-        raise ValueError(
-            f"`adapter_names` has {len(adapter_names)} entries but the batch has {len(inputs)} samples; pass exactly "
-            f"one adapter name (or '{BASE_ADAPTER_NAME}') per sample."
-        )
 
 
 class XpeftTuner(BaseTuner):
@@ -107,7 +127,8 @@ class XpeftTuner(BaseTuner):
     Adds to peft's `BaseTuner`:
 
     - per-sample `adapter_names` in `forward` and `generate` (peft calls [`_enable_peft_forward_hooks`] around both),
-      validated once at model level: not in training mode, no unknown names, beam search repeats each name;
+      validated once at model level (not in training mode, no unknown names, one name per sample), repeated by
+      `generate` for beams and returned sequences, and routed to tuner layers and `modules_to_save` heads;
     - a clear refusal to merge for methods whose math does not allow it (`mergeable = False`).
 
     Subclasses set `prefix`, `tuner_layer_cls`, `target_module_mapping`, `mergeable` and `unmergeable_reason`.
@@ -149,16 +170,21 @@ class XpeftTuner(BaseTuner):
             yield
             return
         self.check_adapter_names(adapter_names)
-        num_beams = kwargs.get("num_beams")
-        if isinstance(num_beams, int) and num_beams > 1:
-            # generate() repeats every sample num_beams times, so each sample's name must follow it.
-            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
-        check = partial(_check_batch_size, adapter_names=list(adapter_names))
-        handles = [self.model.register_forward_pre_hook(check, with_kwargs=True)] + [
-            module.register_forward_pre_hook(hook, with_kwargs=True)
+        # Filled by the model-level pre-hook before any layer runs, then read by every adapted module.
+        routed: list[str] = []
+        route = partial(
+            _route_samples,
+            adapter_names=list(adapter_names),
+            expansion=_generation_expansion(self.model, kwargs),
+            routed=routed,
+        )
+        inject = partial(_inject_adapter_names, adapter_names=routed)
+        # Heads in `modules_to_save` are per adapter too (peft's ModulesToSaveWrapper routes mixed batches itself).
+        routed_modules = (self.tuner_layer_cls, AuxiliaryTrainingWrapper)
+        handles = [self.model.register_forward_pre_hook(route, with_kwargs=True)] + [
+            module.register_forward_pre_hook(inject, with_kwargs=True)
             for module in self.model.modules()
-            if isinstance(module, self.tuner_layer_cls)
+            if isinstance(module, routed_modules)
         ]
         try:
             yield
