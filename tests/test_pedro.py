@@ -223,6 +223,24 @@ def test_bert_accepts_prompt_arguments_through_peft_forward():
     assert not torch.allclose(by_lengths, whole, atol=1e-5)
 
 
+def test_token_classification_labels_do_not_set_the_prompt():
+    """Token labels of a non-causal model mark unlabelled tokens ([CLS] = -100), not a prompt: they are ignored."""
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(0)
+    base = BertForTokenClassification(make_model("bert").config)
+    model = get_peft_model(base, PedroConfig(vg_rank=4, task_type="TOKEN_CLS", init_weights=False)).eval()
+    inputs = make_inputs("bert")
+    labels = torch.randint(0, 2, inputs["input_ids"].shape)
+    labels[:, 0] = -100  # [CLS] is unlabelled, as Hugging Face tokenizers emit it
+    with torch.no_grad():
+        with_labels = model(**inputs, labels=labels).logits
+        without_labels = model(**inputs).logits
+        cls_only = model(**inputs, prompt_lengths=torch.ones(3, dtype=torch.long)).logits
+    torch.testing.assert_close(with_labels, without_labels, rtol=0, atol=0)
+    assert not torch.allclose(with_labels, cls_only, atol=1e-5)  # the prompt matters: [CLS] alone differs
+
+
 def test_rational_initialisation_approximates_gelu():
     x = torch.linspace(-3, 3, 2001, dtype=torch.float64)
     approx = rational(x, torch.tensor(GELU_NUMERATOR, dtype=torch.float64), torch.tensor(GELU_DENOMINATOR).double())

@@ -29,12 +29,26 @@ def _cache_length(past_key_values: Any) -> int:
     return int(past_key_values[0][0].shape[-2])  # legacy tuple of (key, value) per layer
 
 
-def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_lengths=None) -> torch.Tensor | None:
+def labels_mark_prompt(model: nn.Module) -> bool:
+    """Whether `model`'s token-level `labels` mark the prompt (`-100` before the first supervised token).
+
+    True only for decoder-only causal LMs (`model.can_generate()` and not encoder-decoder). Decided from the transformers
+    model itself rather than peft's `task_type`, which users may leave unset or set loosely. Token classification also
+    takes `[B, T]` labels, but there `-100` marks unlabelled tokens ([CLS], sub-words), not a prompt.
+    """
+    can_generate = getattr(model, "can_generate", None)
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return bool(callable(can_generate) and can_generate() and not is_encoder_decoder)
+
+
+def prompt_mask_for_call(
+    arguments: dict[str, Any], prompt_mask=None, prompt_lengths=None, use_labels: bool = True
+) -> torch.Tensor | None:
     """The prompt positions `[B, T]` of one model call, or None when every position is prompt.
 
     Priority: an explicit `prompt_mask`, then `prompt_lengths`, then token-level `labels` (prompt = `-100` before the
-    first supervised token), then the `attention_mask` alone (no labels: the whole non-padding input is the prompt).
-    Padding (`attention_mask == 0`) is never prompt.
+    first supervised token; only when `use_labels`, i.e. for causal LMs, see `labels_mark_prompt`), then the
+    `attention_mask` alone (the whole non-padding input is the prompt). Padding (`attention_mask == 0`) is never prompt.
     """
     attention_mask = arguments.get("attention_mask")
     reference = arguments.get("input_ids")
@@ -58,7 +72,7 @@ def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_len
         if attention_mask is None:
             raise ValueError("`prompt_lengths` needs `input_ids` or an `attention_mask` to know the sequence length.")
         return prompt_mask_from_lengths(prompt_lengths, attention_mask)
-    labels = arguments.get("labels")
+    labels = arguments.get("labels") if use_labels else None
     if labels is not None and reference is not None and labels.shape == reference.shape[:2]:
         mask = prompt_mask_from_labels(labels, attention_mask)
         if not mask.any(dim=1).all():
@@ -81,7 +95,7 @@ def _begin_model_call(tuner: PedroModel, module: nn.Module, args: tuple, kwargs:
     continues_cache = _cache_length(arguments.get("past_key_values")) > 0
     call.reuse = (call.in_peft_call and call.computed_in_call) or continues_cache
     if not call.reuse:
-        call.prompt_mask = prompt_mask_for_call(arguments, prompt_mask, prompt_lengths)
+        call.prompt_mask = prompt_mask_for_call(arguments, prompt_mask, prompt_lengths, tuner._labels_mark_prompt)
         call.step += 1
         call.computed_in_call = call.in_peft_call
     call.in_forward = True
@@ -98,8 +112,9 @@ class PedroModel(XpeftTuner):
     When the vectors are computed (DESIGN.md §3):
 
     - `forward` computes them from the call's prompt: an explicit `prompt_mask=` (`[B, T]`) or `prompt_lengths=` (`[B]`,
-      counted from each sample's first non-padding token) keyword, else token-level `labels` (the prompt is `-100`
-      before the first supervised token), else the whole non-padding input (no labels: everything is prompt).
+      counted from each sample's first non-padding token) keyword, else, for causal LMs only, token-level `labels`
+      (the prompt is `-100` before the first supervised token), else the whole non-padding input. Other models'
+      labels (e.g. token classification, where `-100` marks unlabelled tokens) never set the prompt.
       Padding is never prompt; left and right padding both work. The two keywords are consumed by PEDRO before the
       transformers model runs, so they work with any architecture; with `Trainer`, emit them from the data collator
       and set `remove_unused_columns=False`.
@@ -129,6 +144,7 @@ class PedroModel(XpeftTuner):
         self._pedro_call = PedroCallState()
         self._blocks: dict[str, PedroBlock] = {}
         self._forward_arguments = list(inspect.signature(model.forward).parameters)
+        self._labels_mark_prompt = labels_mark_prompt(model)
         self._hook_handles = [
             model.register_forward_pre_hook(partial(_begin_model_call, self), with_kwargs=True),
             model.register_forward_hook(partial(_end_model_call, self._pedro_call), always_call=True),
