@@ -134,6 +134,24 @@ def test_manual_kv_cache_continuation_reuses_prompt_vectors():
         expected = model(input_ids=full_ids, prompt_mask=prompt).logits[:, -1]
     torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
 
+    # Interleaved: prefill A, prefill B, continue B (right vectors), then continue A -> clear error, never B's vectors.
+    other = make_inputs("llama", batch=2, seq_len=6, seed=2)
+    other["attention_mask"][:] = 1
+    with torch.no_grad():
+        cache_a = model(**inputs, use_cache=True).past_key_values
+        cache_b = model(**other, use_cache=True).past_key_values
+        step_b = model(input_ids=next_token, past_key_values=cache_b, use_cache=True).logits[:, -1]
+        full_b = torch.cat([other["input_ids"], next_token], dim=1)
+        expected_b = model(input_ids=full_b, prompt_mask=prompt).logits[:, -1]
+        torch.testing.assert_close(step_b, expected_b, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="latest prompt forward did not produce.*Run this cache's prompt again"):
+            model(input_ids=next_token, past_key_values=cache_a, use_cache=True)
+        # A prompt run with the adapter disabled leaves no vectors for its cache: continuing it enabled errors.
+        with model.disable_adapter():
+            cache_c = model(**inputs, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="no vectors for it"):
+            model(input_ids=next_token, past_key_values=cache_c, use_cache=True)
+
 
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, rows):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from ..tuners_utils import XpeftTuner
 from .config import PEDRO_ROLES, PedroConfig
@@ -86,14 +88,46 @@ def prompt_mask_for_call(
     return None if attention_mask is None else attention_mask.bool()
 
 
+def _output_cache(output: Any) -> Any:
+    """The KV cache a model forward returned (`ModelOutput.past_key_values`, or a `Cache` in a plain tuple), or None."""
+    if output is None:
+        return None
+    if hasattr(output, "past_key_values"):
+        return output.past_key_values
+    if isinstance(output, tuple):
+        return next((item for item in output if isinstance(item, Cache)), None)
+    return None
+
+
+def _reference(obj: Any) -> Callable[[], Any] | None:
+    """A weak reference to `obj` when it allows one (transformers' `Cache` objects), else a strong one; None → None."""
+    if obj is None:
+        return None
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # legacy tuple caches cannot be weakly referenced
+        return lambda: obj
+
+
 def _begin_model_call(tuner: PedroModel, module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook on the transformers model: read the prompt boundary, decide compute or reuse."""
     prompt_mask = kwargs.pop("prompt_mask", None)  # PEDRO's own per-call arguments never reach the base model
     prompt_lengths = kwargs.pop("prompt_lengths", None)
     arguments = dict(zip(tuner._forward_arguments, args, strict=False)) | kwargs
     call = tuner._pedro_call
-    continues_cache = _cache_length(arguments.get("past_key_values")) > 0
-    call.reuse = (call.in_peft_call and call.computed_in_call) or continues_cache
+    past_key_values = arguments.get("past_key_values")
+    continues_cache = _cache_length(past_key_values) > 0
+    within_call = call.in_peft_call and call.computed_in_call  # generate's decode steps: same cache, same prompt
+    if continues_cache and not within_call:
+        produced = None if call.cache_ref is None else call.cache_ref()
+        if produced is not past_key_values:
+            raise ValueError(
+                "This forward continues a KV cache that PEDRO's latest prompt forward did not produce: PEDRO keeps "
+                "the vectors of the latest prompt only (the latest forward without a cache), and another prompt ran "
+                "since this cache was started. Run this cache's prompt again and continue the new cache it returns, "
+                "or use `generate`, which keeps prompt and cache together."
+            )
+    call.reuse = within_call or continues_cache
     if not call.reuse:
         call.prompt_mask = prompt_mask_for_call(arguments, prompt_mask, prompt_lengths, tuner._labels_mark_prompt)
         call.step += 1
@@ -104,6 +138,10 @@ def _begin_model_call(tuner: PedroModel, module: nn.Module, args: tuple, kwargs:
 
 def _end_model_call(call: PedroCallState, module: nn.Module, args: tuple, output: Any) -> None:
     call.in_forward = False
+    cache = _output_cache(output)
+    if not call.reuse or cache is not None:
+        # Remember which cache belongs to the latest prompt's vectors (None: that forward returned no cache).
+        call.cache_ref = _reference(cache)
 
 
 class PedroModel(XpeftTuner):
@@ -120,7 +158,8 @@ class PedroModel(XpeftTuner):
       and set `remove_unused_columns=False`.
     - `generate` computes them at its first forward (the prefill, the whole non-padding prompt) and every later forward
       of the call reuses them, with or without KV cache; beam search repeats each prompt's vectors with its beams.
-    - Outside `generate`, a forward that continues a KV cache reuses the vectors of the forward that started it.
+    - Outside `generate`, a forward that continues a KV cache reuses the vectors of the forward that started it; PEDRO
+      keeps the vectors of the latest prompt only, so continuing an older cache (after another prompt ran) raises.
     """
 
     prefix: str = "pedro_"
