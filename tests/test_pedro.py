@@ -301,6 +301,27 @@ def test_value_only_target_holds_generator():
     assert not torch.allclose(out, make_model("llama")(**inputs).logits, atol=1e-4)
 
 
+def test_excluding_one_blocks_query_moves_its_generator_to_the_value_projection():
+    """`exclude_modules` removing block 0's q_proj: that block's generator sits in v_proj; block 1's stays in q_proj."""
+    inputs = make_inputs("llama")
+    model = perturbed(make_model("llama"), exclude_modules=["model.layers.0.self_attn.q_proj"])
+    layers = model.base_model.model.model.layers
+    assert not hasattr(layers[0].self_attn.q_proj, "pedro_up")
+    assert "default" in layers[0].self_attn.v_proj.pedro_generator
+    assert "default" in layers[1].self_attn.q_proj.pedro_generator
+    assert "default" not in layers[1].self_attn.v_proj.pedro_generator
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, make_model("llama")(**inputs).logits, atol=1e-4)
+
+
+def test_excluding_a_blocks_query_and_value_but_not_its_ffn_errors_at_injection():
+    excluded = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    with pytest.raises(ValueError, match=r"none of block 'model.layers.0'.*query or value.*exclude_modules"):
+        get_peft_model(make_model("llama"), PedroConfig(exclude_modules=excluded))
+
+
 def test_prompt_mask_shape_error():
     inputs = make_inputs("llama")
     model = perturbed(make_model("llama"))

@@ -182,6 +182,7 @@ class PedroModel(XpeftTuner):
             return
         self._pedro_call = PedroCallState()
         self._blocks: dict[str, PedroBlock] = {}
+        self._owners: dict[tuple[int, str], str] = {}  # (id of the config, block) -> module holding the generator
         self._forward_arguments = list(inspect.signature(model.forward).parameters)
         self._labels_mark_prompt = labels_mark_prompt(model)
         self._hook_handles = [
@@ -216,12 +217,10 @@ class PedroModel(XpeftTuner):
         roles = PEDRO_ROLES[self.model.config.model_type]
         name = next(n for n in roles if current_key == n or current_key.endswith("." + n))
         role = roles[name]
-        targeted = {roles[n] for n in config.target_modules}
-        # The generator sits in the query projection if targeted (else the value one): both read the same input.
-        owner_role = role in ("qv", "q") or (role == "v" and "q" not in targeted)
         match = _BLOCK_KEY.match(current_key)
         if match is None:
             raise ValueError(f"PEDRO found no block index in the module name {current_key!r}.")
+        owner_role = current_key == self._generator_owner(config, match.group(1), current_key, role)
         block = self._blocks.setdefault(match.group(1), PedroBlock())
         if isinstance(target, PedroLayer):
             target.update_layer(adapter_name, config, owner_role)
@@ -230,6 +229,31 @@ class PedroModel(XpeftTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _generator_owner(self, config: PedroConfig, block_key: str, current_key: str, role: str) -> str:
+        """The module of block `block_key` that holds the vector generator: its query projection if adapted, else
+        its value projection (both read the normalised block input). Decided per block, so that `exclude_modules` or
+        `layers_to_transform` removing one block's query projection moves its generator to the value projection."""
+        roles = PEDRO_ROLES[self.model.config.model_type]
+        cached = self._owners.get((id(config), block_key))
+        if cached is not None:
+            return cached
+        adapted = {}
+        for key, _ in self.model.named_modules():
+            if key.startswith(block_key + ".") and self._check_target_module_exists(config, key):
+                name = next((n for n in roles if key == n or key.endswith("." + n)), None)
+                if name is not None:
+                    adapted.setdefault(roles[name], key)
+        for owner in ("qv", "q", "v"):
+            if owner in adapted:
+                self._owners[(id(config), block_key)] = adapted[owner]
+                return adapted[owner]
+        raise ValueError(
+            f"PEDRO would scale {current_key!r} (role {role!r}) but none of block {block_key!r}'s query or value "
+            "projections is adapted (removed by `exclude_modules` or `layers_to_transform`), and the block's vector "
+            "generator reads its input there. Keep that block's query or value projection, or exclude the whole block "
+            f"(add {current_key!r} to `exclude_modules` too)."
+        )
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
