@@ -322,6 +322,19 @@ def test_excluding_a_blocks_query_and_value_but_not_its_ffn_errors_at_injection(
         get_peft_model(make_model("llama"), PedroConfig(exclude_modules=excluded))
 
 
+def test_module_outside_numbered_blocks_errors():
+    from xpeft.pedro.model import PedroModel
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = make_model("llama").config
+            self.q_proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="no block index.*numbered transformer blocks.*target_modules"):
+        PedroModel(Flat(), PedroConfig(target_modules=["q_proj"]), "default")
+
+
 def test_prompt_mask_shape_error():
     inputs = make_inputs("llama")
     model = perturbed(make_model("llama"))

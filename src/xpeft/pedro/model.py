@@ -219,7 +219,12 @@ class PedroModel(XpeftTuner):
         role = roles[name]
         match = _BLOCK_KEY.match(current_key)
         if match is None:
-            raise ValueError(f"PEDRO found no block index in the module name {current_key!r}.")
+            raise ValueError(
+                f"PEDRO found no block index in the module name {current_key!r}: PEDRO scales projections inside "
+                "numbered transformer blocks (`<...>.layers.<i>.<...>`), one vector generator per block. Point "
+                "`target_modules` at the blocks' query, value and FFN-up projections, and set `layers_pattern` to "
+                "the name of the block list if you use `layers_to_transform`."
+            )
         owner_role = current_key == self._generator_owner(config, match.group(1), current_key, role)
         block = self._blocks.setdefault(match.group(1), PedroBlock())
         if isinstance(target, PedroLayer):
