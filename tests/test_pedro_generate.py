@@ -213,3 +213,23 @@ def test_trainer_steps_lower_the_loss(model_name, tmp_path):
     assert after < before
     # the PEDRO vectors themselves trained (not only a classification head)
     assert any(not torch.equal(p, up_before[n]) for n, p in model.named_parameters() if "pedro_up" in n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_and_generate(dtype):
+    """fp16/bf16 model: finite logits in the model's dtype, close to the float32 run, and generate works."""
+    model = pedro()
+    inputs = left_padded_prompts()
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        half = model.to(dtype)
+        logits = half(**inputs).logits
+    assert logits.dtype == dtype
+    assert torch.isfinite(logits).all()
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(
+        logits[valid].float(), reference[valid], rtol=0, atol=0.02
+    )  # PEDRO moves logits by ~0.5
+    tokens = greedy(half, inputs)
+    assert tokens.shape == (3, NEW_TOKENS)
+    assert ((tokens >= 0) & (tokens < half.config.vocab_size)).all()
