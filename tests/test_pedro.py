@@ -251,8 +251,12 @@ def test_rational_initialisation_approximates_gelu():
 def test_not_mergeable_layer_level():
     model = perturbed(make_model("llama"))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    with pytest.raises(ValueError, match="cannot be merged"):
+    with pytest.raises(ValueError, match="cannot be merged") as layer_error:
         layer.merge()
+    with pytest.raises(ValueError, match="cannot be merged") as model_error:
+        model.merge_adapter()
+    reason = "computed from each prompt at run time"
+    assert reason in str(layer_error.value) and reason in str(model_error.value)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from ..tuners_utils import adapter_index_groups, check_mixed_batch_args, layer_f
 from .config import PedroConfig
 from .generator import VectorGenerator, pedro_vectors
 
+UNMERGEABLE_REASON = "PEDRO's vectors are computed from each prompt at run time, so no fixed weight reproduces them."
+
 
 @dataclass
 class PedroCallState:
@@ -147,8 +149,8 @@ class PedroLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
-            "PEDRO adapters cannot be merged into the base weights: the vectors are computed from each prompt at run "
-            "time. Keep the model unmerged, or use `model.unload()` to get the base model back."
+            f"PEDRO adapters cannot be merged into the base weights: {UNMERGEABLE_REASON} Keep the model unmerged (it "
+            "runs as is), or use `model.unload()` to get the base model back."
         )
 
     def unmerge(self) -> None:

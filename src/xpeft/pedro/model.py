@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from ..tuners_utils import XpeftTuner
 from .config import PEDRO_ROLES, PedroConfig
 from .generator import prompt_mask_from_labels, prompt_mask_from_lengths
-from .layer import PedroBlock, PedroCallState, PedroLayer
+from .layer import UNMERGEABLE_REASON, PedroBlock, PedroCallState, PedroLayer
 
 _BLOCK_KEY = re.compile(r"^(.*?\.\d+)\.")
 
@@ -166,9 +166,7 @@ class PedroModel(XpeftTuner):
     tuner_layer_cls = PedroLayer
     target_module_mapping = {model_type: sorted(roles) for model_type, roles in PEDRO_ROLES.items()}
     mergeable = False
-    unmergeable_reason = (
-        "PEDRO's vectors are computed from each prompt at run time, so no fixed weight reproduces them."
-    )
+    unmergeable_reason = UNMERGEABLE_REASON
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
