@@ -223,6 +223,24 @@ def test_bert_accepts_prompt_arguments_through_peft_forward():
     assert not torch.allclose(by_lengths, whole, atol=1e-5)
 
 
+def test_token_classification_labels_do_not_set_the_prompt():
+    """Token labels of a non-causal model mark unlabelled tokens ([CLS] = -100), not a prompt: they are ignored."""
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(0)
+    base = BertForTokenClassification(make_model("bert").config)
+    model = get_peft_model(base, PedroConfig(vg_rank=4, task_type="TOKEN_CLS", init_weights=False)).eval()
+    inputs = make_inputs("bert")
+    labels = torch.randint(0, 2, inputs["input_ids"].shape)
+    labels[:, 0] = -100  # [CLS] is unlabelled, as Hugging Face tokenizers emit it
+    with torch.no_grad():
+        with_labels = model(**inputs, labels=labels).logits
+        without_labels = model(**inputs).logits
+        cls_only = model(**inputs, prompt_lengths=torch.ones(3, dtype=torch.long)).logits
+    torch.testing.assert_close(with_labels, without_labels, rtol=0, atol=0)
+    assert not torch.allclose(with_labels, cls_only, atol=1e-5)  # the prompt matters: [CLS] alone differs
+
+
 def test_rational_initialisation_approximates_gelu():
     x = torch.linspace(-3, 3, 2001, dtype=torch.float64)
     approx = rational(x, torch.tensor(GELU_NUMERATOR, dtype=torch.float64), torch.tensor(GELU_DENOMINATOR).double())
@@ -233,8 +251,12 @@ def test_rational_initialisation_approximates_gelu():
 def test_not_mergeable_layer_level():
     model = perturbed(make_model("llama"))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    with pytest.raises(ValueError, match="cannot be merged"):
+    with pytest.raises(ValueError, match="cannot be merged") as layer_error:
         layer.merge()
+    with pytest.raises(ValueError, match="cannot be merged") as model_error:
+        model.merge_adapter()
+    reason = "computed from each prompt at run time"
+    assert reason in str(layer_error.value) and reason in str(model_error.value)
 
 
 @pytest.mark.parametrize(
@@ -281,6 +303,40 @@ def test_value_only_target_holds_generator():
         out = model(**inputs).logits
     assert torch.isfinite(out).all()
     assert not torch.allclose(out, make_model("llama")(**inputs).logits, atol=1e-4)
+
+
+def test_excluding_one_blocks_query_moves_its_generator_to_the_value_projection():
+    """`exclude_modules` removing block 0's q_proj: that block's generator sits in v_proj; block 1's stays in q_proj."""
+    inputs = make_inputs("llama")
+    model = perturbed(make_model("llama"), exclude_modules=["model.layers.0.self_attn.q_proj"])
+    layers = model.base_model.model.model.layers
+    assert not hasattr(layers[0].self_attn.q_proj, "pedro_up")
+    assert "default" in layers[0].self_attn.v_proj.pedro_generator
+    assert "default" in layers[1].self_attn.q_proj.pedro_generator
+    assert "default" not in layers[1].self_attn.v_proj.pedro_generator
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, make_model("llama")(**inputs).logits, atol=1e-4)
+
+
+def test_excluding_a_blocks_query_and_value_but_not_its_ffn_errors_at_injection():
+    excluded = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    with pytest.raises(ValueError, match=r"none of block 'model.layers.0'.*query or value.*exclude_modules"):
+        get_peft_model(make_model("llama"), PedroConfig(exclude_modules=excluded))
+
+
+def test_module_outside_numbered_blocks_errors():
+    from xpeft.pedro.model import PedroModel
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = make_model("llama").config
+            self.q_proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="no block index.*numbered transformer blocks.*target_modules"):
+        PedroModel(Flat(), PedroConfig(target_modules=["q_proj"]), "default")
 
 
 def test_prompt_mask_shape_error():

@@ -134,6 +134,24 @@ def test_manual_kv_cache_continuation_reuses_prompt_vectors():
         expected = model(input_ids=full_ids, prompt_mask=prompt).logits[:, -1]
     torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
 
+    # Interleaved: prefill A, prefill B, continue B (right vectors), then continue A -> clear error, never B's vectors.
+    other = make_inputs("llama", batch=2, seq_len=6, seed=2)
+    other["attention_mask"][:] = 1
+    with torch.no_grad():
+        cache_a = model(**inputs, use_cache=True).past_key_values
+        cache_b = model(**other, use_cache=True).past_key_values
+        step_b = model(input_ids=next_token, past_key_values=cache_b, use_cache=True).logits[:, -1]
+        full_b = torch.cat([other["input_ids"], next_token], dim=1)
+        expected_b = model(input_ids=full_b, prompt_mask=prompt).logits[:, -1]
+        torch.testing.assert_close(step_b, expected_b, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="latest prompt forward did not produce.*Run this cache's prompt again"):
+            model(input_ids=next_token, past_key_values=cache_a, use_cache=True)
+        # A prompt run with the adapter disabled leaves no vectors for its cache: continuing it enabled errors.
+        with model.disable_adapter():
+            cache_c = model(**inputs, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="no vectors for it"):
+            model(input_ids=next_token, past_key_values=cache_c, use_cache=True)
+
 
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, rows):
@@ -195,3 +213,23 @@ def test_trainer_steps_lower_the_loss(model_name, tmp_path):
     assert after < before
     # the PEDRO vectors themselves trained (not only a classification head)
     assert any(not torch.equal(p, up_before[n]) for n, p in model.named_parameters() if "pedro_up" in n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_and_generate(dtype):
+    """fp16/bf16 model: finite logits in the model's dtype, close to the float32 run, and generate works."""
+    model = pedro()
+    inputs = left_padded_prompts()
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        half = model.to(dtype)
+        logits = half(**inputs).logits
+    assert logits.dtype == dtype
+    assert torch.isfinite(logits).all()
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(
+        logits[valid].float(), reference[valid], rtol=0, atol=0.02
+    )  # PEDRO moves logits by ~0.5
+    tokens = greedy(half, inputs)
+    assert tokens.shape == (3, NEW_TOKENS)
+    assert ((tokens >= 0) & (tokens < half.config.vocab_size)).all()

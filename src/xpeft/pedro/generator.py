@@ -83,7 +83,7 @@ class RationalActivation(nn.Module):
         return rational(x, self.numerator, self.denominator)
 
 
-ACTIVATIONS = {"rational": RationalActivation, "gelu": nn.GELU, "relu": nn.ReLU}
+GENERATOR_ACTIVATIONS = {"rational": RationalActivation, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
 class VectorGenerator(nn.Module):
@@ -100,7 +100,7 @@ class VectorGenerator(nn.Module):
             # Zero scores: the attention pooler starts as the mean over the prompt.
             self.score = nn.Parameter(torch.zeros(hidden_size))
         self.down = nn.Linear(hidden_size, rank)
-        self.act = ACTIVATIONS[activation]()
+        self.act = GENERATOR_ACTIVATIONS[activation]()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         hidden = hidden.to(self.down.weight.dtype)

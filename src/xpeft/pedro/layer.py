@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -13,6 +14,8 @@ from ..tuners_utils import adapter_index_groups, check_mixed_batch_args, layer_f
 from .config import PedroConfig
 from .generator import VectorGenerator, pedro_vectors
 
+UNMERGEABLE_REASON = "PEDRO's vectors are computed from each prompt at run time, so no fixed weight reproduces them."
+
 
 @dataclass
 class PedroCallState:
@@ -20,7 +23,8 @@ class PedroCallState:
 
     `step` changes at every model forward that computes vectors; `reuse` is True for a forward that continues the
     previous one (a decode step of `generate`, or any forward continuing a KV cache), which only broadcasts the vectors
-    cached at the computing forward.
+    cached at the computing forward. `cache_ref` returns the KV cache that the latest computing forward produced (or
+    None), so that a continuing forward can check that its cache belongs to the vectors PEDRO holds.
     """
 
     step: int = 0
@@ -29,6 +33,7 @@ class PedroCallState:
     prompt_mask: torch.Tensor | None = None
     in_peft_call: bool = False
     computed_in_call: bool = False
+    cache_ref: Callable[[], Any] | None = None
 
     def prompt_mask_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
         matches = self.prompt_mask is not None and hidden.dim() == 3 and self.prompt_mask.shape == hidden.shape[:2]
@@ -121,7 +126,7 @@ class PedroLayer(nn.Module, BaseTunerLayer):
             self.segments = ((0, self.out_features),)
         self._block = block
         self._call = call
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[tuple, int, torch.Tensor | None] | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, owns_generator)
 
@@ -144,8 +149,8 @@ class PedroLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
-            "PEDRO adapters cannot be merged into the base weights: the vectors are computed from each prompt at run "
-            "time. Keep the model unmerged, or use `model.unload()` to get the base model back."
+            f"PEDRO adapters cannot be merged into the base weights: {UNMERGEABLE_REASON} Keep the model unmerged (it "
+            "runs as is), or use `model.unload()` to get the base model back."
         )
 
     def unmerge(self) -> None:
@@ -216,7 +221,7 @@ class PedroLayer(nn.Module, BaseTunerLayer):
             if scale is not None:
                 scale = expand_segments(scale, self.segments, self.out_features)
             # Decode steps only broadcast these vectors; they are constants there, hence detached.
-            self._cache = (key, None if scale is None else scale.detach())
+            self._cache = (key, self._call.step, None if scale is None else scale.detach())
         if scale is None:
             return result  # no adapter of this call scales this projection
         return scale_output(result, scale.to(result.dtype))
@@ -236,13 +241,13 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         return self._scales(codes, adapters, batch)
 
     def _cached_scale(self, key: tuple) -> torch.Tensor | None:
-        if self._cache is None or self._cache[0] != key:
+        if self._cache is None or self._cache[:2] != (key, self._call.step):
             raise ValueError(
                 "This forward continues a KV cache, but PEDRO has no vectors for it: the vectors are computed at the "
                 "forward that starts the cache (the prefill), with the same adapters. Run the prompt through this "
                 "PEDRO model first, or call `generate`, which does it."
             )
-        return self._cache[1]
+        return self._cache[2]
 
     def __repr__(self) -> str:
         return "pedro." + super().__repr__()

@@ -5,18 +5,20 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from ..tuners_utils import XpeftTuner
 from .config import PEDRO_ROLES, PedroConfig
 from .generator import prompt_mask_from_labels, prompt_mask_from_lengths
-from .layer import PedroBlock, PedroCallState, PedroLayer
+from .layer import UNMERGEABLE_REASON, PedroBlock, PedroCallState, PedroLayer
 
 _BLOCK_KEY = re.compile(r"^(.*?\.\d+)\.")
 
@@ -29,12 +31,26 @@ def _cache_length(past_key_values: Any) -> int:
     return int(past_key_values[0][0].shape[-2])  # legacy tuple of (key, value) per layer
 
 
-def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_lengths=None) -> torch.Tensor | None:
+def labels_mark_prompt(model: nn.Module) -> bool:
+    """Whether `model`'s token-level `labels` mark the prompt (`-100` before the first supervised token).
+
+    True only for decoder-only causal LMs (`model.can_generate()` and not encoder-decoder). Decided from the transformers
+    model itself rather than peft's `task_type`, which users may leave unset or set loosely. Token classification also
+    takes `[B, T]` labels, but there `-100` marks unlabelled tokens ([CLS], sub-words), not a prompt.
+    """
+    can_generate = getattr(model, "can_generate", None)
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return bool(callable(can_generate) and can_generate() and not is_encoder_decoder)
+
+
+def prompt_mask_for_call(
+    arguments: dict[str, Any], prompt_mask=None, prompt_lengths=None, use_labels: bool = True
+) -> torch.Tensor | None:
     """The prompt positions `[B, T]` of one model call, or None when every position is prompt.
 
     Priority: an explicit `prompt_mask`, then `prompt_lengths`, then token-level `labels` (prompt = `-100` before the
-    first supervised token), then the `attention_mask` alone (no labels: the whole non-padding input is the prompt).
-    Padding (`attention_mask == 0`) is never prompt.
+    first supervised token; only when `use_labels`, i.e. for causal LMs, see `labels_mark_prompt`), then the
+    `attention_mask` alone (the whole non-padding input is the prompt). Padding (`attention_mask == 0`) is never prompt.
     """
     attention_mask = arguments.get("attention_mask")
     reference = arguments.get("input_ids")
@@ -58,7 +74,7 @@ def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_len
         if attention_mask is None:
             raise ValueError("`prompt_lengths` needs `input_ids` or an `attention_mask` to know the sequence length.")
         return prompt_mask_from_lengths(prompt_lengths, attention_mask)
-    labels = arguments.get("labels")
+    labels = arguments.get("labels") if use_labels else None
     if labels is not None and reference is not None and labels.shape == reference.shape[:2]:
         mask = prompt_mask_from_labels(labels, attention_mask)
         if not mask.any(dim=1).all():
@@ -72,16 +88,48 @@ def prompt_mask_for_call(arguments: dict[str, Any], prompt_mask=None, prompt_len
     return None if attention_mask is None else attention_mask.bool()
 
 
+def _output_cache(output: Any) -> Any:
+    """The KV cache a model forward returned (`ModelOutput.past_key_values`, or a `Cache` in a plain tuple), or None."""
+    if output is None:
+        return None
+    if hasattr(output, "past_key_values"):
+        return output.past_key_values
+    if isinstance(output, tuple):
+        return next((item for item in output if isinstance(item, Cache)), None)
+    return None
+
+
+def _reference(obj: Any) -> Callable[[], Any] | None:
+    """A weak reference to `obj` when it allows one (transformers' `Cache` objects), else a strong one; None → None."""
+    if obj is None:
+        return None
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # legacy tuple caches cannot be weakly referenced
+        return lambda: obj
+
+
 def _begin_model_call(tuner: PedroModel, module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook on the transformers model: read the prompt boundary, decide compute or reuse."""
     prompt_mask = kwargs.pop("prompt_mask", None)  # PEDRO's own per-call arguments never reach the base model
     prompt_lengths = kwargs.pop("prompt_lengths", None)
     arguments = dict(zip(tuner._forward_arguments, args, strict=False)) | kwargs
     call = tuner._pedro_call
-    continues_cache = _cache_length(arguments.get("past_key_values")) > 0
-    call.reuse = (call.in_peft_call and call.computed_in_call) or continues_cache
+    past_key_values = arguments.get("past_key_values")
+    continues_cache = _cache_length(past_key_values) > 0
+    within_call = call.in_peft_call and call.computed_in_call  # generate's decode steps: same cache, same prompt
+    if continues_cache and not within_call:
+        produced = None if call.cache_ref is None else call.cache_ref()
+        if produced is not past_key_values:
+            raise ValueError(
+                "This forward continues a KV cache that PEDRO's latest prompt forward did not produce: PEDRO keeps "
+                "the vectors of the latest prompt only (the latest forward without a cache), and another prompt ran "
+                "since this cache was started. Run this cache's prompt again and continue the new cache it returns, "
+                "or use `generate`, which keeps prompt and cache together."
+            )
+    call.reuse = within_call or continues_cache
     if not call.reuse:
-        call.prompt_mask = prompt_mask_for_call(arguments, prompt_mask, prompt_lengths)
+        call.prompt_mask = prompt_mask_for_call(arguments, prompt_mask, prompt_lengths, tuner._labels_mark_prompt)
         call.step += 1
         call.computed_in_call = call.in_peft_call
     call.in_forward = True
@@ -90,6 +138,10 @@ def _begin_model_call(tuner: PedroModel, module: nn.Module, args: tuple, kwargs:
 
 def _end_model_call(call: PedroCallState, module: nn.Module, args: tuple, output: Any) -> None:
     call.in_forward = False
+    cache = _output_cache(output)
+    if not call.reuse or cache is not None:
+        # Remember which cache belongs to the latest prompt's vectors (None: that forward returned no cache).
+        call.cache_ref = _reference(cache)
 
 
 class PedroModel(XpeftTuner):
@@ -98,23 +150,23 @@ class PedroModel(XpeftTuner):
     When the vectors are computed (DESIGN.md §3):
 
     - `forward` computes them from the call's prompt: an explicit `prompt_mask=` (`[B, T]`) or `prompt_lengths=` (`[B]`,
-      counted from each sample's first non-padding token) keyword, else token-level `labels` (the prompt is `-100`
-      before the first supervised token), else the whole non-padding input (no labels: everything is prompt).
+      counted from each sample's first non-padding token) keyword, else, for causal LMs only, token-level `labels`
+      (the prompt is `-100` before the first supervised token), else the whole non-padding input. Other models'
+      labels (e.g. token classification, where `-100` marks unlabelled tokens) never set the prompt.
       Padding is never prompt; left and right padding both work. The two keywords are consumed by PEDRO before the
       transformers model runs, so they work with any architecture; with `Trainer`, emit them from the data collator
       and set `remove_unused_columns=False`.
     - `generate` computes them at its first forward (the prefill, the whole non-padding prompt) and every later forward
       of the call reuses them, with or without KV cache; beam search repeats each prompt's vectors with its beams.
-    - Outside `generate`, a forward that continues a KV cache reuses the vectors of the forward that started it.
+    - Outside `generate`, a forward that continues a KV cache reuses the vectors of the forward that started it; PEDRO
+      keeps the vectors of the latest prompt only, so continuing an older cache (after another prompt ran) raises.
     """
 
     prefix: str = "pedro_"
     tuner_layer_cls = PedroLayer
     target_module_mapping = {model_type: sorted(roles) for model_type, roles in PEDRO_ROLES.items()}
     mergeable = False
-    unmergeable_reason = (
-        "PEDRO's vectors are computed from each prompt at run time, so no fixed weight reproduces them."
-    )
+    unmergeable_reason = UNMERGEABLE_REASON
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -128,7 +180,9 @@ class PedroModel(XpeftTuner):
             return
         self._pedro_call = PedroCallState()
         self._blocks: dict[str, PedroBlock] = {}
+        self._owners: dict[tuple[int, str], str] = {}  # (id of the config, block) -> module holding the generator
         self._forward_arguments = list(inspect.signature(model.forward).parameters)
+        self._labels_mark_prompt = labels_mark_prompt(model)
         self._hook_handles = [
             model.register_forward_pre_hook(partial(_begin_model_call, self), with_kwargs=True),
             model.register_forward_hook(partial(_end_model_call, self._pedro_call), always_call=True),
@@ -161,12 +215,15 @@ class PedroModel(XpeftTuner):
         roles = PEDRO_ROLES[self.model.config.model_type]
         name = next(n for n in roles if current_key == n or current_key.endswith("." + n))
         role = roles[name]
-        targeted = {roles[n] for n in config.target_modules}
-        # The generator sits in the query projection if targeted (else the value one): both read the same input.
-        owner_role = role in ("qv", "q") or (role == "v" and "q" not in targeted)
         match = _BLOCK_KEY.match(current_key)
         if match is None:
-            raise ValueError(f"PEDRO found no block index in the module name {current_key!r}.")
+            raise ValueError(
+                f"PEDRO found no block index in the module name {current_key!r}: PEDRO scales projections inside "
+                "numbered transformer blocks (`<...>.layers.<i>.<...>`), one vector generator per block. Point "
+                "`target_modules` at the blocks' query, value and FFN-up projections, and set `layers_pattern` to "
+                "the name of the block list if you use `layers_to_transform`."
+            )
+        owner_role = current_key == self._generator_owner(config, match.group(1), current_key, role)
         block = self._blocks.setdefault(match.group(1), PedroBlock())
         if isinstance(target, PedroLayer):
             target.update_layer(adapter_name, config, owner_role)
@@ -175,6 +232,31 @@ class PedroModel(XpeftTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _generator_owner(self, config: PedroConfig, block_key: str, current_key: str, role: str) -> str:
+        """The module of block `block_key` that holds the vector generator: its query projection if adapted, else
+        its value projection (both read the normalised block input). Decided per block, so that `exclude_modules` or
+        `layers_to_transform` removing one block's query projection moves its generator to the value projection."""
+        roles = PEDRO_ROLES[self.model.config.model_type]
+        cached = self._owners.get((id(config), block_key))
+        if cached is not None:
+            return cached
+        adapted = {}
+        for key, _ in self.model.named_modules():
+            if key.startswith(block_key + ".") and self._check_target_module_exists(config, key):
+                name = next((n for n in roles if key == n or key.endswith("." + n)), None)
+                if name is not None:
+                    adapted.setdefault(roles[name], key)
+        for owner in ("qv", "q", "v"):
+            if owner in adapted:
+                self._owners[(id(config), block_key)] = adapted[owner]
+                return adapted[owner]
+        raise ValueError(
+            f"PEDRO would scale {current_key!r} (role {role!r}) but none of block {block_key!r}'s query or value "
+            "projections is adapted (removed by `exclude_modules` or `layers_to_transform`), and the block's vector "
+            "generator reads its input there. Keep that block's query or value projection, or exclude the whole block "
+            f"(add {current_key!r} to `exclude_modules` too)."
+        )
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
