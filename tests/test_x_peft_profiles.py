@@ -293,6 +293,20 @@ def test_profile_cost_report():
     assert cost["profile_file_bytes"] < cost["with_head_bytes"] < cost["bottleneck_adapter_file_bytes"]
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
+@pytest.mark.parametrize("model_name", ["gpt2", "bert", "llama"])  # gpt2: LoRA's targets are Conv1D layers
+def test_profile_cost_lora_baseline_equals_peft_lora_on_the_same_modules(model_name):
+    from peft import LoraConfig
+
+    cost = profile_cost(get_peft_model(make_model(model_name), config(model_name)), lora_r=8)
+    # independent count: peft's own LoRA r=8 on its default targets, r * (in + out) trainable parameters per module
+    lora = get_peft_model(make_model(model_name), LoraConfig(r=8, task_type=task_type(model_name)))
+    expected = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert expected > 0
+    assert cost["lora_parameters"] == expected
+    assert cost["lora_file_bytes"] > 4 * expected
+
+
 @pytest.mark.parametrize("model_name", ["llama", "bert"])  # bert has a classifier head: attached via add_adapter
 def test_attached_profile_equals_the_original(model_name, tmp_path):
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..serialization import read_safetensors_metadata
-from ..tuners_utils import XpeftTuner
+from ..tuners_utils import XpeftTuner, layer_features
 from .bank import XPeftBank, random_bank_recipe, recipe_fingerprint
 from .config import XPeftConfig
 from .layer import XPeftLayer
@@ -249,9 +249,14 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
     lora_targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, [])
     lora = {}
     for name, module in model.get_base_model().named_modules():
+        if name.split(".")[-1] not in lora_targets:
+            continue
         base = module.get_base_layer() if isinstance(module, XPeftLayer) else module
-        if isinstance(base, nn.Linear) and name.split(".")[-1] in lora_targets:
-            lora[name] = torch.zeros(lora_r * (base.in_features + base.out_features))
+        try:  # nn.Linear and transformers' Conv1D (GPT-2); LoRA skips other layer types too
+            in_features, out_features, _ = layer_features(base, "LoRA")
+        except TypeError:
+            continue
+        lora[name] = torch.zeros(lora_r * (in_features + out_features))
     return {
         "layers": len(layers),
         "bank_size": config.bank_size,
