@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -241,6 +242,35 @@ def test_trained_bank_from_single_adapters(tmp_path):
     save_file(tensors, path, metadata=json.loads(json.dumps(dict(_metadata(path)))))
     with pytest.raises(ValueError, match="is corrupted"):
         get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path), bank_size=3))
+
+
+def test_profile_on_a_bank_file_loads_from_any_directory_and_a_moved_bank_is_named(tmp_path, monkeypatch):
+    from xpeft.x_peft import save_bank
+
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    save_bank(get_peft_model(make_model("llama"), config()).base_model.xpeft_bank, "bank.safetensors")
+    bank_config = config(bank="bank.safetensors")
+    assert bank_config.bank == str(tmp_path / "bank.safetensors")  # made absolute when the config is created
+    trained = get_peft_model(make_model("llama"), bank_config).eval()
+    trained.save_pretrained("profile")
+    inputs = make_inputs("llama")
+    expected = logits(trained, inputs)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # another working directory: the recorded path still finds the bank
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile")
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    (tmp_path / "bank.safetensors").rename(elsewhere / "moved.safetensors")
+    match = f"`bank` points to {re.escape(str(tmp_path / 'bank.safetensors'))}.*config.bank = .*config=config"
+    with pytest.raises(FileNotFoundError, match=match):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile")
+    # the fix the message gives, with a path relative to the current directory
+    moved = XPeftConfig.from_pretrained(tmp_path / "profile")
+    moved.bank = "moved.safetensors"
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile", config=moved)
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    assert loaded.peft_config["default"].bank == str(elsewhere / "moved.safetensors")
 
 
 def _metadata(path):

@@ -65,8 +65,21 @@ def _buffer_key(layer_name: str) -> str:
     return layer_name.replace(".", "/")
 
 
+def check_bank_file_exists(path: str | os.PathLike) -> None:
+    """Raise a `FileNotFoundError` saying how to point a profile at its bank's current path."""
+    if Path(path).is_file():
+        return
+    raise FileNotFoundError(
+        f"X-PEFT bank file not found: this profile's `bank` points to {path}, and no file is there (a bank is never "
+        "saved with its profiles). Pass the bank's current path: `config = XPeftConfig.from_pretrained(profile_dir); "
+        "config.bank = 'path/to/bank.safetensors'; PeftModel.from_pretrained(base_model, profile_dir, config=config)` "
+        "(or `XPeftConfig(..., bank='path/to/bank.safetensors')` for a new profile)."
+    )
+
+
 def read_bank_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """Load a bank file, check it against its recorded fingerprint; return `({layer: {part: tensor}}, metadata)`."""
+    check_bank_file_exists(path)
     metadata = read_safetensors_metadata(path)
     if metadata.get("format") != BANK_FORMAT:
         raise ValueError(

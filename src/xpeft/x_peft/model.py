@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..serialization import read_safetensors_metadata
 from ..tuners_utils import XpeftTuner, layer_features
-from .bank import XPeftBank, random_bank_recipe, recipe_fingerprint
+from .bank import XPeftBank, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
 from .config import XPeftConfig
 from .layer import XPeftLayer
 from .store import ProfileStore, pack_masks, unpack_masks
@@ -41,6 +42,7 @@ def bank_fingerprint_of(config: XPeftConfig) -> str:
         recipe = random_bank_recipe(config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity)
         return recipe_fingerprint(recipe)
     # The header is enough here: the bank's tensors are checked against it once, when the model's bank is built.
+    check_bank_file_exists(config.bank)
     metadata = read_safetensors_metadata(config.bank)
     if "fingerprint" not in metadata:
         raise ValueError(f"{config.bank} is not an X-PEFT bank file; create one with `xpeft.x_peft.build_bank`.")
@@ -95,6 +97,8 @@ class XPeftModel(XpeftTuner):
 
     def _check_new_adapter_config(self, config: XPeftConfig) -> None:
         super()._check_new_adapter_config(config)
+        if config.bank != "random":  # e.g. set to a relative path after the config was created
+            config.bank = os.path.abspath(os.path.expanduser(os.fspath(config.bank)))
         fingerprint = bank_fingerprint_of(config)
         described = "bank='random', bank_seed=" + str(config.bank_seed) if config.bank == "random" else config.bank
         if config.bank_fingerprint is not None and config.bank_fingerprint != fingerprint:
