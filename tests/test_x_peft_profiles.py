@@ -213,6 +213,34 @@ def test_store_add_get_list_attach_and_refusals(tmp_path):
         ProfileStore(path)
 
 
+def test_store_errors_say_how_to_fix_them(tmp_path):
+    model = get_peft_model(make_model("llama"), config()).eval()
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, other, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"is not an X-PEFT profile store.*create one with `ProfileStore.create\("):
+        ProfileStore(other)
+    with pytest.raises(FileNotFoundError, match=r"No X-PEFT profile store at .*create one with `ProfileStore.create"):
+        ProfileStore(tmp_path / "missing.safetensors")
+    store = ProfileStore.create(tmp_path / "s.safetensors", model.peft_config["default"], layers=2)
+    store.add({"u": profile_payload(model)}, bank_fingerprint=model.base_model.xpeft_bank.fingerprint)
+    one_layer = get_peft_model(make_model("llama"), config(layers_to_transform=[0]))
+    with pytest.raises(
+        ValueError,
+        match=r"holds profiles of 2 layers but the model adapts 1\. Attach them to a model "
+        r"adapting the same layers.*ProfileStore.create\(path, model.peft_config\[name\], layers=1\)",
+    ):
+        attach_profile(one_layer, store, "u")
+    model.add_adapter("p1", config())
+    with pytest.raises(
+        ValueError,
+        match=r"No X-PEFT layer holds an adapter named 'nope'; the model's X-PEFT "
+        r"adapters are \['default', 'p1'\]",
+    ):
+        profile_payload(model, "nope")
+    with pytest.raises(ValueError, match=r"adapters are \['default', 'p1'\]"):
+        extract_adapter(model, "nope")
+
+
 # -- trained banks -----------------------------------------------------------------------------------------------
 
 
@@ -234,6 +262,13 @@ def test_trained_bank_from_single_adapters(tmp_path):
     model.set_adapter("t0")
     inputs = make_inputs("gpt2")
     torch.testing.assert_close(logits(trained.eval(), inputs), logits(model, inputs), rtol=1e-5, atol=1e-5)
+    narrow = extract_adapter(get_peft_model(make_model("gpt2"), config("gpt2", reduction_factor=8)))
+    with pytest.raises(
+        ValueError,
+        match=r"shape of A in layer .*adapter 0: \[8, 32\], adapter 1: \[4, 32\]\. "
+        r"Every adapter .* same base model with the same `reduction_factor`",
+    ):
+        build_bank([singles[0], narrow], tmp_path / "mixed.safetensors")
     with pytest.raises(ValueError, match="holds 3 adapters per layer but `bank_size` is 8"):
         get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path)))
     tensors = load_file(path)

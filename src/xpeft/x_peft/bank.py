@@ -124,8 +124,14 @@ def build_bank(
                     f"Adapter is missing {error} for layer {layer_name!r}; every adapter given to `build_bank` must "
                     f"hold A, a, B and b for the same layers ({layer_names})."
                 ) from error
-            if len({tuple(p.shape) for p in parts}) != 1:
-                raise ValueError(f"Adapters disagree on the shape of {part} in layer {layer_name!r}.")
+            shapes = [tuple(p.shape) for p in parts]
+            if len(set(shapes)) != 1:
+                raise ValueError(
+                    f"Adapters disagree on the shape of {part} in layer {layer_name!r}: "
+                    f"{', '.join(f'adapter {i}: {list(shape)}' for i, shape in enumerate(shapes))}. Every adapter "
+                    "given to `build_bank` must come from the same base model with the same `reduction_factor` "
+                    "(bottleneck size r = d / reduction_factor)."
+                )
             tensors[f"{layer_name}.{part}"] = torch.stack(parts)
     fingerprint = _tensor_fingerprint(tensors)
     metadata = {

@@ -58,16 +58,26 @@ def xpeft_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, XPeftLa
     ]
 
 
+def _layers_holding(model: nn.Module, adapter_name: str) -> list[tuple[str, XPeftLayer]]:
+    """[`xpeft_layers`], refusing a name no X-PEFT layer holds with the names that exist."""
+    layers = xpeft_layers(model, adapter_name)
+    if not layers:
+        available = sorted({name for m in model.modules() if isinstance(m, XPeftLayer) for name in m.xpeft_mask_A})
+        raise ValueError(
+            f"No X-PEFT layer holds an adapter named {adapter_name!r}; the model's X-PEFT adapters are {available}. "
+            "Pass one of these names, or add the profile first (`add_adapter`, `load_adapter` or `attach_profile`)."
+        )
+    return layers
+
+
 def _mask_logits(model: nn.Module, adapter_name: str, state_dict: dict | None = None) -> torch.Tensor:
     rows = []
-    for name, layer in xpeft_layers(model, adapter_name):
+    for name, layer in _layers_holding(model, adapter_name):
         pair = []
         for attr in XPeftLayer.adapter_layer_names:
             key = f"{name}.{attr}.{adapter_name}"
             pair.append((state_dict or {}).get(key, getattr(layer, attr)[adapter_name]).detach())
         rows.append(torch.stack(pair))
-    if not rows:
-        raise ValueError(f"No X-PEFT layer holds an adapter named {adapter_name!r}.")
     return torch.stack(rows)
 
 
@@ -162,8 +172,9 @@ class XPeftModel(XpeftTuner):
 
 def profile_payload(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
     """The saved form of profile `adapter_name` (what `save_pretrained` and [`ProfileStore`] keep)."""
+    logits = _mask_logits(model, adapter_name)  # first: it names the available adapters for an unknown name
     config = model.peft_config[adapter_name]
-    return pack_masks(_mask_logits(model, adapter_name), config.mask_type, config.hard_k)
+    return pack_masks(logits, config.mask_type, config.hard_k)
 
 
 def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | None = None) -> str:
@@ -190,7 +201,10 @@ def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | No
     layers = [(n, layer) for n, layer in layers if template_name in layer.xpeft_mask_A]
     if len(layers) != store.info["layers"]:
         raise ValueError(
-            f"Store {store.path} holds profiles of {store.info['layers']} layers but the model adapts {len(layers)}."
+            f"Store {store.path} holds profiles of {store.info['layers']} layers but the model adapts {len(layers)}. "
+            "Attach them to a model adapting the same layers as the profiles were trained on (same base model, "
+            "`target_modules` and `layers_to_transform`), or store this model's profiles in a store created for "
+            f"it: `ProfileStore.create(path, model.peft_config[name], layers={len(layers)})`."
         )
     logits = store.masks(name)  # read and validated before the model changes
     config = copy.copy(template)
@@ -220,7 +234,7 @@ def extract_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str
             layer.layer_name: {
                 part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name), strict=True)
             }
-            for _, layer in xpeft_layers(model, adapter_name)
+            for _, layer in _layers_holding(model, adapter_name)
         }
 
 
@@ -239,8 +253,8 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
     same layers (`2rd + r + d` fp32 parameters per layer) and LoRA on peft's default targets for this model type
     (`r(in + out)` per layer), as tensor bytes in safetensors files.
     """
+    layers = _layers_holding(model, adapter_name)
     config = model.peft_config[adapter_name]
-    layers = xpeft_layers(model, adapter_name)
     payload = profile_payload(model, adapter_name)
     head = {
         name: param.detach() for name, param in model.named_parameters() if f"modules_to_save.{adapter_name}." in name
