@@ -308,6 +308,57 @@ def test_profile_on_a_bank_file_loads_from_any_directory_and_a_moved_bank_is_nam
     assert loaded.peft_config["default"].bank == str(elsewhere / "moved.safetensors")
 
 
+def _tensors_reachable_from(obj, seen=None) -> dict[int, torch.Tensor]:
+    """Every tensor an object holds through its attributes, containers and submodules, by identity."""
+    seen = set() if seen is None else seen
+    found = {}
+    if id(obj) in seen:
+        return found
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return {id(obj): obj}
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    elif hasattr(obj, "__dict__"):
+        children = list(vars(obj).values())
+    else:
+        children = []
+    for child in children:
+        found.update(_tensors_reachable_from(child, seen))
+    return found
+
+
+def test_trained_bank_reads_only_the_adapted_layers_and_still_verifies_the_whole_file(tmp_path):
+    torch.manual_seed(0)
+    source = get_peft_model(make_model("gpt2"), config("gpt2")).eval()
+    source.add_adapter("t0", config("gpt2"))
+    path = tmp_path / "bank.safetensors"
+    build_bank([extract_adapter(source, name) for name in ("default", "t0")], path)  # layers 0 and 1
+    on_layer_0 = config("gpt2", bank=str(path), bank_size=2, layers_to_transform=[0])
+    bank = get_peft_model(make_model("gpt2"), on_layer_0).base_model.xpeft_bank
+    # the bank holds layer 0's four tensors, equal to the file's, and nothing of layer 1
+    file = load_file(path)
+    layer_0 = {k: v for k, v in file.items() if k.startswith("transformer.h.0.")}
+    held = _tensors_reachable_from(bank)
+    assert sum(t.numel() for t in held.values()) == sum(t.numel() for t in layer_0.values())
+    for name, parts in bank.layer_tensors().items():
+        for part, tensor in parts.items():
+            assert torch.equal(tensor, file[f"{name}.{part}"])
+    # a corrupted tensor of the layer the model does not adapt is still caught: the whole file is verified
+    metadata = dict(_metadata(path))
+    file["transformer.h.1.mlp.c_proj.b"] = file["transformer.h.1.mlp.c_proj.b"] + 1
+    save_file(file, path, metadata=metadata)
+    with pytest.raises(ValueError, match="is corrupted"):
+        get_peft_model(make_model("gpt2"), on_layer_0)
+    # and a bank whose file changed after its check refuses to read more layers from it
+    with pytest.raises(
+        ValueError, match="changed after it was verified.*'transformer.h.1.mlp.c_proj.b' differs.*rebuild the model"
+    ):
+        bank.ensure_layer("transformer.h.1.mlp.c_proj", 32, torch.device("cpu"))
+
+
 def _metadata(path):
     from xpeft.serialization import read_safetensors_metadata
 
