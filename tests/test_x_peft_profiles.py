@@ -153,6 +153,27 @@ def test_mixed_batch_of_many_profiles_equals_each_sample_alone_and_cache_follows
     torch.testing.assert_close(changed[2], mixed[2], rtol=0, atol=0)
 
 
+def test_mixed_batch_with_grad_on_keeps_no_cached_batch():
+    model = get_peft_model(make_model("llama"), config()).eval()  # masks trainable: the composed batch has a graph
+    inputs = make_inputs("llama", batch=2)
+    out = model(**inputs, adapter_names=["default", "__base__"]).logits
+    assert out.requires_grad
+    assert all(layer._batch_cache is None for _, layer in xpeft_layers(model, "default"))
+    with torch.no_grad():
+        model(**inputs, adapter_names=["default", "__base__"])
+    assert all(layer._batch_cache is not None for _, layer in xpeft_layers(model, "default"))
+
+
+def test_model_and_layer_refuse_to_merge_with_the_same_reason():
+    model = get_peft_model(make_model("llama"), config())
+    reason = re.escape("the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it.")
+    with pytest.raises(ValueError, match=f"cannot be merged into the base weights: {reason} Keep the model unmerged"):
+        model.merge_and_unload()
+    _, layer = xpeft_layers(model, "default")[0]
+    with pytest.raises(ValueError, match=f"cannot be merged into the base weights: {reason} Keep the model unmerged"):
+        layer.merge()
+
+
 def test_generate_with_mixed_profiles_equals_each_alone():
     torch.manual_seed(0)
     model = get_peft_model(make_model("llama"), config())

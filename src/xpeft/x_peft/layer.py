@@ -12,6 +12,8 @@ from torch import nn
 from ..tuners_utils import BASE_ADAPTER_NAME, check_mixed_batch_args, layer_features
 from .bank import XPeftBank
 
+# Why X-PEFT never merges; shown by the tuner model's and the layer's merge refusals alike.
+UNMERGEABLE_REASON = "the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it."
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 Composed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -180,7 +182,8 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         slot = {name: i for i, name in enumerate(unique)}
         index = torch.tensor([slot.get(name, len(unique)) for name in adapter_names], device=zero[0].device)
         result = tuple(torch.stack(parts)[index] for parts in zip(*table, zero, strict=True))
-        self._batch_cache = ((names, bank_ptr, tuple(table)), result)
+        if not torch.is_grad_enabled():  # with grad on, the entry would keep the autograd graph alive and never hit
+            self._batch_cache = ((names, bank_ptr, tuple(table)), result)
         return result
 
     # -- forward -----------------------------------------------------------------------------------------------
@@ -212,8 +215,8 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
-            "X-PEFT adapters cannot be merged into the base weights: the bottleneck B f(A h + a) + b is nonlinear in "
-            "h, so no weight matrix reproduces it. Keep the model unmerged, or use `model.unload()`."
+            f"X-PEFT adapters cannot be merged into the base weights: {UNMERGEABLE_REASON} Keep the model unmerged "
+            "(it runs as is), or use `model.unload()` to get the base model back."
         )
 
     def unmerge(self) -> None:

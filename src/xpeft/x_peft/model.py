@@ -16,7 +16,7 @@ from ..serialization import read_safetensors_metadata
 from ..tuners_utils import XpeftTuner, layer_features
 from .bank import XPeftBank, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
 from .config import XPeftConfig
-from .layer import XPeftLayer
+from .layer import UNMERGEABLE_REASON, XPeftLayer
 from .store import ProfileStore, pack_masks, unpack_masks
 
 MASKS_KEY = "xpeft_masks"
@@ -94,7 +94,7 @@ class XPeftModel(XpeftTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
     uses_shared_state = True
     mergeable = False
-    unmergeable_reason = "the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it."
+    unmergeable_reason = UNMERGEABLE_REASON
 
     def _prepare_adapter_config(self, peft_config: XPeftConfig, model_config: dict) -> XPeftConfig:
         if peft_config.target_modules is None and model_config.get("model_type") not in DEFAULT_TARGET_MODULES:
