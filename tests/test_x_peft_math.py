@@ -113,6 +113,27 @@ def test_default_init(mask_type):
     torch.testing.assert_close(got, reference_logits(model, "llama", mask_type, inputs), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_type", ["soft", "hard"])
+def test_cached_adapter_follows_mask_edits_through_data(mask_type):
+    """Writes through `param.data` do not bump `_version`: the composed-adapter caches must still see them."""
+    model = build("llama", mask_type).eval()
+    inputs = make_inputs("llama")
+    batch = len(inputs["input_ids"])
+    with torch.no_grad():  # fill the single-profile and the mixed-batch caches
+        model(**inputs)
+        model(**inputs, adapter_names=["default"] * batch)
+    generator = torch.Generator().manual_seed(1)
+    for _, layer in xpeft_layers(model, "default"):
+        for mask in (layer.xpeft_mask_A["default"], layer.xpeft_mask_B["default"]):
+            mask.data.copy_(torch.randn(N, generator=generator) * 3)  # new values, and a new top-k
+    expected = reference_logits(model, "llama", mask_type, inputs)
+    with torch.no_grad():
+        got = model(**inputs).logits.double()
+        mixed = model(**inputs, adapter_names=["default"] * batch).logits.double()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_half_precision_model_runs_with_the_bank_cast_along():
     model = build("llama", "soft").to(torch.bfloat16).eval()
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -152,6 +153,27 @@ def test_mixed_batch_of_many_profiles_equals_each_sample_alone_and_cache_follows
     torch.testing.assert_close(changed[2], mixed[2], rtol=0, atol=0)
 
 
+def test_mixed_batch_with_grad_on_keeps_no_cached_batch():
+    model = get_peft_model(make_model("llama"), config()).eval()  # masks trainable: the composed batch has a graph
+    inputs = make_inputs("llama", batch=2)
+    out = model(**inputs, adapter_names=["default", "__base__"]).logits
+    assert out.requires_grad
+    assert all(layer._batch_cache is None for _, layer in xpeft_layers(model, "default"))
+    with torch.no_grad():
+        model(**inputs, adapter_names=["default", "__base__"])
+    assert all(layer._batch_cache is not None for _, layer in xpeft_layers(model, "default"))
+
+
+def test_model_and_layer_refuse_to_merge_with_the_same_reason():
+    model = get_peft_model(make_model("llama"), config())
+    reason = re.escape("the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it.")
+    with pytest.raises(ValueError, match=f"cannot be merged into the base weights: {reason} Keep the model unmerged"):
+        model.merge_and_unload()
+    _, layer = xpeft_layers(model, "default")[0]
+    with pytest.raises(ValueError, match=f"cannot be merged into the base weights: {reason} Keep the model unmerged"):
+        layer.merge()
+
+
 def test_generate_with_mixed_profiles_equals_each_alone():
     torch.manual_seed(0)
     model = get_peft_model(make_model("llama"), config())
@@ -212,6 +234,34 @@ def test_store_add_get_list_attach_and_refusals(tmp_path):
         ProfileStore(path)
 
 
+def test_store_errors_say_how_to_fix_them(tmp_path):
+    model = get_peft_model(make_model("llama"), config()).eval()
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, other, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"is not an X-PEFT profile store.*create one with `ProfileStore.create\("):
+        ProfileStore(other)
+    with pytest.raises(FileNotFoundError, match=r"No X-PEFT profile store at .*create one with `ProfileStore.create"):
+        ProfileStore(tmp_path / "missing.safetensors")
+    store = ProfileStore.create(tmp_path / "s.safetensors", model.peft_config["default"], layers=2)
+    store.add({"u": profile_payload(model)}, bank_fingerprint=model.base_model.xpeft_bank.fingerprint)
+    one_layer = get_peft_model(make_model("llama"), config(layers_to_transform=[0]))
+    with pytest.raises(
+        ValueError,
+        match=r"holds profiles of 2 layers but the model adapts 1\. Attach them to a model "
+        r"adapting the same layers.*ProfileStore.create\(path, model.peft_config\[name\], layers=1\)",
+    ):
+        attach_profile(one_layer, store, "u")
+    model.add_adapter("p1", config())
+    with pytest.raises(
+        ValueError,
+        match=r"No X-PEFT layer holds an adapter named 'nope'; the model's X-PEFT "
+        r"adapters are \['default', 'p1'\]",
+    ):
+        profile_payload(model, "nope")
+    with pytest.raises(ValueError, match=r"adapters are \['default', 'p1'\]"):
+        extract_adapter(model, "nope")
+
+
 # -- trained banks -----------------------------------------------------------------------------------------------
 
 
@@ -233,6 +283,13 @@ def test_trained_bank_from_single_adapters(tmp_path):
     model.set_adapter("t0")
     inputs = make_inputs("gpt2")
     torch.testing.assert_close(logits(trained.eval(), inputs), logits(model, inputs), rtol=1e-5, atol=1e-5)
+    narrow = extract_adapter(get_peft_model(make_model("gpt2"), config("gpt2", reduction_factor=8)))
+    with pytest.raises(
+        ValueError,
+        match=r"shape of A in layer .*adapter 0: \[8, 32\], adapter 1: \[4, 32\]\. "
+        r"Every adapter .* same base model with the same `reduction_factor`",
+    ):
+        build_bank([singles[0], narrow], tmp_path / "mixed.safetensors")
     with pytest.raises(ValueError, match="holds 3 adapters per layer but `bank_size` is 8"):
         get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path)))
     tensors = load_file(path)
@@ -241,6 +298,86 @@ def test_trained_bank_from_single_adapters(tmp_path):
     save_file(tensors, path, metadata=json.loads(json.dumps(dict(_metadata(path)))))
     with pytest.raises(ValueError, match="is corrupted"):
         get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path), bank_size=3))
+
+
+def test_profile_on_a_bank_file_loads_from_any_directory_and_a_moved_bank_is_named(tmp_path, monkeypatch):
+    from xpeft.x_peft import save_bank
+
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    save_bank(get_peft_model(make_model("llama"), config()).base_model.xpeft_bank, "bank.safetensors")
+    bank_config = config(bank="bank.safetensors")
+    assert bank_config.bank == str(tmp_path / "bank.safetensors")  # made absolute when the config is created
+    trained = get_peft_model(make_model("llama"), bank_config).eval()
+    trained.save_pretrained("profile")
+    inputs = make_inputs("llama")
+    expected = logits(trained, inputs)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # another working directory: the recorded path still finds the bank
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile")
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    (tmp_path / "bank.safetensors").rename(elsewhere / "moved.safetensors")
+    match = f"`bank` points to {re.escape(str(tmp_path / 'bank.safetensors'))}.*config.bank = .*config=config"
+    with pytest.raises(FileNotFoundError, match=match):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile")
+    # the fix the message gives, with a path relative to the current directory
+    moved = XPeftConfig.from_pretrained(tmp_path / "profile")
+    moved.bank = "moved.safetensors"
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile", config=moved)
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    assert loaded.peft_config["default"].bank == str(elsewhere / "moved.safetensors")
+
+
+def _tensors_reachable_from(obj, seen=None) -> dict[int, torch.Tensor]:
+    """Every tensor an object holds through its attributes, containers and submodules, by identity."""
+    seen = set() if seen is None else seen
+    found = {}
+    if id(obj) in seen:
+        return found
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return {id(obj): obj}
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    elif hasattr(obj, "__dict__"):
+        children = list(vars(obj).values())
+    else:
+        children = []
+    for child in children:
+        found.update(_tensors_reachable_from(child, seen))
+    return found
+
+
+def test_trained_bank_reads_only_the_adapted_layers_and_still_verifies_the_whole_file(tmp_path):
+    torch.manual_seed(0)
+    source = get_peft_model(make_model("gpt2"), config("gpt2")).eval()
+    source.add_adapter("t0", config("gpt2"))
+    path = tmp_path / "bank.safetensors"
+    build_bank([extract_adapter(source, name) for name in ("default", "t0")], path)  # layers 0 and 1
+    on_layer_0 = config("gpt2", bank=str(path), bank_size=2, layers_to_transform=[0])
+    bank = get_peft_model(make_model("gpt2"), on_layer_0).base_model.xpeft_bank
+    # the bank holds layer 0's four tensors, equal to the file's, and nothing of layer 1
+    file = load_file(path)
+    layer_0 = {k: v for k, v in file.items() if k.startswith("transformer.h.0.")}
+    held = _tensors_reachable_from(bank)
+    assert sum(t.numel() for t in held.values()) == sum(t.numel() for t in layer_0.values())
+    for name, parts in bank.layer_tensors().items():
+        for part, tensor in parts.items():
+            assert torch.equal(tensor, file[f"{name}.{part}"])
+    # a corrupted tensor of the layer the model does not adapt is still caught: the whole file is verified
+    metadata = dict(_metadata(path))
+    file["transformer.h.1.mlp.c_proj.b"] = file["transformer.h.1.mlp.c_proj.b"] + 1
+    save_file(file, path, metadata=metadata)
+    with pytest.raises(ValueError, match="is corrupted"):
+        get_peft_model(make_model("gpt2"), on_layer_0)
+    # and a bank whose file changed after its check refuses to read more layers from it
+    with pytest.raises(
+        ValueError, match="changed after it was verified.*'transformer.h.1.mlp.c_proj.b' differs.*rebuild the model"
+    ):
+        bank.ensure_layer("transformer.h.1.mlp.c_proj", 32, torch.device("cpu"))
 
 
 def _metadata(path):
@@ -291,6 +428,20 @@ def test_profile_cost_report():
     assert cost["lora_parameters"] == 2 * layers * 8 * (d + d)  # query and value, r=8
     assert cost["head_parameters"] == 2 * 32 + 2  # the seq-cls classifier saved with the profile
     assert cost["profile_file_bytes"] < cost["with_head_bytes"] < cost["bottleneck_adapter_file_bytes"]
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
+@pytest.mark.parametrize("model_name", ["gpt2", "bert", "llama"])  # gpt2: LoRA's targets are Conv1D layers
+def test_profile_cost_lora_baseline_equals_peft_lora_on_the_same_modules(model_name):
+    from peft import LoraConfig
+
+    cost = profile_cost(get_peft_model(make_model(model_name), config(model_name)), lora_r=8)
+    # independent count: peft's own LoRA r=8 on its default targets, r * (in + out) trainable parameters per module
+    lora = get_peft_model(make_model(model_name), LoraConfig(r=8, task_type=task_type(model_name)))
+    expected = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert expected > 0
+    assert cost["lora_parameters"] == expected
+    assert cost["lora_file_bytes"] > 4 * expected
 
 
 @pytest.mark.parametrize("model_name", ["llama", "bert"])  # bert has a classifier head: attached via add_adapter

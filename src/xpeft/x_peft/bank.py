@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..serialization import atomic_save_file, load_checked, read_safetensors_metadata, recipe_fingerprint
+from ..serialization import atomic_save_file, read_safetensors_metadata, recipe_fingerprint
 from ..serialization import tensor_fingerprint as _tensor_fingerprint
 
 BANK_FORMAT = "xpeft-bank/v1"
@@ -65,26 +66,92 @@ def _buffer_key(layer_name: str) -> str:
     return layer_name.replace(".", "/")
 
 
-def read_bank_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-    """Load a bank file, check it against its recorded fingerprint; return `({layer: {part: tensor}}, metadata)`."""
+def check_bank_file_exists(path: str | os.PathLike) -> None:
+    """Raise a `FileNotFoundError` saying how to point a profile at its bank's current path."""
+    if Path(path).is_file():
+        return
+    raise FileNotFoundError(
+        f"X-PEFT bank file not found: this profile's `bank` points to {path}, and no file is there (a bank is never "
+        "saved with its profiles). Pass the bank's current path: `config = XPeftConfig.from_pretrained(profile_dir); "
+        "config.bank = 'path/to/bank.safetensors'; PeftModel.from_pretrained(base_model, profile_dir, config=config)` "
+        "(or `XPeftConfig(..., bank='path/to/bank.safetensors')` for a new profile)."
+    )
+
+
+class _BankFile(Mapping):
+    """The tensors of a bank file as a read-only mapping that reads each tensor from disk on access.
+
+    Handing it to `tensor_fingerprint` hashes the whole file one tensor at a time, never holding it all in memory.
+    Each tensor read is also given a digest of its own on first read; later reads are checked against it, so that a
+    layer read after the file was verified is exactly the verified one.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._digests: dict[str, str] = {}
+        with self._open() as file:
+            self._names = list(file.keys())
+
+    def _open(self):
+        try:
+            return safe_open(self.path, framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"Could not read bank file {self.path}: {error}. It is truncated or corrupted; rebuild it with "
+                "`xpeft.x_peft.build_bank`."
+            ) from error
+
+    def get(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Read the tensors `names` (only those) from the file."""
+        with self._open() as file:
+            try:
+                tensors = {name: file.get_tensor(name) for name in names}
+            except (SafetensorError, OSError) as error:
+                raise ValueError(
+                    f"Could not read bank file {self.path}: {error}. It is truncated or corrupted; rebuild it with "
+                    "`xpeft.x_peft.build_bank`."
+                ) from error
+        for name, tensor in tensors.items():
+            digest = _tensor_fingerprint({name: tensor})
+            if self._digests.setdefault(name, digest) != digest:
+                raise ValueError(
+                    f"Bank file {self.path} changed after it was verified against its fingerprint (tensor {name!r} "
+                    "differs); rebuild the model (e.g. `get_peft_model` again) so that the file is checked anew."
+                )
+        return tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self.get([name])[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def read_bank_file(path: str | os.PathLike) -> tuple[_BankFile, dict[str, str]]:
+    """Open a bank file and check all its tensors against its recorded fingerprint; return `(file, metadata)`.
+
+    The check streams the file tensor by tensor; the returned mapping reads tensors only when asked for.
+    """
+    check_bank_file_exists(path)
     metadata = read_safetensors_metadata(path)
     if metadata.get("format") != BANK_FORMAT:
         raise ValueError(
             f"{path} is not an X-PEFT bank file (format {metadata.get('format')!r}, expected {BANK_FORMAT!r}); "
             "create one with `xpeft.x_peft.build_bank`."
         )
-    tensors = load_checked(path)
+    tensors = _BankFile(path)
     fingerprint = _tensor_fingerprint(tensors)
     if fingerprint != metadata.get("fingerprint"):
         raise ValueError(
             f"Bank file {path} is corrupted: its tensors hash to {fingerprint} but its metadata records "
             f"{metadata.get('fingerprint')}. Rebuild it with `xpeft.x_peft.build_bank`."
         )
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        layer_name, part = name.rsplit(".", 1)
-        layers.setdefault(layer_name, {})[part] = tensor
-    return layers, metadata
+    return tensors, metadata
 
 
 def build_bank(
@@ -111,8 +178,14 @@ def build_bank(
                     f"Adapter is missing {error} for layer {layer_name!r}; every adapter given to `build_bank` must "
                     f"hold A, a, B and b for the same layers ({layer_names})."
                 ) from error
-            if len({tuple(p.shape) for p in parts}) != 1:
-                raise ValueError(f"Adapters disagree on the shape of {part} in layer {layer_name!r}.")
+            shapes = [tuple(p.shape) for p in parts]
+            if len(set(shapes)) != 1:
+                raise ValueError(
+                    f"Adapters disagree on the shape of {part} in layer {layer_name!r}: "
+                    f"{', '.join(f'adapter {i}: {list(shape)}' for i, shape in enumerate(shapes))}. Every adapter "
+                    "given to `build_bank` must come from the same base model with the same `reduction_factor` "
+                    "(bottleneck size r = d / reduction_factor)."
+                )
             tensors[f"{layer_name}.{part}"] = torch.stack(parts)
     fingerprint = _tensor_fingerprint(tensors)
     metadata = {
@@ -137,12 +210,16 @@ class XPeftBank(nn.Module):
         self.source, self.bank_seed, self.bank_size = source, bank_seed, bank_size
         self.reduction_factor, self.non_linearity = reduction_factor, non_linearity
         self.parts = nn.ModuleDict({part: BufferDict({}, persistent=False) for part in PARTS})
-        self._file_layers: dict[str, dict[str, torch.Tensor]] | None = None
+        # A trained bank's file, verified once here; each layer's tensors are read from it when the layer is created,
+        # so the model never holds the file's other layers (e.g. of layers it does not adapt) in memory.
+        self._file: _BankFile | None = None
+        self._file_layer_names: set[str] = set()
         if source == "random":
             recipe = random_bank_recipe(bank_seed, bank_size, reduction_factor, non_linearity)
             self.fingerprint = recipe_fingerprint(recipe)
             return
-        self._file_layers, metadata = read_bank_file(source)
+        self._file, metadata = read_bank_file(source)
+        self._file_layer_names = {name.rsplit(".", 1)[0] for name in self._file}
         self.fingerprint = metadata["fingerprint"]
         if int(metadata.get("bank_size", -1)) != bank_size:
             raise ValueError(
@@ -160,7 +237,7 @@ class XPeftBank(nn.Module):
         key = _buffer_key(layer_name)
         if key in self.parts["A"]:
             return
-        if self._file_layers is None:
+        if self._file is None:
             r = d // self.reduction_factor
             if r < 1:
                 raise ValueError(
@@ -169,12 +246,14 @@ class XPeftBank(nn.Module):
                 )
             tensors = random_bank_layer(self.bank_seed, layer_name, self.bank_size, d, r)
         else:
-            if layer_name not in self._file_layers:
+            if layer_name not in self._file_layer_names:
                 raise ValueError(
                     f"Bank file {self.source} has no adapters for layer {layer_name!r}; it covers "
-                    f"{sorted(self._file_layers)}. Choose `target_modules` to match the bank."
+                    f"{sorted(self._file_layer_names)}. Choose `target_modules` to match the bank."
                 )
-            tensors = self._file_layers[layer_name]
+            check_bank_file_exists(self.source)
+            tensors = self._file.get([f"{layer_name}.{part}" for part in PARTS])
+            tensors = {name.rsplit(".", 1)[1]: tensor for name, tensor in tensors.items()}
             if tensors["B"].shape[1] != d:
                 raise ValueError(
                     f"Bank adapters of layer {layer_name!r} have d={tensors['B'].shape[1]}, layer has {d}: the bank was "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,7 +36,7 @@ class XPeftConfig(PeftConfig):
         hard_k (`int`):
             Number of bank adapters each hard mask selects per layer (only used when mask_type is 'hard').
         bank (`str`):
-            'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`.
+            'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`. A relative path is made absolute (against the current directory) when the config is created or attached, so that a saved profile finds its bank from any working directory; the bank itself is never saved with a profile.
         bank_seed (`int`):
             Seed of the random bank (only used when bank is 'random').
         bank_fingerprint (`Optional[str]`):
@@ -84,7 +85,7 @@ class XPeftConfig(PeftConfig):
     bank: str = field(
         default="random",
         metadata={
-            "help": "'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`."
+            "help": "'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`. A relative path is made absolute (against the current directory) when the config is created or attached, so that a saved profile finds its bank from any working directory; the bank itself is never saved with a profile."
         },
     )
     bank_seed: int = field(default=0, metadata={"help": "Seed of the random bank (only used when bank is 'random')."})
@@ -116,6 +117,9 @@ class XPeftConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type(NAME.upper())
+        if self.bank != "random":
+            # Saved profiles record this path: make it independent of the directory the profile is later loaded from.
+            self.bank = os.path.abspath(os.path.expanduser(os.fspath(self.bank)))
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

@@ -12,6 +12,8 @@ from torch import nn
 from ..tuners_utils import BASE_ADAPTER_NAME, check_mixed_batch_args, layer_features
 from .bank import XPeftBank
 
+# Why X-PEFT never merges; shown by the tuner model's and the layer's merge refusals alike.
+UNMERGEABLE_REASON = "the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it."
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 Composed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -94,7 +96,9 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         # A plain reference, not a submodule: the bank is registered once, on the tuner model.
         self.__dict__["xpeft_bank"] = bank
         self.layer_name = layer_name
-        self._composed_cache: dict[str, tuple[tuple, Composed]] = {}
+        # name -> (copy of S_A, copy of S_B, bank data_ptr, composed adapter); see `_cache_hit`.
+        self._composed_cache: dict[str, tuple[torch.Tensor, torch.Tensor, int, Composed]] = {}
+        # ((adapter_names, per-profile composed tuples), stacked per-sample adapters); see `_batched`.
         self._batch_cache: tuple[tuple, Composed] | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
@@ -128,37 +132,45 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
 
     # -- composition with caching ----------------------------------------------------------------------------
 
-    def _cache_key(self, name: str, bank_ptr: int) -> tuple:
-        # `_version` changes on every in-place update (optimizer step, load_state_dict, perturbation), data_ptr on
-        # re-assignment, and the bank's data_ptr on a move or cast, so a changed mask never hits a stale entry.
-        # Read through `_parameters` directly: this runs once per profile per layer on every mixed-batch call.
-        mask_A, mask_B = self.xpeft_mask_A._parameters[name], self.xpeft_mask_B._parameters[name]
-        return (mask_A._version, mask_A.data_ptr(), mask_B._version, mask_B.data_ptr(), bank_ptr)
+    def _cache_hit(self, entry: tuple, mask_A: torch.Tensor, mask_B: torch.Tensor, bank_ptr: int) -> bool:
+        # Keyed on a copy of the 2·N logits themselves, compared exactly: writes through `param.data` (or any other
+        # path that does not bump `_version`) change the values and so miss. The bank's data_ptr changes on a move
+        # or cast of the bank.
+        saved_A, saved_B, saved_ptr, _ = entry
+        if saved_ptr != bank_ptr or saved_A.device != mask_A.device or saved_A.dtype != mask_A.dtype:
+            return False
+        return torch.equal(saved_A, mask_A) and torch.equal(saved_B, mask_B)
 
     def composed(self, name: str) -> Composed:
         """The composed adapter `(A*, a*, B*, b*)` of profile `name`, cached while its masks are unchanged."""
-        mask_A, mask_B = self.xpeft_mask_A[name], self.xpeft_mask_B[name]
+        # Read through `_parameters` directly: this runs once per profile per layer on every mixed-batch call.
+        mask_A, mask_B = self.xpeft_mask_A._parameters[name], self.xpeft_mask_B._parameters[name]
         needs_grad = torch.is_grad_enabled() and (mask_A.requires_grad or mask_B.requires_grad)
         bank = self.xpeft_bank.layer(self.layer_name)
-        key = self._cache_key(name, bank[0].data_ptr())
+        bank_ptr = bank[0].data_ptr()
         cached = self._composed_cache.get(name)
-        if not needs_grad and cached is not None and cached[0] == key:
-            return cached[1]
+        if not needs_grad and cached is not None and self._cache_hit(cached, mask_A, mask_B, bank_ptr):
+            return cached[3]
         mask_type, k = self.xpeft_mask_type[name], self.xpeft_hard_k[name]
         result = compose_adapter(bank, mask_weights(mask_A, mask_type, k), mask_weights(mask_B, mask_type, k))
         if not needs_grad:
-            self._composed_cache[name] = (key, result)
+            self._composed_cache[name] = (mask_A.detach().clone(), mask_B.detach().clone(), bank_ptr, result)
         return result
 
     def _batched(self, adapter_names: Sequence[str]) -> Composed:
         """Per-sample composed adapters `[S, ...]`; `"__base__"` samples get a zero adapter (an exact no-op)."""
         unique = [name for name in dict.fromkeys(adapter_names) if name != BASE_ADAPTER_NAME]
-        bank_ptr = self.xpeft_bank.layer(self.layer_name)[0].data_ptr()
-        key = (tuple(adapter_names), tuple(self._cache_key(name, bank_ptr) for name in unique))
-        if self._batch_cache is not None and self._batch_cache[0] == key and not torch.is_grad_enabled():
-            return self._batch_cache[1]
         table = [self.composed(name) for name in unique]
-        zero = tuple(torch.zeros_like(part) for part in self.composed(unique[0])) if unique else None
+        # `composed` returns the very same cached tuple while a profile's masks and the bank are unchanged, so the
+        # stacked batch is still valid when the names and every per-profile object are identical.
+        names, bank_ptr = tuple(adapter_names), self.xpeft_bank.layer(self.layer_name)[0].data_ptr()
+        if self._batch_cache is not None and not torch.is_grad_enabled():
+            (cached_names, cached_ptr, cached_table), cached_result = self._batch_cache
+            if (cached_names, cached_ptr) == (names, bank_ptr) and all(
+                a is b for a, b in zip(cached_table, table, strict=True)
+            ):
+                return cached_result
+        zero = tuple(torch.zeros_like(part) for part in table[0]) if unique else None
         if zero is None:  # only "__base__" samples: shapes come from the bank
             A, a, B, b = self.xpeft_bank.layer(self.layer_name)
             zero = (
@@ -167,11 +179,11 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
                 B.new_zeros(B.shape[1:]),
                 b.new_zeros(b.shape[1:]),
             )
-        table.append(zero)
         slot = {name: i for i, name in enumerate(unique)}
         index = torch.tensor([slot.get(name, len(unique)) for name in adapter_names], device=zero[0].device)
-        result = tuple(torch.stack(parts)[index] for parts in zip(*table, strict=True))
-        self._batch_cache = (key, result)
+        result = tuple(torch.stack(parts)[index] for parts in zip(*table, zero, strict=True))
+        if not torch.is_grad_enabled():  # with grad on, the entry would keep the autograd graph alive and never hit
+            self._batch_cache = ((names, bank_ptr, tuple(table)), result)
         return result
 
     # -- forward -----------------------------------------------------------------------------------------------
@@ -203,8 +215,8 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
-            "X-PEFT adapters cannot be merged into the base weights: the bottleneck B f(A h + a) + b is nonlinear in "
-            "h, so no weight matrix reproduces it. Keep the model unmerged, or use `model.unload()`."
+            f"X-PEFT adapters cannot be merged into the base weights: {UNMERGEABLE_REASON} Keep the model unmerged "
+            "(it runs as is), or use `model.unload()` to get the base model back."
         )
 
     def unmerge(self) -> None:

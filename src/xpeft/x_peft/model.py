@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..serialization import read_safetensors_metadata
-from ..tuners_utils import XpeftTuner
-from .bank import XPeftBank, random_bank_recipe, recipe_fingerprint
+from ..tuners_utils import XpeftTuner, layer_features
+from .bank import XPeftBank, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
 from .config import XPeftConfig
-from .layer import XPeftLayer
+from .layer import UNMERGEABLE_REASON, XPeftLayer
 from .store import ProfileStore, pack_masks, unpack_masks
 
 MASKS_KEY = "xpeft_masks"
@@ -41,6 +42,7 @@ def bank_fingerprint_of(config: XPeftConfig) -> str:
         recipe = random_bank_recipe(config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity)
         return recipe_fingerprint(recipe)
     # The header is enough here: the bank's tensors are checked against it once, when the model's bank is built.
+    check_bank_file_exists(config.bank)
     metadata = read_safetensors_metadata(config.bank)
     if "fingerprint" not in metadata:
         raise ValueError(f"{config.bank} is not an X-PEFT bank file; create one with `xpeft.x_peft.build_bank`.")
@@ -56,16 +58,26 @@ def xpeft_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, XPeftLa
     ]
 
 
+def _layers_holding(model: nn.Module, adapter_name: str) -> list[tuple[str, XPeftLayer]]:
+    """[`xpeft_layers`], refusing a name no X-PEFT layer holds with the names that exist."""
+    layers = xpeft_layers(model, adapter_name)
+    if not layers:
+        available = sorted({name for m in model.modules() if isinstance(m, XPeftLayer) for name in m.xpeft_mask_A})
+        raise ValueError(
+            f"No X-PEFT layer holds an adapter named {adapter_name!r}; the model's X-PEFT adapters are {available}. "
+            "Pass one of these names, or add the profile first (`add_adapter`, `load_adapter` or `attach_profile`)."
+        )
+    return layers
+
+
 def _mask_logits(model: nn.Module, adapter_name: str, state_dict: dict | None = None) -> torch.Tensor:
     rows = []
-    for name, layer in xpeft_layers(model, adapter_name):
+    for name, layer in _layers_holding(model, adapter_name):
         pair = []
         for attr in XPeftLayer.adapter_layer_names:
             key = f"{name}.{attr}.{adapter_name}"
             pair.append((state_dict or {}).get(key, getattr(layer, attr)[adapter_name]).detach())
         rows.append(torch.stack(pair))
-    if not rows:
-        raise ValueError(f"No X-PEFT layer holds an adapter named {adapter_name!r}.")
     return torch.stack(rows)
 
 
@@ -82,7 +94,7 @@ class XPeftModel(XpeftTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
     uses_shared_state = True
     mergeable = False
-    unmergeable_reason = "the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it."
+    unmergeable_reason = UNMERGEABLE_REASON
 
     def _prepare_adapter_config(self, peft_config: XPeftConfig, model_config: dict) -> XPeftConfig:
         if peft_config.target_modules is None and model_config.get("model_type") not in DEFAULT_TARGET_MODULES:
@@ -95,6 +107,8 @@ class XPeftModel(XpeftTuner):
 
     def _check_new_adapter_config(self, config: XPeftConfig) -> None:
         super()._check_new_adapter_config(config)
+        if config.bank != "random":  # e.g. set to a relative path after the config was created
+            config.bank = os.path.abspath(os.path.expanduser(os.fspath(config.bank)))
         fingerprint = bank_fingerprint_of(config)
         described = "bank='random', bank_seed=" + str(config.bank_seed) if config.bank == "random" else config.bank
         if config.bank_fingerprint is not None and config.bank_fingerprint != fingerprint:
@@ -158,8 +172,9 @@ class XPeftModel(XpeftTuner):
 
 def profile_payload(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
     """The saved form of profile `adapter_name` (what `save_pretrained` and [`ProfileStore`] keep)."""
+    logits = _mask_logits(model, adapter_name)  # first: it names the available adapters for an unknown name
     config = model.peft_config[adapter_name]
-    return pack_masks(_mask_logits(model, adapter_name), config.mask_type, config.hard_k)
+    return pack_masks(logits, config.mask_type, config.hard_k)
 
 
 def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | None = None) -> str:
@@ -186,7 +201,10 @@ def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | No
     layers = [(n, layer) for n, layer in layers if template_name in layer.xpeft_mask_A]
     if len(layers) != store.info["layers"]:
         raise ValueError(
-            f"Store {store.path} holds profiles of {store.info['layers']} layers but the model adapts {len(layers)}."
+            f"Store {store.path} holds profiles of {store.info['layers']} layers but the model adapts {len(layers)}. "
+            "Attach them to a model adapting the same layers as the profiles were trained on (same base model, "
+            "`target_modules` and `layers_to_transform`), or store this model's profiles in a store created for "
+            f"it: `ProfileStore.create(path, model.peft_config[name], layers={len(layers)})`."
         )
     logits = store.masks(name)  # read and validated before the model changes
     config = copy.copy(template)
@@ -216,7 +234,7 @@ def extract_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str
             layer.layer_name: {
                 part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name), strict=True)
             }
-            for _, layer in xpeft_layers(model, adapter_name)
+            for _, layer in _layers_holding(model, adapter_name)
         }
 
 
@@ -235,8 +253,8 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
     same layers (`2rd + r + d` fp32 parameters per layer) and LoRA on peft's default targets for this model type
     (`r(in + out)` per layer), as tensor bytes in safetensors files.
     """
+    layers = _layers_holding(model, adapter_name)
     config = model.peft_config[adapter_name]
-    layers = xpeft_layers(model, adapter_name)
     payload = profile_payload(model, adapter_name)
     head = {
         name: param.detach() for name, param in model.named_parameters() if f"modules_to_save.{adapter_name}." in name
@@ -249,9 +267,14 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
     lora_targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, [])
     lora = {}
     for name, module in model.get_base_model().named_modules():
+        if name.split(".")[-1] not in lora_targets:
+            continue
         base = module.get_base_layer() if isinstance(module, XPeftLayer) else module
-        if isinstance(base, nn.Linear) and name.split(".")[-1] in lora_targets:
-            lora[name] = torch.zeros(lora_r * (base.in_features + base.out_features))
+        try:  # nn.Linear and transformers' Conv1D (GPT-2); LoRA skips other layer types too
+            in_features, out_features, _ = layer_features(base, "LoRA")
+        except TypeError:
+            continue
+        lora[name] = torch.zeros(lora_r * (in_features + out_features))
     return {
         "layers": len(layers),
         "bank_size": config.bank_size,

@@ -83,9 +83,18 @@ class ProfileStore:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        create = (
+            "create one with `ProfileStore.create(path, peft_model.peft_config[adapter_name], layers=...)`, `layers` "
+            "being the number of adapted layers, then fill it with `store.add(...)`"
+        )
+        if not self.path.is_file():
+            raise FileNotFoundError(f"No X-PEFT profile store at {self.path}; {create}.")
         metadata = read_safetensors_metadata(self.path)
         if metadata.get("format") != STORE_FORMAT:
-            raise ValueError(f"{self.path} is not an X-PEFT profile store (format {metadata.get('format')!r}).")
+            raise ValueError(
+                f"{self.path} is not an X-PEFT profile store (format {metadata.get('format')!r}, expected "
+                f"{STORE_FORMAT!r}); open a file written by `ProfileStore.create`, or {create}."
+            )
         self.info = json.loads(metadata["info"])
         self._names: list[str] = json.loads(metadata["names"])
         self._index = {name: i for i, name in enumerate(self._names)}
