@@ -37,6 +37,20 @@ def logits(model, inputs, **kwargs) -> torch.Tensor:
         return model(**inputs, **kwargs).logits
 
 
+def each_sample_alone(model, inputs, adapter_names, run=logits, **kwargs) -> torch.Tensor:
+    """`run` on one sample at a time with its adapter set active (or disabled for "__base__"), concatenated."""
+    rows = []
+    for index, name in enumerate(adapter_names):
+        sample = {key: value[index : index + 1] for key, value in inputs.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(run(model, sample, **kwargs))
+        else:
+            model.set_adapter(name)
+            rows.append(run(model, sample, **kwargs))
+    return torch.cat(rows)
+
+
 class ContractSuite:
     """Generic peft-integration checks; subclasses set the attributes and `make_config`."""
 
@@ -66,7 +80,9 @@ class ContractSuite:
 
     def head_wrappers(self, model) -> list[AuxiliaryTrainingWrapper]:
         """peft's wrappers of `modules_to_save` heads (e.g. the classifier that SEQ_CLS adds)."""
-        return [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper) and hasattr(m, "modules_to_save")]
+        return [
+            m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper) and hasattr(m, "modules_to_save")
+        ]
 
     def head_parameters(self, model, adapter_name: str) -> list[torch.nn.Parameter]:
         """The adapter's own copies of the `modules_to_save` heads."""
@@ -197,15 +213,7 @@ class ContractSuite:
                 logits(model, inputs, adapter_names=names)
             return
         mixed = logits(model, inputs, adapter_names=names)
-        for index, name in enumerate(names):
-            sample = {key: value[index : index + 1] for key, value in inputs.items()}
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = logits(model, sample)
-            else:
-                model.set_adapter(name)
-                alone = logits(model, sample)
-            torch.testing.assert_close(mixed[index : index + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed, each_sample_alone(model, inputs, names), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="one adapter name"):
             logits(model, inputs, adapter_names=["default"])
 

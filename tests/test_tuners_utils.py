@@ -1,12 +1,11 @@
 """Shared mixed-batch routing (xpeft.tuners_utils) through `generate`, on the test-only tuner."""
 
 import pytest
-import torch
 from peft import get_peft_model
 from transformers import GenerationConfig
 
 import dummy_tuner
-from contract import ContractSuite
+from contract import ContractSuite, each_sample_alone
 from models import make_inputs, make_model
 
 
@@ -19,17 +18,8 @@ def two_adapter_llama():
     return model.eval()
 
 
-def generate_alone(model, inputs, names, **kwargs):
-    rows = []
-    for index, name in enumerate(names):
-        sample = {key: value[index : index + 1] for key, value in inputs.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                rows.append(model.generate(**sample, **kwargs))
-        else:
-            model.set_adapter(name)
-            rows.append(model.generate(**sample, **kwargs))
-    return torch.cat(rows)
+def generate(model, inputs, **kwargs):
+    return model.generate(**inputs, **kwargs)
 
 
 @pytest.mark.parametrize("how", ["keyword", "generation_config"])
@@ -40,7 +30,7 @@ def test_beam_search_repeats_each_sample_name(how):
     settings = {"max_new_tokens": 4, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
     kwargs = settings if how == "keyword" else {"generation_config": GenerationConfig(**settings)}
     mixed = model.generate(**inputs, adapter_names=names, **kwargs)
-    assert mixed.equal(generate_alone(model, inputs, names, **settings))
+    assert mixed.equal(each_sample_alone(model, inputs, names, run=generate, **settings))
 
 
 def test_wrong_number_of_names_names_the_fix():

@@ -12,6 +12,7 @@ from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from contract import each_sample_alone, logits
 from models import make_inputs, make_model, task_type
 from xpeft import ProfileStore, XPeftConfig, attach_profile, build_bank, profile_cost
 from xpeft.x_peft import extract_adapter, pack_masks, profile_payload, unpack_masks
@@ -28,11 +29,6 @@ def config(model_name="llama", **kwargs):
         "task_type": task_type(model_name),
     } | kwargs
     return XPeftConfig(**kwargs)
-
-
-def logits(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model(**inputs, **kwargs).logits
 
 
 # -- payload packing ---------------------------------------------------------------------------------------------
@@ -132,15 +128,7 @@ def test_mixed_batch_of_many_profiles_equals_each_sample_alone_and_cache_follows
     inputs = make_inputs(model_name, batch=6)
     names = ["p2", "__base__", "default", "p0", "p2", "p3"]
     mixed = logits(model, inputs, adapter_names=names)
-    for i, name in enumerate(names):
-        sample = {key: value[i : i + 1] for key, value in inputs.items()}
-        if name == "__base__":
-            with model.disable_adapter():
-                alone = logits(model, sample)
-        else:
-            model.set_adapter(name)
-            alone = logits(model, sample)
-        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed, each_sample_alone(model, inputs, names), rtol=1e-5, atol=1e-5)
     with model.disable_adapter():
         base = logits(model, inputs)
     torch.testing.assert_close(logits(model, inputs, adapter_names=["__base__"] * 6), base, rtol=0, atol=0)
