@@ -368,13 +368,18 @@ def answer_loss(model, tensors, batch=8) -> dict:
     return {"answer_loss": loss, "answer_ppl": math.exp(loss), "answer_tokens": count}
 
 
-def generate(model, tok, prompts, max_new_tokens, adapter_names=None):
+def encode_prompts(tok, prompts):
+    """Chat-formatted, left-padded prompts ready for `generate`."""
     texts = [
         tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
         for p in prompts
     ]
     tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def generate(model, tok, prompts, max_new_tokens, adapter_names=None):
+    enc = encode_prompts(tok, prompts)
     kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
     out = model.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, **kwargs
@@ -389,12 +394,7 @@ def decode_throughput(model, tok, prompts, budget: Budget, adapter_names) -> flo
     with torch.no_grad():
         for rep in range(4):
             start = time.perf_counter()
-            texts = [
-                tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                for p in prompts
-            ]
-            tok.padding_side = "left"
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = encode_prompts(tok, prompts)
             kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
             model.generate(
                 **enc, max_new_tokens=budget.decode_tokens, min_new_tokens=budget.decode_tokens, do_sample=False,
