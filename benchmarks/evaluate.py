@@ -104,8 +104,9 @@ class Method:
     family: str = "peft"  # "xpeft" | "peft" | "reference"
 
 
-def _xp(name):
-    return getattr(xpeft, name)
+def xpeft_method(name: str, lr: float, config_class: str, **config_kwargs) -> Method:
+    """A row for an xpeft method: its config class is looked up at run time, so a missing one is reported as skipped."""
+    return Method(name, lr, lambda: getattr(xpeft, config_class)(**config_kwargs), "peft", config_class, "xpeft")
 
 
 def spam_methods() -> list[Method]:
@@ -117,34 +118,11 @@ def spam_methods() -> list[Method]:
         Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
         Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's BERT default: key, value, FFN output
         Method("HRA r=8", 1e-3, lambda: HRAConfig(task_type=t, r=8, target_modules=qv)),
-        Method(
-            "ETHER", 1e-2, lambda: _xp("EtherConfig")(task_type=t, target_modules=qv), "peft", "EtherConfig", "xpeft"
-        ),
-        Method(
-            "ETHER+",
-            1e-2,
-            lambda: _xp("EtherConfig")(task_type=t, target_modules=qv, variant="ether_plus"),
-            "peft",
-            "EtherConfig",
-            "xpeft",
-        ),  # fmt: skip
-        Method(
-            "X-PEFT soft",
-            1e-2,
-            lambda: _xp("XPeftConfig")(task_type=t, mask_type="soft"),
-            "peft",
-            "XPeftConfig",
-            "xpeft",
-        ),
-        Method(
-            "X-PEFT hard",
-            1e-2,
-            lambda: _xp("XPeftConfig")(task_type=t, mask_type="hard"),
-            "peft",
-            "XPeftConfig",
-            "xpeft",
-        ),
-        Method("PEDRO", 3e-3, lambda: _xp("PedroConfig")(task_type=t), "peft", "PedroConfig", "xpeft"),
+        xpeft_method("ETHER", 1e-2, "EtherConfig", task_type=t, target_modules=qv),
+        xpeft_method("ETHER+", 1e-2, "EtherConfig", task_type=t, target_modules=qv, variant="ether_plus"),
+        xpeft_method("X-PEFT soft", 1e-2, "XPeftConfig", task_type=t, mask_type="soft"),
+        xpeft_method("X-PEFT hard", 1e-2, "XPeftConfig", task_type=t, mask_type="hard"),
+        xpeft_method("PEDRO", 3e-3, "PedroConfig", task_type=t),
     ]
 
 
@@ -155,17 +133,10 @@ def instruct_methods() -> list[Method]:
     t = "CAUSAL_LM"
     qv = ["q_proj", "v_proj"]
     return [
-        Method("PEDRO", 3e-3, lambda: _xp("PedroConfig")(task_type=t), "peft", "PedroConfig", "xpeft"),
+        xpeft_method("PEDRO", 3e-3, "PedroConfig", task_type=t),
         Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's Llama default: k, v, down_proj
         Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
-        Method(
-            "ETHER+ q,v",
-            1e-2,
-            lambda: _xp("EtherConfig")(task_type=t, target_modules=qv, variant="ether_plus"),
-            "peft",
-            "EtherConfig",
-            "xpeft",
-        ),  # fmt: skip
+        xpeft_method("ETHER+ q,v", 1e-2, "EtherConfig", task_type=t, target_modules=qv, variant="ether_plus"),
     ]
 
 
