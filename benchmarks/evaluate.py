@@ -117,7 +117,8 @@ def spam_methods() -> list[Method]:
         Method("full FT", 5e-5, mode="full", family="reference"),
         Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
         Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's BERT default: key, value, FFN output
-        Method("HRA r=8", 1e-3, lambda: HRAConfig(task_type=t, r=8, target_modules=qv)),
+        # HRA at ETHER's learning rate: ETHER with one block is HRA with r=1 (DESIGN.md §1).
+        Method("HRA r=8", 1e-2, lambda: HRAConfig(task_type=t, r=8, target_modules=qv)),
         xpeft_method("ETHER", 1e-2, "EtherConfig", task_type=t, target_modules=qv),
         xpeft_method("ETHER+", 1e-2, "EtherConfig", task_type=t, target_modules=qv, variant="ether_plus"),
         xpeft_method("X-PEFT soft", 1e-2, "XPeftConfig", task_type=t, mask_type="soft"),
