@@ -456,6 +456,26 @@ def test_config_validation_errors(kwargs, match):
         EtherConfig(**kwargs)
 
 
+@NEARLY_SINGULAR
+@pytest.mark.parametrize("fan_in_fan_out", [True, False])
+def test_contradicting_fan_in_fan_out_warns_and_keeps_each_layers_layout(fan_in_fan_out):
+    # TwoLayers holds one layer of each layout, so exactly one of them contradicts the explicit value.
+    wrong_type, wrong_name = ("Linear", "lin") if fan_in_fan_out else ("Conv1D", "conv")
+    with pytest.warns(
+        UserWarning, match=rf"fan_in_fan_out is set to {fan_in_fan_out} but .*{wrong_name}.* `{wrong_type}`"
+    ):
+        explicit = two_layer_model("ether_plus", init_weights=False, fan_in_fan_out=fan_in_fan_out).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inferred = two_layer_model("ether_plus", init_weights=False).eval()
+    x = torch.randn(4, IN)
+    expected = reference_output(inferred, x, ["default"])
+    with torch.no_grad():
+        torch.testing.assert_close(explicit(x).double(), expected, rtol=1e-5, atol=1e-5)
+        explicit.merge_adapter()
+        torch.testing.assert_close(explicit(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_layers_to_transform_adapts_only_those_layers():
     config = EtherConfig(target_modules=["q_proj"], n_blocks=4, layers_to_transform=[1], layers_pattern="layers")
     model = get_peft_model(make_model("llama"), config)
@@ -473,6 +493,7 @@ def test_default_config_and_help_equal_docstring():
             "layers_to_transform",
             "layers_pattern",
             "modules_to_save",
+            "fan_in_fan_out",
         }:
             help_text = " ".join(f.metadata["help"].split())
             assert help_text in doc, f.name

@@ -16,8 +16,8 @@ EtherVariant = Literal["ether", "ether_plus", "ether_plus_one_sided"]
 class EtherConfig(PeftConfig):
     """Configuration of an [`EtherModel`]: block-diagonal hyperplane reflections of a layer's weights.
 
-    The weight layout (`nn.Linear` `[out, in]` or transformers `Conv1D` `[in, out]`, i.e. peft's `fan_in_fan_out`) is
-    read from each layer's type, so there is no `fan_in_fan_out` field to set.
+    The weight layout (`nn.Linear` `[out, in]` or transformers `Conv1D` `[in, out]`, peft's `fan_in_fan_out`) is read
+    from each layer's type; `fan_in_fan_out` only needs setting to keep a config shared with LoRA.
 
     Args:
         target_modules (`Optional[Union[list[str], str]]`):
@@ -47,6 +47,10 @@ class EtherConfig(PeftConfig):
             `layers_to_transform`.
         modules_to_save (`Optional[list[str]]`):
             Modules apart from the ETHER layers to train and save, e.g. a freshly initialized classifier head.
+        fan_in_fan_out (`Optional[bool]`):
+            Whether the target layers store their weight as `[in, out]` (True for GPT-2's `Conv1D`). None reads it
+            from each layer's type; an explicit value that contradicts a layer's type is corrected for that layer with
+            a warning, as peft's LoRA does.
     """
 
     target_modules: list[str] | str | None = field(
@@ -113,6 +117,17 @@ class EtherConfig(PeftConfig):
         metadata={
             "help": (
                 "Modules apart from the ETHER layers to train and save, e.g. a freshly initialized classifier head."
+            )
+        },
+    )
+
+    fan_in_fan_out: bool | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Whether the target layers store their weight as `[in, out]` (True for GPT-2's `Conv1D`). None reads "
+                "it from each layer's type; an explicit value that contradicts a layer's type is corrected for that "
+                "layer with a warning, as peft's LoRA does."
             )
         },
     )

@@ -185,6 +185,15 @@ class EtherLayer(BaseTunerLayer):
                     f"least two features. Valid block counts for this layer: {valid}. Set `n_blocks` to one of them, "
                     "or leave the module out with `exclude_modules`."
                 )
+        if config.fan_in_fan_out is not None and config.fan_in_fan_out != self.fan_in_fan_out:
+            layer_type = type(self.get_base_layer()).__name__
+            warnings.warn(
+                f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module {module_name!r} is a "
+                f"`{layer_type}`, whose weight is stored as {'[in, out]' if self.fan_in_fan_out else '[out, in]'}; "
+                f"using fan_in_fan_out={self.fan_in_fan_out} for it. Leave `fan_in_fan_out=None` to read it from "
+                "the layer type.",
+                stacklevel=2,
+            )
         self.ether_variant[adapter_name] = variant
         self.ether_u[adapter_name] = nn.Parameter(self._init_vectors(n, self.in_features))
         if variant != "ether":
