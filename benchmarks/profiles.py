@@ -1,8 +1,9 @@
 """Task "profiles" of the evaluation suite: X-PEFT's own setting, many profiles on one frozen MiniLM.
 
-Each chatterbot topic is a profile with its own small task, answer-vs-distractor matching: MiniLM reads
-``[CLS] prompt [SEP] candidate [SEP]`` and says whether the candidate is the corpus answer to the prompt or an answer
-to another prompt of the same topic (one distractor per pair, drawn with a fixed seed).
+Each chatterbot topic is a profile with its own small task, one-vs-rest topic detection: MiniLM reads
+``[CLS] prompt [SEP] answer [SEP]`` and says whether the exchange belongs to the profile's topic. Positives are the
+topic's pairs; negatives are as many pairs drawn from the other topics of the same split (fixed seed), so chance is
+0.5 and train and test never share a pair.
 
 1. Ordinary bottleneck adapters (Pfeiffer: ``h + B f(A h + a) + b`` on each FFN output, the layers X-PEFT adapts)
    are trained on the first ``profile_bank_topics`` topics, one per topic, and stacked into a bank with
@@ -62,14 +63,12 @@ class BottleneckAdapter(nn.Module):
         }
 
 
-def matching_pairs(pairs, answers, seed):
-    """One positive (prompt, its answer) and one negative (prompt, another prompt's answer) per pair."""
-    rng = random.Random(seed)
-    out = []
-    for prompt, answer in pairs:
-        wrong = [a for a in answers if a != answer]
-        out += [(prompt, answer, 1), (prompt, rng.choice(wrong), 0)]
-    return out
+def topic_examples(topics: dict, topic: str, split: str, seed: int) -> list[tuple[str, str, int]]:
+    """The topic's (prompt, answer) pairs labelled 1, and as many pairs of the other topics labelled 0 (seeded)."""
+    positives = topics[topic][split]
+    others = [pair for t in sorted(topics) if t != topic for pair in topics[t][split]]
+    negatives = random.Random(f"{seed}-{topic}-{split}").sample(others, min(len(positives), len(others)))
+    return [(p, a, 1) for p, a in positives] + [(p, a, 0) for p, a in negatives]
 
 
 def encode(tok, triples, max_len):
@@ -141,10 +140,10 @@ def task_profiles(budget, seed: int) -> dict:
     bank_topics, eval_topics = usable[:k], usable[k : 2 * k]
     enc = {}
     for t in bank_topics + eval_topics:
-        answers = sorted({a for p, a in topics[t]["train"] + topics[t]["test"]})
-        test = matching_pairs(topics[t]["test"], answers, seed + 1)[: budget.profile_eval]
+        test = topic_examples(topics, t, "test", seed)
+        test = test[: budget.profile_eval // 2] + test[len(test) // 2 :][: budget.profile_eval // 2]  # balanced
         enc[t] = (
-            encode(tok, matching_pairs(topics[t]["train"], answers, seed), budget.cls_len),
+            encode(tok, topic_examples(topics, t, "train", seed), budget.cls_len),
             encode(tok, test, budget.cls_len),
         )
 
@@ -226,7 +225,7 @@ def task_profiles(budget, seed: int) -> dict:
             }
         )
     return {
-        "setting": f"MiniLM answer-vs-distractor matching; bank of {len(bank_entries)} adapters from topics "
+        "setting": f"MiniLM one-vs-rest topic detection; bank of {len(bank_entries)} adapters from topics "
         f"{', '.join(bank_topics)}; new topics {', '.join(eval_topics)}; {budget.profile_steps} steps each",
         "bank_fingerprint": fingerprint,
         "bank_topics": bank_topics,
