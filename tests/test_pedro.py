@@ -266,7 +266,7 @@ def test_not_mergeable_layer_level():
         ({"vg_rank": 0}, "`vg_rank` must be a positive integer"),
         ({"pooler": "max"}, "`pooler` must be"),
         ({"activation": "tanh"}, "`activation` must be"),
-        ({"layers_pattern": "layers"}, "only used with `layers_to_transform`"),
+        ({"layers_pattern": "layers"}, "`layers_pattern` is set but `layers_to_transform` is None"),
     ],
 )
 def test_config_errors(kwargs, match):

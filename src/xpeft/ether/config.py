@@ -8,6 +8,7 @@ from typing import Literal, get_args
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
+from ..config_utils import normalize_module_selection
 
 EtherVariant = Literal["ether", "ether_plus", "ether_plus_one_sided"]
 
@@ -135,12 +136,7 @@ class EtherConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("ETHER")
-        self.target_modules = (
-            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        )
-        self.exclude_modules = (
-            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
-        )
+        normalize_module_selection(self)
         variants = get_args(EtherVariant)
         if self.variant not in variants:
             raise ValueError(
@@ -148,10 +144,3 @@ class EtherConfig(PeftConfig):
             )
         if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 1:
             raise ValueError(f"`n_blocks` must be a positive integer, got {self.n_blocks!r}.")
-        # A regex selects modules by full name, so a layer filter on top of it would be ambiguous (as in peft's HRA).
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (a regex).")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str (a regex).")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` is set but `layers_to_transform` is None; set both or neither.")

@@ -8,6 +8,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
+from ..config_utils import normalize_module_selection
 
 # Per architecture: the module names PEDRO scales and their role in the block. "q" is the query projection, "v" the
 # value projection, "u" the FFN up projection (the first FFN linear of non-gated FFNs) and "qv" GPT-2's fused
@@ -108,13 +109,10 @@ class PedroConfig(PeftConfig):
                 f"`target_modules` must be a list of module names for PEDRO, got the string {self.target_modules!r}; "
                 "pass e.g. ['q_proj', 'v_proj', 'up_proj'] or None for the architecture's defaults."
             )
-        if self.target_modules is not None:
-            self.target_modules = set(self.target_modules)
+        normalize_module_selection(self)
         if not isinstance(self.vg_rank, int) or self.vg_rank < 1:
             raise ValueError(f"`vg_rank` must be a positive integer, got {self.vg_rank!r}.")
         if self.pooler not in ("attention", "mean", "last"):
             raise ValueError(f"`pooler` must be 'attention', 'mean' or 'last', got {self.pooler!r}.")
         if self.activation not in ("rational", "gelu", "relu"):
             raise ValueError(f"`activation` must be 'rational', 'gelu' or 'relu', got {self.activation!r}.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` is only used with `layers_to_transform`; set both or neither.")

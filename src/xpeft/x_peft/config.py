@@ -9,6 +9,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
+from ..config_utils import normalize_module_selection
 
 NAME = "xpeft"
 
@@ -120,10 +121,7 @@ class XPeftConfig(PeftConfig):
         if self.bank != "random":
             # Saved profiles record this path: make it independent of the directory the profile is later loaded from.
             self.bank = os.path.abspath(os.path.expanduser(os.fspath(self.bank)))
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        normalize_module_selection(self)
         if not isinstance(self.bank_size, int) or self.bank_size < 1:
             raise ValueError(f"`bank_size` must be a positive integer, got {self.bank_size!r}.")
         if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
@@ -139,7 +137,3 @@ class XPeftConfig(PeftConfig):
                 f"`hard_k` must be an integer between 1 and bank_size={self.bank_size}, got {self.hard_k!r}; "
                 "lower `hard_k` or raise `bank_size`."
             )
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
