@@ -192,6 +192,15 @@ class XpeftTuner(BaseTuner):
             for handle in handles:
                 handle.remove()
 
+    def _swap_in(
+        self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module, adapter_name: str
+    ) -> None:
+        """Put a freshly built tuner layer in place of `child`. An adapter added while another is active is frozen
+        until `set_adapter` selects it, as in peft's tuners."""
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, child_name, new_module, child)
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         if isinstance(child, AuxiliaryTrainingWrapper):
             # Unloading a `modules_to_save` wrapper hands back the wrapped module as is. peft's BaseTuner would copy a

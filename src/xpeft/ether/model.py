@@ -47,7 +47,4 @@ class EtherModel(XpeftTuner):
             return
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         new_module = EtherLinear(base_layer, adapter_name, config, module_name=current_key)
-        if adapter_name not in self.active_adapters:
-            # An added adapter is not trainable until `set_adapter` makes it active (as in peft's tuners).
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self._swap_in(parent, target_name, new_module, target, adapter_name)

@@ -229,9 +229,7 @@ class PedroModel(XpeftTuner):
             target.update_layer(adapter_name, config, owner_role)
             return
         new_module = PedroLayer(target, adapter_name, config, role, owner_role, block, self._pedro_call)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self._swap_in(parent, target_name, new_module, target, adapter_name)
 
     def _generator_owner(self, config: PedroConfig, block_key: str, current_key: str, role: str) -> str:
         """The module of block `block_key` that holds the vector generator: its query projection if adapted, else

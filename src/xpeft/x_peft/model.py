@@ -135,9 +135,7 @@ class XPeftModel(XpeftTuner):
             target.update_layer(adapter_name, config)
             return
         new_module = XPeftLayer(target, adapter_name, config, self.xpeft_bank, current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self._swap_in(parent, target_name, new_module, target, adapter_name)
 
     # -- saving: one tensor of masks per profile, never the bank -------------------------------------------------
 
