@@ -77,3 +77,32 @@ def test_report_renders_every_number_and_sections_merge(tmp_path):
     (out2 / "eval_smoke.json").write_text(json.dumps(other))
     evaluate._write(_fake({"profiles"}, ["profiles"]), out2, "eval_smoke")
     assert "spam" not in json.loads((out2 / "eval_smoke.json").read_text())
+
+
+def test_readme_block_is_replaced_from_the_results(tmp_path):
+    res = evaluate._write(_fake({"spam", "profiles"}, ["spam", "profiles"]), tmp_path, "eval_smoke")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{evaluate.README_BEGIN}\nold numbers\n{evaluate.README_END}\nlimits\n")
+    evaluate.update_readme(readme, res)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nlimits\n") and "old numbers" not in text
+    assert "| LoRA r=8 | 0.001 | 0.9000 | 0.8000 | 10 | 2.0 KB (1.0 KB) | 1.0 |" in text
+    assert "### Many profiles (s)" in text  # one heading level below the report's
+    evaluate.update_readme(readme, res)
+    assert readme.read_text() == text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="has no <!-- evaluate:begin --> ... <!-- evaluate:end --> block"):
+        evaluate.update_readme(readme, res)
+
+
+def test_readme_results_are_those_of_the_committed_json():
+    """Every number of the README's evaluation block is traceable: it is exactly what the committed JSON renders to."""
+    from pathlib import Path
+
+    root = Path(evaluate.__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    start = text.index(evaluate.README_BEGIN)
+    block = text[start : text.index(evaluate.README_END) + len(evaluate.README_END)]
+    prefix = "eval_quick" if "--quick" in block.splitlines()[1] else "eval"
+    res = json.loads((root / "benchmarks" / "results" / f"{prefix}.json").read_text())
+    assert block == evaluate.render_readme_block(res)
