@@ -2,13 +2,14 @@
 
 Each chatterbot topic is a profile with its own small task, one-vs-rest topic detection: MiniLM reads
 ``[CLS] prompt [SEP] answer [SEP]`` and says whether the exchange belongs to the profile's topic. Positives are the
-topic's pairs; negatives are as many pairs drawn from the other topics of the same split (fixed seed), so chance is
-0.5 and train and test never share a pair.
+topic's pairs; negatives are as many pairs drawn round robin from the other topics of the same split (fixed seed), so
+chance is 0.5; a test example never shares its prompt with a training pair (see [`topic_examples`]).
 
 1. Ordinary bottleneck adapters (Pfeiffer: ``h + B f(A h + a) + b`` on each FFN output, the layers X-PEFT adapts)
-   are trained on the first ``profile_bank_topics`` topics, one per topic, and stacked into a bank with
-   ``xpeft.build_bank``.
-2. Every remaining topic is trained four ways, same steps and data: X-PEFT soft and hard masks over that trained
+   are trained on ``profile_bank_topics`` topics, one per topic, and stacked into a bank with ``xpeft.build_bank``.
+   Topics are ranked by distinct pairs: the largest ``profile_bank_topics`` are the new profiles (the largest test
+   sets), the next ones train the bank.
+2. Every new-profile topic is trained four ways, same steps and data: X-PEFT soft and hard masks over that trained
    bank (only the masks and the head train), a dedicated bottleneck adapter, and peft LoRA r=8 on query/value.
 
 Reported per method: mean held-out accuracy over the remaining topics, bytes per saved profile (with and without the
@@ -17,6 +18,7 @@ per-profile classifier head) and trainable parameters per profile.
 
 from __future__ import annotations
 
+import itertools
 import random
 import tempfile
 from pathlib import Path
@@ -63,12 +65,31 @@ class BottleneckAdapter(nn.Module):
         }
 
 
-def topic_examples(topics: dict, topic: str, split: str, seed: int) -> list[tuple[str, str, int]]:
-    """The topic's (prompt, answer) pairs labelled 1, and as many pairs of the other topics labelled 0 (seeded)."""
-    positives = topics[topic][split]
-    others = [pair for t in sorted(topics) if t != topic for pair in topics[t][split]]
-    negatives = random.Random(f"{seed}-{topic}-{split}").sample(others, min(len(positives), len(others)))
-    return [(p, a, 1) for p, a in positives] + [(p, a, 0) for p, a in negatives]
+def topic_examples(topics: dict, topic: str, split: str, seed: int, limit: int | None = None) -> list[tuple]:
+    """Balanced one-vs-rest examples `(prompt, answer, label)` of `topic` from one split, seeded.
+
+    Positives are the topic's pairs (label 1); negatives (label 0) are as many pairs of the other topics, drawn round
+    robin across those topics so that no large topic dominates them. The corpus repeats some prompts across topics
+    ("Hello" is in greetings and conversations), so a negative never shares a prompt with the topic, and test
+    examples never share a prompt with any training pair; repeated pairs count once. `limit` caps the number of examples (half of each label).
+    """
+    rng = random.Random(f"{seed}-{topic}-{split}")
+    own_prompts = {p for part in ("train", "test") for p, _ in topics[topic][part]}
+    seen_in_train = {p for t in topics for p, _ in topics[t]["train"]} if split == "test" else set()
+    positives = [pair for pair in dict.fromkeys(topics[topic][split]) if pair[0] not in seen_in_train]
+    pools = []
+    for other in sorted(topics):
+        pool = [
+            p
+            for p in dict.fromkeys(topics[other][split])
+            if other != topic and p[0] not in own_prompts | seen_in_train
+        ]
+        rng.shuffle(pool)
+        pools.append(pool)
+    negatives = list(dict.fromkeys(pair for round_ in itertools.zip_longest(*pools) for pair in round_ if pair))
+    n = min(len(positives), len(negatives), limit // 2 if limit else len(positives))
+    positives = rng.sample(positives, n)
+    return [(p, a, 1) for p, a in positives] + [(p, a, 0) for p, a in negatives[:n]]
 
 
 def encode(tok, triples, max_len):
@@ -134,17 +155,17 @@ def task_profiles(budget, seed: int) -> dict:
     path = data.minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     topics = data.chatterbot(seed=seed)
-    usable = [t for t in sorted(topics, key=lambda t: (-len(topics[t]["train"]), t))
-              if len(topics[t]["train"]) >= MIN_TRAIN_PAIRS and len(topics[t]["test"]) >= MIN_TEST_PAIRS]  # fmt: skip
+    distinct = {t: {part: len(set(pairs)) for part, pairs in topics[t].items()} for t in topics}
+    usable = [t for t in sorted(topics, key=lambda t: (-distinct[t]["train"], t))
+              if distinct[t]["train"] >= MIN_TRAIN_PAIRS and distinct[t]["test"] >= MIN_TEST_PAIRS]  # fmt: skip
     k = budget.profile_bank_topics
-    bank_topics, eval_topics = usable[:k], usable[k : 2 * k]
+    # The largest topics are the new profiles (the largest test sets); the next ones train the bank.
+    eval_topics, bank_topics = usable[:k], usable[k : 2 * k]
     enc = {}
     for t in bank_topics + eval_topics:
-        test = topic_examples(topics, t, "test", seed)
-        test = test[: budget.profile_eval // 2] + test[len(test) // 2 :][: budget.profile_eval // 2]  # balanced
         enc[t] = (
             encode(tok, topic_examples(topics, t, "train", seed), budget.cls_len),
-            encode(tok, test, budget.cls_len),
+            encode(tok, topic_examples(topics, t, "test", seed, limit=budget.profile_eval), budget.cls_len),
         )
 
     def fresh():
