@@ -176,7 +176,8 @@ class ContractSuite:
         model = self.peft_model(model_name)
         first = logits(model, inputs)
         model.add_adapter("other", self.make_config(model_name))
-        assert not any(p.requires_grad for p in self.adapter_parameters(model, "other")), "an inactive adapter trains"
+        added = self.adapter_parameters(model, "other")
+        assert added and not any(p.requires_grad for p in added), "an inactive adapter trains"
         self.perturb(model, "other", seed=7)
         assert logits(model, inputs).equal(first), "adding an adapter changed the active one"
         model.set_adapter("other")

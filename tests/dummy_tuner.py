@@ -99,10 +99,7 @@ class DummyModel(XpeftTuner):
         if isinstance(target, DummyLayer):
             target.update_layer(adapter_name, config)
             return
-        new_module = DummyLayer(target, adapter_name, config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self._swap_in(parent, target_name, DummyLayer(target, adapter_name, config), target, adapter_name)
 
 
 register_method(NAME, DummyConfig, DummyModel)

@@ -5,6 +5,7 @@ from peft import get_peft_model
 from transformers import GenerationConfig
 
 import dummy_tuner
+import xpeft
 from contract import ContractSuite, each_sample_alone
 from models import make_inputs, make_model
 
@@ -38,3 +39,29 @@ def test_wrong_number_of_names_names_the_fix():
     inputs = make_inputs("llama")
     with pytest.raises(ValueError, match=r"has 2 entries but the batch has 3 rows; pass exactly one adapter name"):
         model(**inputs, adapter_names=["default", "other"])
+
+
+# Two configs per method whose target modules differ, so the second adapter wraps modules the first did not.
+SECOND_ADAPTER_CONFIGS = {
+    "dummy": lambda layers: dummy_tuner.DummyConfig(target_modules=layers),
+    "ether": lambda layers: xpeft.EtherConfig(target_modules=layers, n_blocks=4),
+    "x_peft": lambda layers: xpeft.XPeftConfig(target_modules=layers, bank_size=2),
+    "pedro": lambda layers: xpeft.PedroConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=layers,
+                                              layers_pattern="layers"),
+}  # fmt: skip
+FIRST_TARGETS = {"pedro": [0]}
+SECOND_TARGETS = {"pedro": [1]}
+
+
+@pytest.mark.parametrize("method", sorted(SECOND_ADAPTER_CONFIGS))
+def test_added_adapter_on_new_modules_is_frozen_until_selected(method):
+    make = SECOND_ADAPTER_CONFIGS[method]
+    model = get_peft_model(make_model("llama"), make(FIRST_TARGETS.get(method, ["q_proj"])))
+    before = {name for name, _ in model.named_modules()}
+    model.add_adapter("other", make(SECOND_TARGETS.get(method, ["k_proj"])))
+    new_modules = {name for name, _ in model.named_modules()} - before
+    other = [p for name, p in model.named_parameters() if ".other" in name]
+    assert new_modules and other, "the second adapter should wrap modules of its own"
+    assert not any(p.requires_grad for p in other)
+    model.set_adapter("other")
+    assert all(p.requires_grad for p in other)
