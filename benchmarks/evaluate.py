@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -119,7 +120,7 @@ def spam_methods() -> list[Method]:
         Method("full FT", 5e-5, mode="full", family="reference"),
         Method("LoRA r=8", 1e-3, lambda: LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=qv)),
         Method("IA3", 1e-2, lambda: IA3Config(task_type=t)),  # peft's BERT default: key, value, FFN output
-        # HRA at ETHER's learning rate: ETHER with one block is HRA with r=1 (DESIGN.md §1).
+        # HRA at ETHER's learning rate: both train Householder vectors (ETHER with one block is HRA with r=1).
         Method("HRA r=8", 1e-2, lambda: HRAConfig(task_type=t, r=8, target_modules=qv)),
         xpeft_method("ETHER", 1e-2, "EtherConfig", task_type=t, target_modules=qv),
         xpeft_method("ETHER+", 1e-2, "EtherConfig", task_type=t, target_modules=qv, variant="ether_plus"),
@@ -524,7 +525,8 @@ def render_readme_block(res: dict) -> str:
 
 def update_readme(path: Path, res: dict) -> None:
     text = path.read_text()
-    start, end = text.find(README_BEGIN), text.find(README_END)
+    start = text.find(README_BEGIN)
+    end = text.find(README_END, max(start, 0))
     if start < 0 or end < start:
         raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to fill; add the two markers first.")
     path.write_text(text[:start] + render_readme_block(res) + text[end + len(README_END) :])
@@ -735,6 +737,9 @@ def main(argv=None) -> dict:
         "--readme", type=Path, default=None, help="also regenerate the results block of this README from the results"
     )
     args = parser.parse_args(argv)
+    if args.readme and args.out.resolve() != RESULTS:
+        # The README block links the plots and the JSON under benchmarks/results/.
+        parser.error("--readme needs the results in benchmarks/results/: drop --out (merge runs made elsewhere).")
     set_threads(args.threads)
     import transformers
 
@@ -748,7 +753,7 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles")
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "-m", "benchmarks.evaluate", *(argv if argv is not None else sys.argv[1:])])
     res = {
         "meta": {
             "command": command,

@@ -31,6 +31,6 @@ def test_layer_filter_with_a_regex_is_refused(config_class, field):
         config_class(target_modules=r".*\.q_proj", **{field: value})
 
 
-def test_exclude_modules_list_becomes_a_set():
-    assert EtherConfig(exclude_modules=["a", "a"]).exclude_modules == {"a"}
-    assert XPeftConfig(exclude_modules=["a", "a"]).exclude_modules == {"a"}
+@pytest.mark.parametrize("config_class", CONFIGS)
+def test_exclude_modules_list_becomes_a_set(config_class):
+    assert config_class(exclude_modules=["a", "a"]).exclude_modules == {"a"}

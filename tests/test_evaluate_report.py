@@ -1,6 +1,7 @@
 """Pieces of the evaluation runner that need no model: batch order, test subsets, report rendering, section merging."""
 
 import json
+import re
 from dataclasses import asdict
 
 import pytest
@@ -48,6 +49,18 @@ def _fake(task_rows, tasks_run):
         sweep = {"LoRA r=8": [{"lr": 1e-3, "accuracy": 0.9, "f1": 0.8, "final_loss": 0.1, "diverged": False}]}
         res["spam"] = {"model": "m", "data": {"train": 1, "test": 1, "max_len": 1}, "rows": [row], "lr_sweep": sweep}
         res["spam"].update({"skipped": [{"method": "PEDRO", "reason": "missing"}], "run": run})
+    if "instruct" in task_rows:
+        row = {"method": "LoRA r=8", "family": "peft", "lr": 1e-3, "answer_loss": 2.0, "answer_ppl": 7.39}
+        row.update({"trainable_params": 10, "saved_bytes": 2000, "train_seconds": 1.0})
+        throughput = [
+            {"method": "base (no adapter)", "tokens_per_s": 10.0},
+            {"method": "LoRA r=8", "tokens_per_s": 8.0, "mixed_tokens_per_s": 5.0, "base_tokens_per_s": 10.0},
+            {"method": "IA3", "tokens_per_s": 9.0, "mixed_error": "not supported", "base_tokens_per_s": 12.0},
+        ]
+        generations = {"prompts": ["hi"], "reference": ["hello"], "outputs": {"LoRA r=8": ["hey"]}}
+        res["instruct"] = {"model": "m", "data": {"train_pairs": 1, "test_pairs": 1, "max_len": 1}, "rows": [row]}
+        res["instruct"].update({"generations": generations, "throughput": throughput, "tenants": ["a", "b"]})
+        res["instruct"].update({"skipped": [], "run": run})
     if "profiles" in task_rows:
         row = {
             "method": "X-PEFT hard (trained bank)",
@@ -103,6 +116,46 @@ def test_readme_results_are_those_of_the_committed_json():
     text = (root / "README.md").read_text()
     start = text.index(evaluate.README_BEGIN)
     block = text[start : text.index(evaluate.README_END) + len(evaluate.README_END)]
-    prefix = "eval_quick" if "--quick" in block.splitlines()[1] else "eval"
-    res = json.loads((root / "benchmarks" / "results" / f"{prefix}.json").read_text())
+    source = re.search(r"from (benchmarks/results/[\w.]+\.json)", block.splitlines()[1]).group(1)
+    res = json.loads((root / source).read_text())
     assert block == evaluate.render_readme_block(res)
+
+
+def test_throughput_is_reported_against_the_base_run_timed_just_before(tmp_path):
+    res = evaluate._write(_fake({"instruct"}, ["instruct"]), tmp_path, "eval_smoke")
+    md = (tmp_path / "eval_smoke.md").read_text()
+    assert "| base (no adapter) | 10.0 | – | – | – | – |" in md
+    assert "| LoRA r=8 | 8.0 | 5.0 | 10.0 | 0.80 | 0.50 |" in md
+    assert "| IA3 | 9.0 | not supported | 12.0 | 0.75 | – |" in md
+    assert "- LoRA r=8: 'hey'" in md  # the report keeps the generations; the README block leaves them out
+    assert "'hey'" not in evaluate.render_readme_block(res)
+
+
+def test_topic_examples_are_balanced_and_share_no_prompt_across_splits_or_labels():
+    from benchmarks.profiles import topic_examples
+
+    topics = {
+        "greetings": {"train": [("Hello", "Hi"), ("Hey", "Hello"), ("Hey", "Hello")], "test": [("Hi there", "Hi")]},
+        "chat": {
+            "train": [("How are you?", "Fine"), ("Hello", "Hi"), ("Bye", "See you")],
+            "test": [("Hello", "Hi"), ("What's up?", "Not much"), ("Yo", "Yo"), ("Hey", "Hello")],
+        },
+        "tech": {
+            "train": [(f"bug {i}", "fix") for i in range(6)],
+            "test": [(f"crash {i}", "reboot") for i in range(6)],
+        },
+    }
+    train = topic_examples(topics, "chat", "train", seed=0)
+    test = topic_examples(topics, "chat", "test", seed=0, limit=4)
+    for examples in (train, test):
+        labels = [y for *_, y in examples]
+        assert labels.count(1) == labels.count(0) > 0 and len(set(examples)) == len(examples)
+    chat_prompts = {p for part in topics["chat"].values() for p, _ in part}
+    assert not {p for p, _, y in train + test if y == 0} & chat_prompts  # "Hello" is in greetings too
+    assert not {p for p, _, _ in test} & {p for t in topics.values() for p, _ in t["train"]}
+    assert {p for p, _, y in test if y == 1} == {"What's up?", "Yo"}
+    assert len(test) == 4 and test == topic_examples(topics, "chat", "test", seed=0, limit=4)
+    # negatives are drawn round robin: both other topics contribute
+    greetings_only = topic_examples({**topics, "tech": {"train": [], "test": []}}, "tech", "train", seed=0)
+    assert greetings_only == []
+    assert {p.split()[0] for p, _, y in topic_examples(topics, "greetings", "train", seed=0) if y == 0} >= {"bug"}

@@ -18,7 +18,8 @@ class EtherConfig(PeftConfig):
     """Configuration of an [`EtherModel`]: block-diagonal hyperplane reflections of a layer's weights.
 
     The weight layout (`nn.Linear` `[out, in]` or transformers `Conv1D` `[in, out]`, peft's `fan_in_fan_out`) is read
-    from each layer's type; `fan_in_fan_out` only needs setting to keep a config shared with LoRA.
+    from each layer's type. `fan_in_fan_out` exists so that LoRA keyword arguments carry over; an explicit value is
+    checked against each layer and corrected with a warning where it is wrong.
 
     Args:
         target_modules (`Optional[Union[list[str], str]]`):
@@ -142,5 +143,7 @@ class EtherConfig(PeftConfig):
             raise ValueError(
                 f"`variant`={self.variant!r} is not an ETHER variant; choose one of {', '.join(map(repr, variants))}."
             )
+        if self.fan_in_fan_out not in (None, True, False):
+            raise ValueError(f"`fan_in_fan_out` must be None, True or False, got {self.fan_in_fan_out!r}.")
         if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 1:
             raise ValueError(f"`n_blocks` must be a positive integer, got {self.n_blocks!r}.")

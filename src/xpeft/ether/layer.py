@@ -186,12 +186,13 @@ class EtherLayer(BaseTunerLayer):
                     "or leave the module out with `exclude_modules`."
                 )
         if config.fan_in_fan_out is not None and config.fan_in_fan_out != self.fan_in_fan_out:
+            # One text per layer type (not per module), so Python shows it once, not once per adapted layer.
             layer_type = type(self.get_base_layer()).__name__
             warnings.warn(
-                f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module {module_name!r} is a "
-                f"`{layer_type}`, whose weight is stored as {'[in, out]' if self.fan_in_fan_out else '[out, in]'}; "
-                f"using fan_in_fan_out={self.fan_in_fan_out} for it. Leave `fan_in_fan_out=None` to read it from "
-                "the layer type.",
+                f"fan_in_fan_out is set to {config.fan_in_fan_out} but some target modules are `{layer_type}` "
+                f"layers, whose weight is stored as {'[in, out]' if self.fan_in_fan_out else '[out, in]'}; using "
+                f"fan_in_fan_out={self.fan_in_fan_out} for them. Leave `fan_in_fan_out=None` to read it from each "
+                "layer's type.",
                 stacklevel=2,
             )
         self.ether_variant[adapter_name] = variant
