@@ -362,22 +362,30 @@ def generate(model, tok, prompts, max_new_tokens, adapter_names=None):
     return enc, out
 
 
-def decode_throughput(model, tok, prompts, budget: Budget, adapter_names) -> float:
-    """Generated tokens per second for one batch (greedy, fixed length), median of 3 after a warm-up."""
+def decode_seconds(model, tok, prompts, budget: Budget, adapter_names=None) -> float:
+    """Seconds to generate `decode_tokens` new tokens (greedy, fixed length) for the batch `prompts`."""
     model.eval()
-    times = []
+    kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
     with torch.no_grad():
-        for rep in range(4):
-            start = time.perf_counter()
-            enc = encode_prompts(tok, prompts)
-            kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
-            model.generate(
-                **enc, max_new_tokens=budget.decode_tokens, min_new_tokens=budget.decode_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, **kwargs,
-            )  # fmt: skip
-            if rep:
-                times.append(time.perf_counter() - start)
-    return len(prompts) * budget.decode_tokens / sorted(times)[len(times) // 2]
+        start = time.perf_counter()
+        enc = encode_prompts(tok, prompts)
+        model.generate(
+            **enc, max_new_tokens=budget.decode_tokens, min_new_tokens=budget.decode_tokens, do_sample=False,
+            pad_token_id=tok.pad_token_id, **kwargs,
+        )  # fmt: skip
+        return time.perf_counter() - start
+
+
+def interleaved_throughput(runs: dict[str, Callable[[], float]], tokens: int, reps: int = 3) -> dict[str, float]:
+    """Tokens per second of each run, timed in turn (one warm-up round, then `reps` rounds, median), so that a
+    drifting machine load hits every run of the comparison alike."""
+    times = {name: [] for name in runs}
+    for round_ in range(reps + 1):
+        for name, run in runs.items():
+            seconds = run()
+            if round_:
+                times[name].append(seconds)
+    return {name: tokens / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def task_instruct(budget: Budget, seed: int) -> dict:
@@ -411,7 +419,13 @@ def task_instruct(budget: Budget, seed: int) -> dict:
         out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
     )
     throughput = [
-        {"method": "base (no adapter)", "tokens_per_s": decode_throughput(base, tok, decode_prompts, budget, None)}
+        {
+            "method": "base (no adapter)",
+            **interleaved_throughput(
+                {"tokens_per_s": lambda: decode_seconds(base, tok, decode_prompts, budget)},
+                len(decode_prompts) * budget.decode_tokens,
+            ),
+        }
     ]
     skipped = []
     for m in tqdm(instruct_methods(), desc="task instruct"):
@@ -435,11 +449,7 @@ def task_instruct(budget: Budget, seed: int) -> dict:
             generations["outputs"][m.name] = tok.batch_decode(
                 out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
             )
-            # The base model is timed again right before each method, so that a drifting machine load cannot
-            # masquerade as adapter overhead: the ratios to that adjacent base run are what the table reports.
-            entry = {"base_tokens_per_s": decode_throughput(base, tok, decode_prompts, budget, None)}
-            entry.update(_multi_tenant(model, m, tok, decode_prompts, tenant_topics, tenant_of_row, budget))
-            throughput.append(entry)
+            throughput.append(_multi_tenant(base, model, m, tok, decode_prompts, tenant_topics, tenant_of_row, budget))
         except Exception as err:
             skipped.append({"method": m.name, "reason": f"{type(err).__name__}: {err}"})
     return {
@@ -453,24 +463,32 @@ def task_instruct(budget: Budget, seed: int) -> dict:
     }
 
 
-def _multi_tenant(model, method, tok, prompts, tenants, tenant_of_row, budget) -> dict:
-    """Decode throughput with one adapter for the whole batch, then with one adapter per topic mixed per sample."""
-    entry = {"method": method.name, "tokens_per_s": decode_throughput(model, tok, prompts, budget, None)}
+def _multi_tenant(base, model, method, tok, prompts, tenants, tenant_of_row, budget) -> dict:
+    """Decode throughput of the base model, of one adapter for the whole batch and of one adapter per topic mixed per
+    sample, timed in turn (see [`interleaved_throughput`]): the table's ratios to the base compare runs made under
+    the same machine load."""
+    entry = {"method": method.name}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         # Every tenant gets its own adapter (a copy of the trained one: throughput does not depend on the values).
         for name in tenants:
             model.load_adapter(tmp, adapter_name=name)
+    runs = {
+        "base_tokens_per_s": lambda: decode_seconds(base, tok, prompts, budget),
+        "tokens_per_s": lambda: decode_seconds(model, tok, prompts, budget),
+    }
     if not hasattr(model.base_model, "_enable_peft_forward_hooks"):
         # peft silently ignores `adapter_names` for tuners without this hook (IA3 in peft 0.21): a "mixed" run would
         # decode every sample with the active adapter, so there is nothing honest to measure.
         entry["mixed_error"] = "per-sample adapter_names not supported by this peft tuner"
-        return entry
-    try:
-        entry["mixed_tokens_per_s"] = decode_throughput(model, tok, prompts, budget, tenant_of_row)
-        entry["tenants"] = len(tenants)
-    except Exception as err:
-        entry["mixed_error"] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    else:
+        try:
+            decode_seconds(model, tok, prompts[:1], budget, tenant_of_row[:1])
+            runs["mixed_tokens_per_s"] = lambda: decode_seconds(model, tok, prompts, budget, tenant_of_row)
+            entry["tenants"] = len(tenants)
+        except Exception as err:
+            entry["mixed_error"] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    entry.update(interleaved_throughput(runs, len(prompts) * budget.decode_tokens))
     return entry
 
 
@@ -597,7 +615,7 @@ def render_markdown(res: dict, generations: bool = True, plot_dir: str = "") -> 
             "",
         ]
         out += [
-            "| method | one adapter (tok/s) | mixed tenants per sample (tok/s) | base timed just before (tok/s) | "
+            "| method | one adapter (tok/s) | mixed tenants per sample (tok/s) | base, timed in turn (tok/s) | "
             "one adapter / base | mixed / base |",
             "|---|---|---|---|---|---|",
         ]
