@@ -1,6 +1,7 @@
 """Evaluation suite on real pretrained models and real data, offline (issue 7).
 
-    python -m benchmarks.evaluate              # full run, about an hour on 2 CPU cores; writes benchmarks/results/eval*
+    python -m benchmarks.evaluate --jobs 2     # full run in 2 processes: about 45 min on 2 CPU cores; writes eval*
+    python -m benchmarks.evaluate              # the same in one process, tasks one after the other
     python -m benchmarks.evaluate --quick      # shorter budget (about 40 min on a shared CPU); writes eval_quick*
     python -m benchmarks.evaluate --smoke      # a few steps per method, a few minutes; writes eval_smoke*
     python -m benchmarks.evaluate --tasks spam # one task (spam, instruct, profiles)
@@ -749,6 +750,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=data.DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
+        "--jobs", type=int, default=1, help="run the tasks in this many processes of one torch thread each, then merge"
+    )
+    parser.add_argument(
         "--merge", nargs="*", default=[], help="results JSON files (same preset) whose task sections join this one"
     )
     parser.add_argument(
@@ -788,9 +792,14 @@ def main(argv=None) -> dict:
         # Sections of runs made elsewhere (e.g. tasks run in parallel into another folder) join this results file; each
         # keeps the run record (command, time, load, commit) of the run that produced it.
         other = json.loads(Path(path).read_text())
-        if _settings(other) != _settings(res):
-            parser.error(f"{path} was made with another budget or seed than {prefix}; it cannot be merged")
-        res.update({k: v for k, v in other.items() if k in TASK_NAMES})
+        for task in (k for k in TASK_NAMES if k in other):
+            if _settings(other, task) != _settings(res, task):
+                parser.error(f"the {task} section of {path} was made with another budget or seed; it cannot be merged")
+            res[task] = other[task]
+    if args.jobs > 1 and len(tasks) > 1:
+        preset = ["--smoke"] if args.smoke else ["--quick"] if args.quick else []
+        res.update(run_in_parallel(tasks, args.jobs, preset, args.seed, prefix))
+        tasks = []
     for task in tasks:
         start, load = time.perf_counter(), list(os.getloadavg())
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -817,8 +826,55 @@ def main(argv=None) -> dict:
     return res
 
 
-def _settings(res: dict) -> dict:
-    return json.loads(json.dumps({k: res.get("meta", {}).get(k) for k in ("budget", "seed")}))  # tuples -> lists
+# Relative single-thread cost of the tasks (full budget: spam 43 min, instruct 18 min, profiles 12 min).
+TASK_COST = {"spam": 3, "instruct": 2, "profiles": 1}
+
+
+def plan_jobs(tasks: list[str], jobs: int) -> list[list[str]]:
+    """Split `tasks` into at most `jobs` groups of similar cost (longest first, each to the least loaded group)."""
+    groups: list[list[str]] = [[] for _ in range(min(jobs, len(tasks)))]
+    load = [0] * len(groups)
+    for task in sorted(tasks, key=lambda t: -TASK_COST[t]):
+        i = load.index(min(load))
+        groups[i].append(task)
+        load[i] += TASK_COST[task]
+    return groups
+
+
+def run_in_parallel(tasks: list[str], jobs: int, preset: list[str], seed: int, prefix: str) -> dict:
+    """Run groups of tasks in child processes of one torch thread each; return their task sections (each keeps the
+    run record of the child that made it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        children = []
+        for i, group in enumerate(plan_jobs(tasks, jobs)):
+            out = Path(tmp) / f"job{i}"
+            cmd = [sys.executable, "-m", "benchmarks.evaluate", *preset, "--tasks", ",".join(group)]
+            cmd += ["--threads", "1", "--seed", str(seed), "--out", str(out)]
+            children.append((subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent), out, group))
+        failed = [group for child, _, group in children if child.wait() != 0]
+        if failed:
+            raise SystemExit(f"evaluation job(s) for {failed} failed; see their output above")
+        sections = {}
+        for _, out, _ in children:
+            sections.update(
+                {k: v for k, v in json.loads((out / f"{prefix}.json").read_text()).items() if k in TASK_NAMES}
+            )
+    return sections
+
+
+# The budget fields each task reads: sections merge when these (and the seed) agree.
+TASK_BUDGET_FIELDS = {
+    "spam": ("cls_steps", "cls_batch", "cls_len", "cls_eval", "lr_sweep"),
+    "instruct": ("lm_steps", "lm_batch", "lm_len", "lm_eval", "generations", "gen_tokens", "decode_batch",
+                 "decode_tokens", "tenants"),
+    "profiles": ("cls_batch", "cls_len", "profile_bank_topics", "profile_steps", "profile_eval"),
+}  # fmt: skip
+
+
+def _settings(res: dict, task: str) -> dict:
+    meta = res.get("meta", {})
+    budget = {k: (meta.get("budget") or {}).get(k) for k in TASK_BUDGET_FIELDS[task]}
+    return json.loads(json.dumps({"budget": budget, "seed": meta.get("seed")}))  # tuples -> lists
 
 
 def _write(res, out: Path, prefix: str) -> dict:
@@ -827,10 +883,9 @@ def _write(res, out: Path, prefix: str) -> dict:
         # Keep the other tasks' sections of earlier runs with the same settings (read now, not at start, so runs of
         # different tasks into one folder do not overwrite each other); every section records the run that made it.
         old = json.loads(previous.read_text())
-        if _settings(old) == _settings(res):
-            for key in TASK_NAMES:
-                if key in old and key not in res["meta"]["tasks_run"]:
-                    res.setdefault(key, old[key])
+        for key in TASK_NAMES:
+            if key in old and key not in res["meta"]["tasks_run"] and _settings(old, key) == _settings(res, key):
+                res.setdefault(key, old[key])
     res["meta"]["plots"] = render_plots(res, out, prefix)
     (out / f"{prefix}.json").write_text(json.dumps(res, indent=1))
     (out / f"{prefix}.md").write_text(render_markdown(res))

@@ -159,3 +159,19 @@ def test_topic_examples_are_balanced_and_share_no_prompt_across_splits_or_labels
     greetings_only = topic_examples({**topics, "tech": {"train": [], "test": []}}, "tech", "train", seed=0)
     assert greetings_only == []
     assert {p.split()[0] for p, _, y in topic_examples(topics, "greetings", "train", seed=0) if y == 0} >= {"bug"}
+
+
+def test_parallel_jobs_balance_the_task_costs():
+    assert evaluate.plan_jobs(["spam", "instruct", "profiles"], 2) == [["spam"], ["instruct", "profiles"]]
+    assert evaluate.plan_jobs(["spam", "instruct", "profiles"], 5) == [["spam"], ["instruct"], ["profiles"]]
+    assert evaluate.plan_jobs(["profiles"], 2) == [["profiles"]]
+
+
+def test_sections_merge_when_the_budget_fields_they_read_agree(tmp_path):
+    for folder, field, joins in (("unrelated", "lm_steps", True), ("related", "cls_len", False)):
+        out = tmp_path / folder
+        out.mkdir()
+        evaluate._write(_fake({"spam"}, ["spam"]), out, "eval_smoke")
+        profiles_run = _fake({"profiles"}, ["profiles"])
+        profiles_run["meta"]["budget"][field] = 999  # lm_steps is not read by spam; cls_len is
+        assert ("spam" in evaluate._write(profiles_run, out, "eval_smoke")) is joins

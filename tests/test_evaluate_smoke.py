@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from benchmarks import data
+from benchmarks.evaluate import TASK_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,8 @@ def _assets_or_skip():
 def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
     _assets_or_skip()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-    cmd = [sys.executable, "-m", "benchmarks.evaluate", "--smoke", "--out", str(tmp_path)]
+    # Two processes: covers the task code (in the children) and the parallel run and merge (in the parent).
+    cmd = [sys.executable, "-m", "benchmarks.evaluate", "--smoke", "--jobs", "2", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "eval_smoke.json").read_text())
@@ -54,6 +56,10 @@ def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
     assert {"base (no tuning)", "IA3", "LoRA r=8"} <= instruct
     assert all(t["tokens_per_s"] > 0 for t in res["instruct"]["throughput"])
     assert len(res["profiles"]["rows"]) == 4
+    assert {res[t]["run"]["command"].split("--tasks ")[1].split()[0] for t in TASK_NAMES} == {
+        "spam",
+        "instruct,profiles",
+    }
     md = (tmp_path / "eval_smoke.md").read_text()
     assert "| LoRA r=8 |" in md and "SMOKE" in md
     for png in res["meta"]["plots"]:
