@@ -17,7 +17,7 @@ ROLES = {"q_proj": "q", "v_proj": "v", "up_proj": "u"}
 
 def perturbed(model, std=0.3, seed=0, **config):
     """A PEDRO model on `model` with every adapter parameter moved away from its identity init."""
-    peft_model = get_peft_model(model, PedroConfig(vg_rank=4, task_type="CAUSAL_LM", **config))
+    peft_model = get_peft_model(model, PedroConfig(**{"vg_rank": 4, "task_type": "CAUSAL_LM", **config}))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -208,12 +208,8 @@ def test_gpt2_fused_projection_scales_query_and_value_only():
 def test_bert_accepts_prompt_arguments_through_peft_forward():
     """BERT's forward does not take unknown keywords: PEDRO must consume its own before the base model sees them."""
     inputs = make_inputs("bert")
-    model = get_peft_model(make_model("bert"), PedroConfig(vg_rank=4, task_type="SEQ_CLS"))
+    model = perturbed(make_model("bert"), std=0.5, task_type="SEQ_CLS")
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "pedro_" in name:
-                param.add_(0.5 * torch.randn_like(param))
-        model.eval()
         lengths = torch.tensor([3, 5, 4])
         by_lengths = model(**inputs, prompt_lengths=lengths).logits
         mask = torch.arange(10)[None, :] < lengths[:, None]
@@ -392,11 +388,7 @@ def test_layers_to_transform_and_exclude_modules():
 
 def test_unload_gives_back_the_base_model_without_hooks():
     inputs = make_inputs("bert")
-    model = get_peft_model(make_model("bert"), PedroConfig(vg_rank=4, task_type="SEQ_CLS"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "pedro_" in name:
-                param.add_(0.5 * torch.randn_like(param))
+    model = perturbed(make_model("bert"), std=0.5, task_type="SEQ_CLS")
     base = model.unload().eval()
     assert not base._forward_pre_hooks and not base._forward_hooks
     with torch.no_grad():
