@@ -189,8 +189,8 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
     # -- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        check_mixed_batch_args(self, x, adapter_names)
+        # One name per leading row of x, as in the other tuners' layers (see `check_mixed_batch_args`).
+        adapter_names = check_mixed_batch_args(self, x, kwargs.pop("adapter_names", None))
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
