@@ -8,6 +8,7 @@ and profile loading, each against peft baselines measured in the same run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -26,6 +27,8 @@ from xpeft import ProfileStore, XPeftConfig, attach_profile
 from xpeft.x_peft import extract_adapter, pack_masks
 
 RESULTS = Path(__file__).resolve().parent / "results" / "x_peft.json"
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`.
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -182,7 +185,7 @@ def bench_mixed(quick: bool) -> dict:
 
     def decode_step(model, cache, **kwargs):
         with torch.no_grad():
-            model(input_ids=next_ids, past_key_values=cache, attention_mask=mask, use_cache=True, **kwargs)
+            model(input_ids=next_ids, **{CACHE: cache}, attention_mask=mask, use_cache=True, **kwargs)
         cache.crop(-1)  # drop the new token: back to the prompt, so every timed step sees the same cache
 
     names = ["default"] + [f"a{i}" for i in range(1, adapters)]
@@ -196,7 +199,7 @@ def bench_mixed(quick: bool) -> dict:
         xp.add_adapter(name, XPeftConfig(**xpeft_config))
     runs = {"base": (llama(quick), {}), "lora_mixed": (lora.eval(), {"adapter_names": names})}
     runs["xpeft_mixed"] = (xp.eval(), {"adapter_names": names})
-    caches = {label: prefill(model, **kwargs).past_key_values for label, (model, kwargs) in runs.items()}
+    caches = {label: prefill(model, **kwargs)[CACHE] for label, (model, kwargs) in runs.items()}
     # Interleaved rounds (base, LoRA, X-PEFT, base, ...): a change of load on the shared CPU hits all three alike.
     times = {f"{label}_{kind}": [] for label in runs for kind in ("prefill", "decode")}
     for _ in range(repeats):

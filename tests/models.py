@@ -6,7 +6,11 @@ model in a fresh process and compare outputs exactly. Sizes are chosen so that a
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import transformers
+from packaging import version
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -145,3 +149,22 @@ def make_inputs(name: str, batch: int = 3, seq_len: int = 10, seed: int = 1) -> 
 def output_tensor(output) -> torch.Tensor:
     """The logits of a transformers model output."""
     return output.logits
+
+
+def kv_cache_names() -> list[str]:
+    """The argument names a causal LM's forward takes its KV cache under: `past_key_values` everywhere, and `cache`
+    from transformers 5.24 on (which renamed it, keeping the old name with a deprecation warning until 5.40)."""
+    parameters = inspect.signature(LlamaForCausalLM.forward).parameters
+    old_name_accepted = "past_key_values" in parameters or version.parse(transformers.__version__) < version.parse(
+        "5.40"
+    )
+    return [
+        name
+        for name in ("cache", "past_key_values")
+        if name in parameters or name == "past_key_values" and old_name_accepted
+    ]
+
+
+def kv_cache_of(output):
+    """The KV cache in a model output, read by the field name the installed transformers uses (no deprecation)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from models import make_inputs, make_model, task_type
+from models import kv_cache_names, kv_cache_of, make_inputs, make_model, task_type
 from xpeft import PedroConfig
 from xpeft.pedro.generator import GELU_DENOMINATOR, GELU_NUMERATOR, rational
 
@@ -342,16 +342,18 @@ def test_prompt_mask_shape_error():
         model(**inputs, prompt_mask=torch.ones(3, 4, dtype=torch.bool))
 
 
-def test_continuing_foreign_cache_errors():
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("cache_name", kv_cache_names())
+def test_continuing_foreign_cache_errors(cache_name):
     """A KV cache started without this PEDRO adapter has no vectors to reuse: clear error, not silent garbage."""
     inputs = make_inputs("llama")
     model = perturbed(make_model("llama"))
     with torch.no_grad():
         with model.disable_adapter():
-            cache = model(**inputs, use_cache=True).past_key_values
+            cache = kv_cache_of(model(**inputs, use_cache=True))
         model.add_adapter("fresh", PedroConfig(vg_rank=4, task_type="CAUSAL_LM"))
         model.set_adapter("fresh")
-        step = {"input_ids": inputs["input_ids"][:, :1], "past_key_values": cache}
+        step = {"input_ids": inputs["input_ids"][:, :1], cache_name: cache}
         with pytest.raises(ValueError, match="no vectors for it"):
             model.base_model.model(**step)
 

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from models import make_inputs, make_model
+from models import kv_cache_names, kv_cache_of, make_inputs, make_model
 from xpeft import PedroConfig
 
 NEW_TOKENS = 5
@@ -120,7 +120,10 @@ def test_mixed_tenant_generation_equals_each_tenant_alone(num_beams):
         torch.testing.assert_close(mixed[index : index + 1], alone, rtol=0, atol=0)
 
 
-def test_manual_kv_cache_continuation_reuses_prompt_vectors():
+# The deprecated name must keep working until transformers removes it (5.40), so it is tested too, warning silenced.
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("cache_name", kv_cache_names())
+def test_manual_kv_cache_continuation_reuses_prompt_vectors(cache_name):
     """Outside generate, a forward that continues a KV cache reuses the vectors of the forward that started it."""
     model = pedro()
     inputs = make_inputs("llama", batch=2, seq_len=6)
@@ -128,7 +131,7 @@ def test_manual_kv_cache_continuation_reuses_prompt_vectors():
     next_token = torch.tensor([[5], [7]])
     with torch.no_grad():
         first = model(**inputs, use_cache=True)
-        step = model(input_ids=next_token, past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+        step = model(input_ids=next_token, **{cache_name: kv_cache_of(first)}, use_cache=True).logits[:, -1]
         full_ids = torch.cat([inputs["input_ids"], next_token], dim=1)
         prompt = torch.cat([torch.ones_like(inputs["input_ids"]), torch.zeros_like(next_token)], dim=1).bool()
         expected = model(input_ids=full_ids, prompt_mask=prompt).logits[:, -1]
@@ -138,19 +141,19 @@ def test_manual_kv_cache_continuation_reuses_prompt_vectors():
     other = make_inputs("llama", batch=2, seq_len=6, seed=2)
     other["attention_mask"][:] = 1
     with torch.no_grad():
-        cache_a = model(**inputs, use_cache=True).past_key_values
-        cache_b = model(**other, use_cache=True).past_key_values
-        step_b = model(input_ids=next_token, past_key_values=cache_b, use_cache=True).logits[:, -1]
+        cache_a = kv_cache_of(model(**inputs, use_cache=True))
+        cache_b = kv_cache_of(model(**other, use_cache=True))
+        step_b = model(input_ids=next_token, **{cache_name: cache_b}, use_cache=True).logits[:, -1]
         full_b = torch.cat([other["input_ids"], next_token], dim=1)
         expected_b = model(input_ids=full_b, prompt_mask=prompt).logits[:, -1]
         torch.testing.assert_close(step_b, expected_b, rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="latest prompt forward did not produce.*Run this cache's prompt again"):
-            model(input_ids=next_token, past_key_values=cache_a, use_cache=True)
+            model(input_ids=next_token, **{cache_name: cache_a}, use_cache=True)
         # A prompt run with the adapter disabled leaves no vectors for its cache: continuing it enabled errors.
         with model.disable_adapter():
-            cache_c = model(**inputs, use_cache=True).past_key_values
+            cache_c = kv_cache_of(model(**inputs, use_cache=True))
         with pytest.raises(ValueError, match="no vectors for it"):
-            model(input_ids=next_token, past_key_values=cache_c, use_cache=True)
+            model(input_ids=next_token, **{cache_name: cache_c}, use_cache=True)
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -21,14 +21,22 @@ from .generator import prompt_mask_from_labels, prompt_mask_from_lengths
 from .layer import UNMERGEABLE_REASON, PedroBlock, PedroCallState, PedroLayer
 
 _BLOCK_KEY = re.compile(r"^(.*?\.\d+)\.")
+# The KV cache's argument and output field: transformers 5.24 renamed `past_key_values` to `cache` (the old name still
+# works until 5.40, with a deprecation warning); a forward may use either.
+_CACHE_NAMES = ("cache", "past_key_values")
 
 
-def _cache_length(past_key_values: Any) -> int:
-    if past_key_values is None:
+def _cache_length(kv_cache: Any) -> int:
+    if kv_cache is None:
         return 0
-    if hasattr(past_key_values, "get_seq_length"):
-        return int(past_key_values.get_seq_length())
-    return int(past_key_values[0][0].shape[-2])  # legacy tuple of (key, value) per layer
+    if hasattr(kv_cache, "get_seq_length"):
+        return int(kv_cache.get_seq_length())
+    return int(kv_cache[0][0].shape[-2])  # legacy tuple of (key, value) per layer
+
+
+def _input_cache(arguments: dict[str, Any]) -> Any:
+    """The KV cache a model forward continues, under whichever name the caller passed it, or None."""
+    return next((arguments[name] for name in _CACHE_NAMES if arguments.get(name) is not None), None)
 
 
 def labels_mark_prompt(model: nn.Module) -> bool:
@@ -89,11 +97,12 @@ def prompt_mask_for_call(
 
 
 def _output_cache(output: Any) -> Any:
-    """The KV cache a model forward returned (`ModelOutput.past_key_values`, or a `Cache` in a plain tuple), or None."""
+    """The KV cache a model forward returned (`ModelOutput.cache` or `.past_key_values`, or a `Cache` in a plain tuple),
+    or None. The field is read by its own name: the renamed `past_key_values` is a property that warns."""
     if output is None:
         return None
-    if hasattr(output, "past_key_values"):
-        return output.past_key_values
+    if isinstance(output, dict):  # transformers' ModelOutput
+        return next((output[name] for name in _CACHE_NAMES if output.get(name) is not None), None)
     if isinstance(output, tuple):
         return next((item for item in output if isinstance(item, Cache)), None)
     return None
@@ -115,12 +124,12 @@ def _begin_model_call(tuner: PedroModel, module: nn.Module, args: tuple, kwargs:
     prompt_lengths = kwargs.pop("prompt_lengths", None)
     arguments = dict(zip(tuner._forward_arguments, args, strict=False)) | kwargs
     call = tuner._pedro_call
-    past_key_values = arguments.get("past_key_values")
-    continues_cache = _cache_length(past_key_values) > 0
+    kv_cache = _input_cache(arguments)
+    continues_cache = _cache_length(kv_cache) > 0
     within_call = call.in_peft_call and call.computed_in_call  # generate's decode steps: same cache, same prompt
     if continues_cache and not within_call:
         produced = None if call.cache_ref is None else call.cache_ref()
-        if produced is not past_key_values:
+        if produced is not kv_cache:
             raise ValueError(
                 "This forward continues a KV cache that PEDRO's latest prompt forward did not produce: PEDRO keeps "
                 "the vectors of the latest prompt only (the latest forward without a cache), and another prompt ran "
