@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -38,71 +39,65 @@ def normalize_blocks(u: torch.Tensor) -> torch.Tensor:
     return u / u.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
-def _project(blocks: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
-    """`ŵ_bᵀ x_b` per block, kept as `[..., n, 1]`. Broadcast multiply + sum: einsum lowers this to a strided bmm that
-    is ~40x slower on CPU."""
-    return (blocks * w_hat).sum(-1, keepdim=True)
+# H = I + A M Aᵀ per block (DESIGN.md §1), with the basis A = [a_1 .. a_k] of each block and a symmetric k×k mix M:
+# ETHER is A = [û], M = [−2]. ETHER+ is I − ûûᵀ + v̂v̂ᵀ written on A = [û, ŵ] with ŵ = û + v̂ and M = [[0, −1], [−1, 1]]
+# (expand (ŵ − û)(ŵ − û)ᵀ): at the init v̂ = −û, so ŵ = 0 and every update term is exactly zero, so the adapter is
+# exactly the identity (the direct form −ûp + v̂q leaves rounding residues with fused multiply-adds).
+REFLECTION_MIX = ((-2.0,),)
+ETHER_PLUS_MIX = ((0.0, -1.0), (-1.0, 1.0))
 
 
-def _sum_outer(coef: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """`Σ_rows coef_{r,b} x_{r,b}`: `[..., n, 1]` and `[..., n, d/n]` summed over the leading axes to `[n, d/n]`."""
-    return torch.einsum("rn,rnb->nb", coef.reshape(-1, coef.shape[-2]), blocks.reshape(-1, *blocks.shape[-2:]))
+def _mixed_projections(rows: torch.Tensor, basis: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """`M Aᵀ x_b` for every row and block: `rows` `[R, n, d/n]`, `basis` `[n, k, d/n]` → `[n, R, k]`.
+
+    One batched matmul over the blocks reads `rows` once, through a strided view, with no full-size temporary.
+    """
+    return torch.bmm(rows.transpose(0, 1), basis.transpose(1, 2)) @ mix
 
 
-def _reflect_blocks(blocks: torch.Tensor, u_hat: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(blocks, p, u_hat, value=-2.0)
+def _add_update(rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """`x_b + Σ_j c_j a_j` per block: one new tensor, updated in place for every basis vector after the first."""
+    per_row = coefficients.transpose(0, 1)  # [R, n, k]
+    out = torch.addcmul(rows, per_row[..., :1], basis[:, 0])
+    for j in range(1, basis.shape[1]):
+        out.addcmul_(per_row[..., j : j + 1], basis[:, j])
+    return out
 
 
-def _ether_plus_blocks(blocks, u_hat, v_hat, p, q):
-    # −û p + v̂ q rewritten as −û (p + q) + (v̂ + û) q: at the init v̂ = −û both terms are exactly zero, so the
-    # adapter is exactly the identity (the direct form can leave rounding residues, e.g. with fused multiply-adds).
-    return torch.addcmul(blocks, p + q, u_hat, value=-1.0).addcmul_(q, v_hat + u_hat)
-
-
-class _HouseholderReflect(torch.autograd.Function):
-    """`householder_reflect` with a hand-written backward: `H` is symmetric, so `∂L/∂x = H g`, and
-    `∂L/∂û = −2 Σ (ûᵀx) g + (ûᵀg) x`. Saves `x` and the `[..., n]` projections only (~25% faster than autograd)."""
-
-    @staticmethod
-    def forward(ctx, x, u_hat):
-        blocks = x.unflatten(-1, u_hat.shape)
-        p = _project(blocks, u_hat)
-        ctx.save_for_backward(x, u_hat, p)
-        return _reflect_blocks(blocks, u_hat, p).flatten(-2)
+class _BlockUpdate(torch.autograd.Function):
+    """`x_b ↦ (I + A M Aᵀ) x_b` per block of the last axis, with a hand-written backward. `H` is symmetric, so
+    `∂L/∂x = H g`, and `∂L/∂A = Σ_rows g (M Aᵀx)ᵀ + x (M Aᵀg)ᵀ`: two batched matmuls that reduce over the rows.
+    Saves `x` and the `[n, R, k]` projections only."""
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, u_hat, p = ctx.saved_tensors
-        g = grad.unflatten(-1, u_hat.shape)
-        pg = _project(g, u_hat)
-        grad_x = _reflect_blocks(g, u_hat, pg).flatten(-2) if ctx.needs_input_grad[0] else None
-        grad_u = -2 * (_sum_outer(p, g) + _sum_outer(pg, x.unflatten(-1, u_hat.shape)))
-        return grad_x, grad_u
-
-
-class _EtherPlusTransform(torch.autograd.Function):
-    """`ether_plus_transform` with a hand-written backward: `H⁺` is symmetric, so `∂L/∂x = H⁺ g`;
-    `∂L/∂û = −Σ (ûᵀx) g + (ûᵀg) x` and `∂L/∂v̂ = Σ (v̂ᵀx) g + (v̂ᵀg) x`."""
-
-    @staticmethod
-    def forward(ctx, x, u_hat, v_hat):
-        blocks = x.unflatten(-1, u_hat.shape)
-        p, q = _project(blocks, u_hat), _project(blocks, v_hat)
-        ctx.save_for_backward(x, u_hat, v_hat, p, q)
-        return _ether_plus_blocks(blocks, u_hat, v_hat, p, q).flatten(-2)
+    def forward(ctx, x, basis, mix):
+        rows = x.reshape(-1, basis.shape[0], basis.shape[2])
+        coefficients = _mixed_projections(rows, basis, mix)
+        ctx.save_for_backward(rows, basis, mix, coefficients)
+        return _add_update(rows, coefficients, basis).view(x.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, u_hat, v_hat, p, q = ctx.saved_tensors
-        g = grad.unflatten(-1, u_hat.shape)
-        blocks = x.unflatten(-1, u_hat.shape)
-        pg, qg = _project(g, u_hat), _project(g, v_hat)
-        grad_x = _ether_plus_blocks(g, u_hat, v_hat, pg, qg).flatten(-2) if ctx.needs_input_grad[0] else None
-        grad_u = -(_sum_outer(p, g) + _sum_outer(pg, blocks))
-        grad_v = _sum_outer(q, g) + _sum_outer(qg, blocks)
-        return grad_x, grad_u, grad_v
+        rows, basis, mix, coefficients = ctx.saved_tensors
+        grad_rows = grad.reshape(rows.shape)
+        grad_coefficients = _mixed_projections(grad_rows, basis, mix)
+        grad_x = _add_update(grad_rows, grad_coefficients, basis).view(grad.shape) if ctx.needs_input_grad[0] else None
+        grad_basis = None
+        if ctx.needs_input_grad[1]:
+            grad_basis = torch.bmm(coefficients.transpose(1, 2), grad_rows.transpose(0, 1))
+            grad_basis.baddbmm_(grad_coefficients.transpose(1, 2), rows.transpose(0, 1))
+        return grad_x, grad_basis, None
+
+
+@functools.cache
+def _mix_tensor(mix: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Built once per dtype and device: a fresh tensor on every call would be a host-to-device copy per layer on CUDA.
+    return torch.tensor(mix, dtype=dtype, device=device)
+
+
+def _block_update(x: torch.Tensor, basis: torch.Tensor, mix: tuple[tuple[float, ...], ...]) -> torch.Tensor:
+    return _BlockUpdate.apply(x, basis, _mix_tensor(mix, x.dtype, x.device))
 
 
 def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
@@ -111,7 +106,7 @@ def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
     This is `x ↦ H x` with `H = diag(I − 2 û_b û_bᵀ)`, never built. `u_hat` is `[n, d/n]` in the dtype of `x`.
     `H` is symmetric and orthogonal, so it is its own inverse, and applied to the rows of `W` it gives `W H`.
     """
-    return _HouseholderReflect.apply(x, u_hat)
+    return _block_update(x, u_hat.unsqueeze(1), REFLECTION_MIX)
 
 
 def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -119,7 +114,7 @@ def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tens
 
     `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` is symmetric, so applied to the rows of `W` it gives `W H⁺`.
     """
-    return _EtherPlusTransform.apply(x, u_hat, v_hat)
+    return _block_update(x, torch.stack([u_hat, u_hat + v_hat], dim=1), ETHER_PLUS_MIX)
 
 
 def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -307,7 +302,8 @@ class EtherLinear(nn.Module, EtherLayer):
     # -- merge ---------------------------------------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merge adapters into the base weight: `W ← H_out W H_in` (ETHER: `W ← W H`), computed in float32.
+        """Merge adapters into the base weight: `W ← H_out W H_in` (ETHER: `W ← W H`), computed in float64 one layer
+        at a time (the extra memory is a few float64 copies of the largest adapted weight).
 
         With `safe_merge=True` the new weight is computed on a copy and checked for NaN/inf before it replaces `W`.
         """
@@ -364,8 +360,8 @@ class EtherLinear(nn.Module, EtherLayer):
         w = weight_as_out_in(weight, self.fan_in_fan_out)
         if not inverse or self.ether_variant[name] == "ether":
             # Row-wise transforms of W give W H_in; column-wise (rows of Wᵀ) give H_out W. H_ether⁻¹ = H_ether.
-            dtype = torch.float32 if weight.dtype != torch.float64 else torch.float64
-            merged = self.transform_input(w.to(dtype), name)
+            # In float64, so the stored weight is W H correctly rounded and a later unmerge starts from the least error.
+            merged = self.transform_input(w.double(), name)
             merged = self.transform_output(merged.T, name).T
         else:
             merged = self._apply_inverse(w.double(), self.ether_u, self.ether_v, name)
