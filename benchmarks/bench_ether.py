@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -182,21 +183,29 @@ def run_one(method: str, shape: dict, warmup: int, steps: int, threads: int) -> 
     }
 
 
-def run_interleaved(methods: list[str], shape: dict, warmup: int, cycles: int, threads: int) -> dict:
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def run_interleaved(methods: list[str], shape: dict, warmup: int, cycles: int, threads: int) -> tuple[dict, dict]:
     """Step times of `methods` built side by side in one process, one step each in turn (order rotated per cycle),
-    so that a change in machine load hits every method alike. Returns per-method times and same-cycle ratios."""
+    so that a change in machine load hits every method alike. Returns per-method step times and minor page faults
+    per step (fresh pages the allocator took from the OS: each costs a fault and zeroing, inside the step time)."""
     torch.set_num_threads(threads)
     steps = {method: make_step(method, shape)[0] for method in methods}
     times: dict[str, list[float]] = {method: [] for method in methods}
+    faults: dict[str, list[int]] = {method: [] for method in methods}
     for cycle in range(warmup + cycles):
         order = methods[cycle % len(methods) :] + methods[: cycle % len(methods)]
         for method in order:
+            faults_before = _minor_faults()
             elapsed = steps[method]()
             if cycle >= warmup:
                 times[method].append(elapsed)
+                faults[method].append(_minor_faults() - faults_before)
         if cycle >= warmup:
             print(f"  cycle {cycle - warmup + 1}/{cycles}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods))
-    return times
+    return times, faults
 
 
 def main() -> None:
@@ -223,7 +232,7 @@ def main() -> None:
     load_before = os.getloadavg()
     print(f"shape {shape}, {args.threads} thread(s), load {load_before}")
     print("phase 1: interleaved step times of " + ", ".join(FAST))
-    times = run_interleaved(list(FAST), shape, warmup=1, cycles=cycles, threads=args.threads)
+    times, faults = run_interleaved(list(FAST), shape, warmup=1, cycles=cycles, threads=args.threads)
 
     print("phase 2: each method alone (peak memory; step time of " + ", ".join(SLOW) + ")")
     alone = {}
@@ -257,6 +266,7 @@ def main() -> None:
         }
         if method in FAST:
             results[method]["alone_step_s"] = alone[method]["step_s_all"]
+            results[method]["minor_page_faults_per_step"] = statistics.median(faults[method])
 
     ratios = {}
     for ether in ("ether", "ether_plus", "ether_plus_one_sided"):
@@ -287,7 +297,8 @@ def main() -> None:
 
     print("\nmedian step time (s):")
     for method, r in results.items():
-        print(f"  {method:22s} {r['step_s_median']:8.3f}  ({r['timing']})")
+        faults_note = f", {r['minor_page_faults_per_step']:,.0f} page faults/step" if method in FAST else ""
+        print(f"  {method:22s} {r['step_s_median']:8.3f}  ({r['timing']}{faults_note})")
     print("\nratios (ETHER step time / baseline step time):")
     for key, value in ratios.items():
         print(f"  {key:36s} {value:6.3f}")
@@ -324,6 +335,8 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "peft": __import__("peft").__version__,
+            # glibc reads these at start-up; raising them keeps freed memory mapped (no page faults per step).
+            "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
         },
         "results": results,
         "ratios": ratios,

@@ -192,6 +192,22 @@ def test_hand_written_gradients_match_finite_differences(variant, x_requires_gra
         )
 
 
+@pytest.mark.parametrize("variant", ["ether", "ether_plus"])
+def test_input_gradient_through_a_frozen_adapter_is_the_dense_transpose(variant):
+    """A frozen adapter (vectors without grad) still passes the input gradient: ∂L/∂x = g Hᵀ, from the dense H."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+    u = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    v = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    g = torch.randn(5, 12, dtype=torch.float64, generator=generator)
+    if variant == "ether":
+        out, dense = householder_reflect(x, unit_grad(u)), dense_reflection(u)
+    else:
+        out, dense = ether_plus_transform(x, unit_grad(u), unit_grad(v)), dense_ether_plus(u, v)
+    out.backward(g)
+    torch.testing.assert_close(x.grad, g @ dense.T, rtol=1e-12, atol=1e-12)
+
+
 def unit_grad(u: torch.Tensor) -> torch.Tensor:
     return u / u.norm(dim=-1, keepdim=True)
 
