@@ -14,6 +14,7 @@ saves the adapter with ``Trainer.save_model`` (``PeftModel.save_pretrained`` und
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -280,4 +281,22 @@ def train(args, model, peft_config, train_ds, eval_ds, name: str, classification
     if rank == 0:
         (output_dir / "train_record.json").write_text(json.dumps(record, indent=1))
         print(json.dumps({k: record[k] for k in ("method", "losses", "eval", "train_seconds", "trainable_params")}))
+    if torch.distributed.is_initialized():
+        _release_process_group(trainer)
     return record, model
+
+
+def _release_process_group(trainer) -> None:
+    """Tear DDP down while every rank is alive and idle (torch 2.13, gloo: a rank can otherwise abort or hang at exit).
+
+    A gloo worker thread that drops the last reference to a finished collective needs the GIL to free its tensors; if
+    the process group is destroyed at that moment (interpreter exit, or the DDP model freed), the destructor joins that
+    thread while holding the GIL, and the rank hangs or aborts ("terminate called without an active exception",
+    pytorch/pytorch#190489). A barrier waits with the GIL released, so the workers finish their releases first.
+    """
+    torch.distributed.barrier()
+    trainer.model_wrapped = trainer.model  # drop the DDP wrapper (and its reducer) while the group is still usable
+    trainer.accelerator.free_memory()
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -75,7 +75,7 @@ class _BlockUpdate(torch.autograd.Function):
         rows = x.reshape(-1, basis.shape[0], basis.shape[2])
         coefficients = _mixed_projections(rows, basis, mix)
         ctx.save_for_backward(rows, basis, mix, coefficients)
-        return _add_update(rows, coefficients, basis).view(x.shape)
+        return _add_update(rows, coefficients, basis).reshape(x.shape)
 
     @staticmethod
     @once_differentiable
@@ -83,7 +83,7 @@ class _BlockUpdate(torch.autograd.Function):
         rows, basis, mix, coefficients = ctx.saved_tensors
         grad_rows = grad.reshape(rows.shape)
         grad_coefficients = _mixed_projections(grad_rows, basis, mix)
-        grad_x = _add_update(grad_rows, grad_coefficients, basis).view(grad.shape) if ctx.needs_input_grad[0] else None
+        grad_x = _add_update(grad_rows, grad_coefficients, basis).reshape(grad.shape) if ctx.needs_input_grad[0] else None
         grad_basis = None
         if ctx.needs_input_grad[1]:
             grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
