@@ -293,6 +293,7 @@ def _release_process_group(trainer) -> None:
     the process group is destroyed at that moment (interpreter exit, or the DDP model freed), the destructor joins that
     thread while holding the GIL, and the rank hangs or aborts ("terminate called without an active exception",
     pytorch/pytorch#190489). A barrier waits with the GIL released, so the workers finish their releases first.
+    The group is gone afterwards: these scripts train once per process (a second DDP `train()` would need a new one).
     """
     torch.distributed.barrier()
     trainer.model_wrapped = trainer.model  # drop the DDP wrapper (and its reducer) while the group is still usable

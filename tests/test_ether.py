@@ -324,6 +324,35 @@ def test_half_precision_forward_and_merge(dtype, variant):
         torch.testing.assert_close(half(**inputs).logits.float(), expected, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_step_under_bf16_autocast_matches_float32(variant):
+    """Trainer(bf16=True) and accelerate run the model under autocast: the adapter's gradients must still flow."""
+    inputs = make_inputs("llama")
+    config = EtherConfig(target_modules="all-linear", n_blocks=4, variant=variant, init_weights=False)
+    gradients = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(make_model("llama"), config)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        gradients.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "ether_" in n]))
+    assert torch.isfinite(gradients[1]).all()
+    assert torch.nn.functional.cosine_similarity(gradients[0], gradients[1], dim=0) > 0.99
+
+
+def test_inference_mode_call_first_does_not_break_training_later():
+    """Nothing computed under torch.inference_mode (e.g. a pipeline call) may be kept and reused by training."""
+    inputs = make_inputs("llama")
+    model = get_peft_model(make_model("llama"), EtherConfig(target_modules="all-linear", n_blocks=4))
+    with torch.inference_mode():
+        model(**inputs)
+        model.merge_adapter()
+        model.unmerge_adapter()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "ether_" in n)
+
+
 # -- merge / unmerge ------------------------------------------------------------------------------------------------
 
 

@@ -462,3 +462,27 @@ def test_ffn_projection_alone_errors():
     up_proj = model.base_model.model.model.layers[0].mlp.up_proj
     with pytest.raises(RuntimeError, match="ran before the block.s vector generator"):
         up_proj(torch.randn(1, 3, 32))
+
+
+def test_output_cache_read_never_touches_the_deprecated_field(monkeypatch):
+    """transformers 5.24 logs a deprecation whenever `past_key_values` is read off an output: PEDRO reads the fields."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils.generic import ModelOutput
+
+    from xpeft.pedro.model import _output_cache
+
+    def deprecated(self, *args):
+        if not args or args[0] == "past_key_values":
+            raise AssertionError("the deprecated field was read")
+        return args[0]
+
+    # The attribute, and (transformers 5.24+) the renaming behind `get`, `in` and `[]` that logs the deprecation.
+    monkeypatch.setattr(CausalLMOutputWithPast, "past_key_values", property(deprecated), raising=False)
+    if hasattr(ModelOutput, "_replace_old_cache_name"):
+        monkeypatch.setattr(ModelOutput, "_replace_old_cache_name", deprecated)
+    cache = DynamicCache()
+    field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    assert _output_cache(CausalLMOutputWithPast(logits=torch.zeros(1), **{field: cache})) is cache
+    assert _output_cache(CausalLMOutputWithPast(logits=torch.zeros(1))) is None
+    assert _output_cache((torch.zeros(1), cache)) is cache

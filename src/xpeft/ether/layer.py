@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -43,17 +42,21 @@ def normalize_blocks(u: torch.Tensor) -> torch.Tensor:
 # ETHER is A = [û], M = [−2]. ETHER+ is I − ûûᵀ + v̂v̂ᵀ written on A = [û, ŵ] with ŵ = û + v̂ and M = [[0, −1], [−1, 1]]
 # (expand (ŵ − û)(ŵ − û)ᵀ): at the init v̂ = −û, so ŵ = 0 and every update term is exactly zero, so the adapter is
 # exactly the identity (the direct form −ûp + v̂q leaves rounding residues with fused multiply-adds).
-REFLECTION_MIX = ((-2.0,),)
-ETHER_PLUS_MIX = ((0.0, -1.0), (-1.0, 1.0))
+Mix = tuple[tuple[float, ...], ...]
+REFLECTION_MIX: Mix = ((-2.0,),)
+ETHER_PLUS_MIX: Mix = ((0.0, -1.0), (-1.0, 1.0))
 
 
-def _mixed_projections(rows: torch.Tensor, basis: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+def _mixed_projections(rows: torch.Tensor, basis: torch.Tensor, mix: Mix) -> torch.Tensor:
     """`M Aᵀ x_b` for every row and block: `rows` `[R, n, d/n]`, `basis` `[n, k, d/n]` → `[n, k, R]`.
 
     One batched matmul over the blocks reads `rows` once, through a strided view, with no full-size temporary
-    (`A · rowsᵀ` rather than `rows · A`: MKL runs it ~25% faster on CPU).
+    (`A · rowsᵀ` rather than `rows · A`: MKL runs it ~25% faster on CPU). `M` (k ≤ 2) is applied with Python scalars,
+    skipping its zeros, so that zero basis vectors give exactly zero coefficients.
     """
-    return mix @ torch.bmm(basis, rows.permute(1, 2, 0))
+    projections = torch.bmm(basis, rows.permute(1, 2, 0))
+    mixed = [sum(w * projections[:, j] for j, w in enumerate(row) if w) for row in mix]
+    return torch.stack(mixed, dim=1)
 
 
 def _add_update(rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -68,37 +71,34 @@ def _add_update(rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Ten
 class _BlockUpdate(torch.autograd.Function):
     """`x_b ↦ (I + A M Aᵀ) x_b` per block of the last axis, with a hand-written backward. `H` is symmetric, so
     `∂L/∂x = H g`, and `∂L/∂A = Σ_rows (M Aᵀx) gᵀ + (M Aᵀg) xᵀ`: two batched matmuls that reduce over the rows.
-    Saves `x` and the `[n, k, R]` projections only."""
+    Saves `x` and the `[n, k, R]` coefficients only when `A` needs a gradient. Runs in the dtype of `x` even under
+    autocast (its matmuls would otherwise return another dtype than the backward's gradients)."""
 
     @staticmethod
     def forward(ctx, x, basis, mix):
-        rows = x.reshape(-1, basis.shape[0], basis.shape[2])
-        coefficients = _mixed_projections(rows, basis, mix)
-        ctx.save_for_backward(rows, basis, mix, coefficients)
-        return _add_update(rows, coefficients, basis).reshape(x.shape)
+        with torch.autocast(x.device.type, enabled=False):
+            rows = x.reshape(-1, basis.shape[0], basis.shape[2])
+            coefficients = _mixed_projections(rows, basis, mix)
+            out = _add_update(rows, coefficients, basis).reshape(x.shape)
+        basis_needs_grad = ctx.needs_input_grad[1]
+        ctx.save_for_backward(rows if basis_needs_grad else None, basis, coefficients if basis_needs_grad else None)
+        ctx.mix, ctx.rows_shape = mix, rows.shape
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        rows, basis, mix, coefficients = ctx.saved_tensors
-        grad_rows = grad.reshape(rows.shape)
-        grad_coefficients = _mixed_projections(grad_rows, basis, mix)
-        grad_x = _add_update(grad_rows, grad_coefficients, basis).reshape(grad.shape) if ctx.needs_input_grad[0] else None
-        grad_basis = None
-        if ctx.needs_input_grad[1]:
-            grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
-            grad_basis.baddbmm_(grad_coefficients, rows.transpose(0, 1))
+        rows, basis, coefficients = ctx.saved_tensors
+        grad_x = grad_basis = None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_rows = grad.reshape(ctx.rows_shape)
+            grad_coefficients = _mixed_projections(grad_rows, basis, ctx.mix)
+            if ctx.needs_input_grad[0]:
+                grad_x = _add_update(grad_rows, grad_coefficients, basis).reshape(grad.shape)
+            if ctx.needs_input_grad[1]:
+                grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
+                grad_basis.baddbmm_(grad_coefficients, rows.transpose(0, 1))
         return grad_x, grad_basis, None
-
-
-@functools.cache
-def _mix_tensor(mix: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Built once per dtype and device: a fresh tensor on every call would be a host-to-device copy per layer on CUDA.
-    return torch.tensor(mix, dtype=dtype, device=device)
-
-
-def _block_update(x: torch.Tensor, basis: torch.Tensor, mix: tuple[tuple[float, ...], ...]) -> torch.Tensor:
-    return _BlockUpdate.apply(x, basis, _mix_tensor(mix, x.dtype, x.device))
 
 
 def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
     This is `x ↦ H x` with `H = diag(I − 2 û_b û_bᵀ)`, never built. `u_hat` is `[n, d/n]` in the dtype of `x`.
     `H` is symmetric and orthogonal, so it is its own inverse, and applied to the rows of `W` it gives `W H`.
     """
-    return _block_update(x, u_hat.unsqueeze(1), REFLECTION_MIX)
+    return _BlockUpdate.apply(x, u_hat.unsqueeze(1), REFLECTION_MIX)
 
 
 def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tens
 
     `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` is symmetric, so applied to the rows of `W` it gives `W H⁺`.
     """
-    return _block_update(x, torch.stack([u_hat, u_hat + v_hat], dim=1), ETHER_PLUS_MIX)
+    return _BlockUpdate.apply(x, torch.stack([u_hat, u_hat + v_hat], dim=1), ETHER_PLUS_MIX)
 
 
 def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -132,6 +132,10 @@ def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor
     alpha = q / c - 2 * p / c**2
     beta = p / c
     return (blocks - alpha.unsqueeze(-1) * u_hat - beta.unsqueeze(-1) * v_hat).flatten(-2)
+
+
+def _merge_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class EtherLayer(BaseTunerLayer):
@@ -303,8 +307,8 @@ class EtherLinear(nn.Module, EtherLayer):
     # -- merge ---------------------------------------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merge adapters into the base weight: `W ← H_out W H_in` (ETHER: `W ← W H`), computed in float64 one layer
-        at a time (the extra memory is a few float64 copies of the largest adapted weight).
+        """Merge adapters into the base weight: `W ← H_out W H_in` (ETHER: `W ← W H`), computed in float64 (float32
+        on MPS) one layer at a time: the extra memory is a few float64 copies of the largest adapted weight.
 
         With `safe_merge=True` the new weight is computed on a copy and checked for NaN/inf before it replaces `W`.
         """
@@ -321,13 +325,14 @@ class EtherLinear(nn.Module, EtherLayer):
                     "but cannot be unmerged accurately later. Keep a copy of the base weights if you need them back.",
                     stacklevel=2,
                 )
-            base.weight.data = new_weight
+            # In place: the weight stays the same (normal) tensor even when merging under torch.inference_mode.
+            base.weight.data.copy_(new_weight)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Undo `merge`. ETHER: a reflection is its own inverse, so `W H H = W` (exact up to rounding).
 
-        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 by the rank-2 Woodbury inverse; refused when the inverse is
+        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 (float32 on MPS) by the rank-2 Woodbury inverse; refused when the inverse is
         ill-conditioned (`|û·v̂| < MIN_UNMERGE_ALIGNMENT` in some block, `det H⁺ = (û·v̂)²`).
         """
         if not self.merged:
@@ -346,7 +351,7 @@ class EtherLinear(nn.Module, EtherLayer):
                         "restore the base weights. Reload the base model instead, or use `merge_and_unload()` on a "
                         "copy when you need both the merged and the unmerged model."
                     )
-            base.weight.data = self._merged_weight(base.weight.data, name, inverse=True)
+            base.weight.data.copy_(self._merged_weight(base.weight.data, name, inverse=True))
             self.merged_adapters.pop()
 
     def _min_alignment(self, name: str) -> float:
@@ -358,21 +363,22 @@ class EtherLinear(nn.Module, EtherLayer):
 
     def _merged_weight(self, weight: torch.Tensor, name: str, inverse: bool) -> torch.Tensor:
         """The base weight (stored layout) with adapter `name` merged in, or taken out when `inverse`."""
-        w = weight_as_out_in(weight, self.fan_in_fan_out)
+        # In float64, so the stored weight is W H correctly rounded and a later unmerge starts from the least error
+        # (float32 on MPS, which has no float64).
+        w = weight_as_out_in(weight, self.fan_in_fan_out).to(_merge_dtype(weight.device))
         if not inverse or self.ether_variant[name] == "ether":
             # Row-wise transforms of W give W H_in; column-wise (rows of Wᵀ) give H_out W. H_ether⁻¹ = H_ether.
-            # In float64, so the stored weight is W H correctly rounded and a later unmerge starts from the least error.
-            merged = self.transform_input(w.double(), name)
+            merged = self.transform_input(w, name)
             merged = self.transform_output(merged.T, name).T
         else:
-            merged = self._apply_inverse(w.double(), self.ether_u, self.ether_v, name)
+            merged = self._apply_inverse(w, self.ether_u, self.ether_v, name)
             if name in self.ether_u_out:
                 merged = self._apply_inverse(merged.T, self.ether_u_out, self.ether_v_out, name).T
         return weight_as_out_in(merged, self.fan_in_fan_out).to(weight.dtype).contiguous()
 
     @staticmethod
     def _apply_inverse(x: torch.Tensor, u: nn.ParameterDict, v: nn.ParameterDict, name: str) -> torch.Tensor:
-        return ether_plus_inverse(x, normalize_blocks(u[name]).double(), normalize_blocks(v[name]).double())
+        return ether_plus_inverse(x, normalize_blocks(u[name]).to(x.dtype), normalize_blocks(v[name]).to(x.dtype))
 
     def __repr__(self) -> str:
         return "ether." + super().__repr__()

@@ -101,8 +101,8 @@ def _output_cache(output: Any) -> Any:
     or None. The field is read by its own name: the renamed `past_key_values` is a property that warns."""
     if output is None:
         return None
-    if isinstance(output, dict):  # transformers' ModelOutput
-        return next((output[name] for name in _CACHE_NAMES if output.get(name) is not None), None)
+    if isinstance(output, dict):  # transformers' ModelOutput; dict.get skips its renaming `get`, which warns
+        return next((dict.get(output, name) for name in _CACHE_NAMES if dict.get(output, name) is not None), None)
     if isinstance(output, tuple):
         return next((item for item in output if isinstance(item, Cache)), None)
     return None
