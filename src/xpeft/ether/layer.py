@@ -332,8 +332,8 @@ class EtherLinear(nn.Module, EtherLayer):
     def unmerge(self) -> None:
         """Undo `merge`. ETHER: a reflection is its own inverse, so `W H H = W` (exact up to rounding).
 
-        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 (float32 on MPS) by the rank-2 Woodbury inverse; refused when the inverse is
-        ill-conditioned (`|û·v̂| < MIN_UNMERGE_ALIGNMENT` in some block, `det H⁺ = (û·v̂)²`).
+        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 (float32 on MPS) by the rank-2 Woodbury inverse; refused
+        when the inverse is ill-conditioned (`|û·v̂| < MIN_UNMERGE_ALIGNMENT` in some block, `det H⁺ = (û·v̂)²`).
         """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
@@ -374,7 +374,8 @@ class EtherLinear(nn.Module, EtherLayer):
             merged = self._apply_inverse(w, self.ether_u, self.ether_v, name)
             if name in self.ether_u_out:
                 merged = self._apply_inverse(merged.T, self.ether_u_out, self.ether_v_out, name).T
-        return weight_as_out_in(merged, self.fan_in_fan_out).to(weight.dtype).contiguous()
+        # Cast here (not in the in-place copy) so that safe_merge sees what overflows the weight's dtype.
+        return weight_as_out_in(merged, self.fan_in_fan_out).to(weight.dtype)
 
     @staticmethod
     def _apply_inverse(x: torch.Tensor, u: nn.ParameterDict, v: nn.ParameterDict, name: str) -> torch.Tensor:

@@ -102,7 +102,8 @@ def _output_cache(output: Any) -> Any:
     if output is None:
         return None
     if isinstance(output, dict):  # transformers' ModelOutput; dict.get skips its renaming `get`, which warns
-        return next((dict.get(output, name) for name in _CACHE_NAMES if dict.get(output, name) is not None), None)
+        fields = (dict.get(output, name) for name in _CACHE_NAMES)
+        return next((field for field in fields if field is not None), None)
     if isinstance(output, tuple):
         return next((item for item in output if isinstance(item, Cache)), None)
     return None
