@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -187,12 +188,12 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run_interleaved(methods: list[str], shape: dict, warmup: int, cycles: int, threads: int) -> tuple[dict, dict]:
-    """Step times of `methods` built side by side in one process, one step each in turn (order rotated per cycle),
-    so that a change in machine load hits every method alike. Returns per-method step times and minor page faults
-    per step (fresh pages the allocator took from the OS: each costs a fault and zeroing, inside the step time)."""
-    torch.set_num_threads(threads)
-    steps = {method: make_step(method, shape)[0] for method in methods}
+def run_interleaved(steps: dict[str, Callable[[], float]], warmup: int, cycles: int) -> tuple[dict, dict]:
+    """Step times of methods built side by side in one process (`steps`: name → one timed training step), one step
+    each in turn (order rotated per cycle), so that a change in machine load hits every method alike. Returns
+    per-method step times and minor page faults per step (fresh pages the allocator took from the OS: each costs a
+    fault and zeroing, inside the step time)."""
+    methods = list(steps)
     times: dict[str, list[float]] = {method: [] for method in methods}
     faults: dict[str, list[int]] = {method: [] for method in methods}
     for cycle in range(warmup + cycles):
@@ -232,7 +233,9 @@ def main() -> None:
     load_before = os.getloadavg()
     print(f"shape {shape}, {args.threads} thread(s), load {load_before}")
     print("phase 1: interleaved step times of " + ", ".join(FAST))
-    times, faults = run_interleaved(list(FAST), shape, warmup=1, cycles=cycles, threads=args.threads)
+    torch.set_num_threads(args.threads)
+    steps = {method: make_step(method, shape)[0] for method in FAST}
+    times, faults = run_interleaved(steps, warmup=1, cycles=cycles)
 
     print("phase 2: each method alone (peak memory; step time of " + ", ".join(SLOW) + ")")
     alone = {}

@@ -8,13 +8,15 @@ from dataclasses import fields
 
 import pytest
 import torch
-from peft import HRAConfig, get_peft_model
+from peft import HRAConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.nn import functional as F
+from transformers import ResNetConfig, ResNetForImageClassification
 from transformers.pytorch_utils import Conv1D
 
 from models import make_inputs, make_model, task_type
 from xpeft import EtherConfig
-from xpeft.ether import EtherLinear
+from xpeft.ether import EtherConv, EtherLayer, EtherLinear
 from xpeft.ether.layer import MIN_UNMERGE_ALIGNMENT, ether_plus_inverse, ether_plus_transform, householder_reflect
 
 VARIANTS = ("ether", "ether_plus", "ether_plus_one_sided")
@@ -83,8 +85,8 @@ def two_layer_model(variant: str, n_blocks: int = 2, seed: int = 0, **kwargs):
     return get_peft_model(base, config)
 
 
-def ether_layers(model) -> list[EtherLinear]:
-    return [m for m in model.modules() if isinstance(m, EtherLinear)]
+def ether_layers(model) -> list[EtherLayer]:
+    return [m for m in model.modules() if isinstance(m, EtherLayer)]
 
 
 def move_away_from_identity(model, name: str = "default", std: float = 0.3, seed: int = 0) -> None:
@@ -452,6 +454,182 @@ def test_generate_with_mixed_adapter_names():
     with model.disable_adapter():
         base = model.generate(**{k: v[1:] for k, v in inputs.items()}, **kwargs)
     assert mixed[0].equal(alone[0]) and mixed[1].equal(base[0])
+
+
+# -- convolutions ---------------------------------------------------------------------------------------------------
+
+# Fan-ins (in_channels / groups · kernel elements): 6·3 = 18, 3·3·2 = 18 (two groups), 6·2·2·2 = 48.
+CONVS = {
+    "conv1d": (lambda: nn.Conv1d(6, 8, 3, padding=1), (6, 7)),
+    "conv2d": (lambda: nn.Conv2d(6, 8, (3, 2), stride=2, padding=1, groups=2), (6, 6, 5)),
+    "conv3d": (lambda: nn.Conv3d(6, 8, 2, dilation=(1, 2, 1)), (6, 4, 5, 3)),
+}
+CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def conv_model(kind: str, variant: str, **kwargs):
+    torch.manual_seed(0)
+    return get_peft_model(
+        nn.Sequential(CONVS[kind][0]()), EtherConfig(target_modules=["0"], n_blocks=2, variant=variant, **kwargs)
+    )
+
+
+def conv_input(kind: str, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, *CONVS[kind][1])
+
+
+def dense_h(u: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """Differentiable block-diagonal H (ETHER without v, else H⁺) from raw float64 vectors."""
+    blocks = []
+    for b in range(len(u)):
+        a = u[b] / u[b].norm()
+        eye = torch.eye(len(a), dtype=u.dtype)
+        if v is None:
+            blocks.append(eye - 2 * torch.outer(a, a))
+        else:
+            c = v[b] / v[b].norm()
+            blocks.append(eye - torch.outer(a, a) + torch.outer(c, c))
+    return torch.block_diag(*blocks)
+
+
+def conv_reference(layer: EtherLayer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """conv(x, H_out W H_in) + b in float64, with W = weight.flatten(1) and the H built densely per adapter."""
+    base = layer.get_base_layer()
+    weight = base.weight.detach().double().flatten(1)
+    for name in names:
+        h_out, h_in = dense_transforms(layer, name)
+        weight = h_out @ weight @ h_in
+    conv = CONV_FUNCTIONS[type(base)]
+    bias = base.bias.detach().double()
+    return conv(
+        x.double(), weight.reshape(base.weight.shape), bias, base.stride, base.padding, base.dilation, base.groups
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", list(CONVS))
+def test_conv_forward_merge_unmerge_match_dense_reference(kind, variant):
+    model = conv_model(kind, variant).eval()
+    move_away_from_identity(model, std=0.5)
+    layer = ether_layers(model)[0]
+    assert isinstance(layer, EtherConv)
+    x = conv_input(kind)
+    expected = conv_reference(layer, x, ["default"])
+    base_weight = layer.get_base_layer().weight.detach().clone()
+    h_out, h_in = dense_transforms(layer, "default")
+    expected_weight = (h_out @ base_weight.double().flatten(1) @ h_in).reshape(base_weight.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+        model.merge_adapter()
+        torch.testing.assert_close(layer.get_base_layer().weight.double(), expected_weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+    restored = layer.get_base_layer().weight.detach()
+    assert ((restored - base_weight).norm() / base_weight.norm()).item() < (1e-6 if variant == "ether" else 1e-5)
+
+
+@NEARLY_SINGULAR
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_conv_gradients_match_dense_autograd(variant):
+    """∂L/∂(x, u, v, u_out, v_out) of an adapted Conv2d equal autograd through the dense float64 H."""
+    model = conv_model("conv2d", variant, init_weights=False).double()
+    layer = ether_layers(model)[0]
+    x = conv_input("conv2d").double().requires_grad_(True)
+    y = model(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+
+    params = {
+        k: layer_dict["default"].detach().clone().requires_grad_(True)
+        for k, layer_dict in [
+            ("u", layer.ether_u),
+            ("v", layer.ether_v),
+            ("u_out", layer.ether_u_out),
+            ("v_out", layer.ether_v_out),
+        ]
+        if "default" in layer_dict
+    }
+    x_ref = x.detach().clone().requires_grad_(True)
+    base = layer.get_base_layer()
+    h_in = dense_h(params["u"], params.get("v"))
+    h_out = dense_h(params["u_out"], params["v_out"]) if "u_out" in params else torch.eye(base.out_channels).double()
+    weight = (h_out @ base.weight.detach().flatten(1) @ h_in).reshape(base.weight.shape)
+    y_ref = F.conv2d(x_ref, weight, base.bias.detach(), base.stride, base.padding, base.dilation, base.groups)
+    (y_ref * g).sum().backward()
+
+    # û is normalized in float32 (by design), hence tolerances of float32 size in a float64 comparison.
+    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    containers = {"u": layer.ether_u, "v": layer.ether_v, "u_out": layer.ether_u_out, "v_out": layer.ether_v_out}
+    for key, leaf in params.items():
+        torch.testing.assert_close(containers[key]["default"].grad, leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+@NEARLY_SINGULAR
+@pytest.mark.parametrize("variant", ["ether", "ether_plus"])
+def test_conv_mixed_batch_and_two_active_adapters(variant):
+    model = conv_model("conv2d", variant, init_weights=False)
+    model.add_adapter("other", EtherConfig(target_modules=["0"], n_blocks=2, variant=variant, init_weights=False))
+    model.eval()
+    layer = ether_layers(model)[0]
+    x = conv_input("conv2d", batch=4)
+    names = ["other", "__base__", "default", "other"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names).double()
+        for i, name in enumerate(names):
+            expected = conv_reference(layer, x[i : i + 1], [] if name == "__base__" else [name])
+            torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+        model.base_model.set_adapter(["default", "other"])
+        expected = conv_reference(layer, x, ["default", "other"])
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def tiny_resnet() -> ResNetForImageClassification:
+    torch.manual_seed(0)
+    config = ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
+    )
+    return ResNetForImageClassification(config)
+
+
+@pytest.mark.parametrize("variant", ["ether", "ether_plus"])
+def test_conv_model_trains_and_reloads(tmp_path, variant):
+    """A tiny ResNet's 3×3 convolutions (fan-ins 72 and 144): training lowers the loss; save/load reproduces it."""
+    config = EtherConfig(target_modules=r".*layer\.\d\.convolution", n_blocks=4, variant=variant)
+    model = get_peft_model(tiny_resnet(), config)
+    assert sum(isinstance(m, EtherConv) for m in model.modules()) == 4
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(8, 3, 16, 16, generator=generator)
+    labels = torch.randint(0, 3, (8,), generator=generator)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return model(pixel_values=pixels, labels=labels).loss.item()
+
+    # Kept in eval mode: batch norm's running statistics are base-model buffers, not saved with the adapter.
+    model.eval()
+    before = eval_loss()
+    for _ in range(10):
+        model(pixel_values=pixels, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = eval_loss()
+    assert after < before - 0.03, (before, after)
+
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_resnet(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
+def test_conv_errors_name_the_problem():
+    with pytest.raises(
+        ValueError, match=r"does not split in_features=18 of module '0'.*Valid block counts.*1, 2, 3, 6, 9"
+    ):
+        get_peft_model(nn.Sequential(nn.Conv1d(6, 8, 3)), EtherConfig(target_modules=["0"], n_blocks=4))
+    with pytest.raises(TypeError, match=r"type `ConvTranspose2d`; supported layer types are .*Linear.*Conv1D.*Conv2d"):
+        get_peft_model(nn.Sequential(nn.ConvTranspose2d(4, 4, 3)), EtherConfig(target_modules=["0"], n_blocks=2))
 
 
 # -- errors and config ----------------------------------------------------------------------------------------------

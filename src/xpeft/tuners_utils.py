@@ -21,27 +21,33 @@ BASE_ADAPTER_NAME = "__base__"
 """Sentinel in `adapter_names` for samples that should see the base model only (as in peft's LoRA)."""
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
+CONV_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def layer_features(base_layer: nn.Module, method: str) -> tuple[int, int, bool]:
-    """Return `(in_features, out_features, fan_in_fan_out)` of a supported base layer.
+def layer_features(
+    base_layer: nn.Module, method: str, supported: tuple[type[nn.Module], ...] = SUPPORTED_LAYER_TYPES
+) -> tuple[int, int, bool]:
+    """Return `(in_features, out_features, fan_in_fan_out)` of a base layer whose type is in `supported`.
 
     `fan_in_fan_out` is True for transformers' `Conv1D` (GPT-2), which stores its weight as `[in, out]`, the transpose
-    of `nn.Linear`'s `[out, in]`.
+    of `nn.Linear`'s `[out, in]`. A convolution (when `supported` has [`CONV_LAYER_TYPES`]) counts as the matrix
+    `weight.flatten(1)`: `in_features` is the fan-in of one filter, `in_channels / groups · kernel elements`.
 
     Raises:
         TypeError: for any other layer type, listing the supported ones.
     """
-    if isinstance(base_layer, nn.Linear):
-        return base_layer.in_features, base_layer.out_features, False
-    if isinstance(base_layer, Conv1D):
-        in_features, out_features = base_layer.weight.shape
-        return in_features, out_features, True
-    supported = ", ".join(f"`{cls.__module__}.{cls.__qualname__}`" for cls in SUPPORTED_LAYER_TYPES)
+    if isinstance(base_layer, supported):
+        if isinstance(base_layer, nn.Linear):
+            return base_layer.in_features, base_layer.out_features, False
+        if isinstance(base_layer, Conv1D):
+            in_features, out_features = base_layer.weight.shape
+            return in_features, out_features, True
+        if isinstance(base_layer, CONV_LAYER_TYPES):
+            return base_layer.weight[0].numel(), base_layer.out_channels, False
+    names = ", ".join(f"`{cls.__module__}.{cls.__qualname__}`" for cls in supported)
     raise TypeError(
-        f"{method} cannot adapt a layer of type `{type(base_layer).__name__}`; supported layer types are {supported}. "
-        "Change `target_modules` so that it matches only such layers (e.g. a list of linear layer names, or "
-        "'all-linear')."
+        f"{method} cannot adapt a layer of type `{type(base_layer).__name__}`; supported layer types are {names}. "
+        "Change `target_modules` so that it matches only such layers (e.g. a list of layer names, or 'all-linear')."
     )
 
 

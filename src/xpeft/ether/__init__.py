@@ -2,9 +2,9 @@
 
 from .._registry import register_method
 from .config import EtherConfig
-from .layer import EtherLayer, EtherLinear
+from .layer import EtherConv, EtherLayer, EtherLinear
 from .model import EtherModel
 
-__all__ = ["EtherConfig", "EtherLayer", "EtherLinear", "EtherModel"]
+__all__ = ["EtherConfig", "EtherConv", "EtherLayer", "EtherLinear", "EtherModel"]
 
 register_method("ether", EtherConfig, EtherModel)

@@ -12,8 +12,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..tuners_utils import adapter_index_groups, check_mixed_batch_args, layer_features, weight_as_out_in
+from ..tuners_utils import (
+    CONV_LAYER_TYPES,
+    SUPPORTED_LAYER_TYPES,
+    adapter_index_groups,
+    check_mixed_batch_args,
+    layer_features,
+    weight_as_out_in,
+)
 from .config import EtherConfig
+
+ETHER_LAYER_TYPES = SUPPORTED_LAYER_TYPES + CONV_LAYER_TYPES
 
 # A zero vector has no direction; clamping its norm makes û = 0, i.e. H = I for that block, instead of NaN.
 NORM_EPS = 1e-12
@@ -150,8 +159,9 @@ class EtherLayer(BaseTunerLayer):
       Unmerging inverts `H⁺` (see [`ether_plus_inverse`]).
     - ETHER+ one-sided: :math:`y = W H^+_{in} x + b`; `2 d_in` parameters.
 
-    The transforms act on activations (`O(tokens·d)` extra work), never on a `d×d` matrix, except in merge.
-    Trainable vectors are stored per block as `[n, d/n]` and normalized in float32 (see [`normalize_blocks`]).
+    On linear layers the transforms act on activations (`O(tokens·d)` extra work), never on a `d×d` matrix, except
+    in merge; on convolutions ([`EtherConv`]) they act on the flattened filters. Trainable vectors are stored per
+    block as `[n, d/n]` and normalized in float32 (see [`normalize_blocks`]).
     """
 
     adapter_layer_names = ("ether_u", "ether_v", "ether_u_out", "ether_v_out")
@@ -167,7 +177,9 @@ class EtherLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
-        self.in_features, self.out_features, self.fan_in_fan_out = layer_features(self.get_base_layer(), "ETHER")
+        self.in_features, self.out_features, self.fan_in_fan_out = layer_features(
+            self.get_base_layer(), "ETHER", ETHER_LAYER_TYPES
+        )
 
     def update_layer(self, adapter_name: str, config: EtherConfig, module_name: str = "") -> None:
         """Create the vectors of `adapter_name` for this layer (`module_name` only serves error messages)."""
@@ -235,6 +247,16 @@ class EtherLayer(BaseTunerLayer):
         u_hat = self._unit(self.ether_u_out, adapter_name, dtype)
         return ether_plus_transform(y.to(dtype), u_hat, self._unit(self.ether_v_out, adapter_name, dtype))
 
+    def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as the matrix `[out, in]` that the transforms act on (a view; a convolution's is
+        `weight.flatten(1)`)."""
+        return weight.flatten(1) if weight.dim() > 2 else weight_as_out_in(weight, self.fan_in_fan_out)
+
+    def _transformed_matrix(self, w: torch.Tensor, name: str) -> torch.Tensor:
+        """`H_out W H_in` for a weight matrix `w` `[out, in]`: row-wise transforms of `W` give `W H_in`, column-wise
+        ones (rows of `Wᵀ`) give `H_out W`. Differentiable; computed in the dtype of `w`."""
+        return self.transform_output(self.transform_input(w, name).T, name).T
+
     def _output_chain(self, y: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         # y = H_out (W x') + b = H_out(W x' + b) − H_out b + b: the bias is transformed back out, on a vector only.
         names = [name for name in names if name in self.ether_u_out]
@@ -255,8 +277,9 @@ class EtherLayer(BaseTunerLayer):
         return [name for name in self.active_adapters if name in self.ether_u]
 
 
-class EtherLinear(nn.Module, EtherLayer):
-    """ETHER / ETHER+ on an `nn.Linear` or a transformers `Conv1D` (GPT-2): see [`EtherLayer`] for the math."""
+class _EtherModule(nn.Module, EtherLayer):
+    """What the ETHER layer types share: construction, the forward's dispatch (disabled, merged, mixed batch) and
+    merging; subclasses compute the adapted forward and the mixed batch for their layer type."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: EtherConfig, module_name: str = "") -> None:
         super().__init__()
@@ -270,39 +293,28 @@ class EtherLinear(nn.Module, EtherLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        names = self._active_names()
-        if not names:
+        if adapter_names is None and (self.merged or not self._active_names()):
             return self.base_layer(x, *args, **kwargs)
         previous_dtype = x.dtype
         x = self._cast_input_dtype(x, self.get_base_layer().weight.dtype)
-        # Merging a then b gives H_out,b H_out,a W H_in,a H_in,b: the input sees the last adapter first.
-        for name in reversed(names):
-            x = self.transform_input(x, name)
-        result = self._output_chain(self.base_layer(x, *args, **kwargs), names)
+        if adapter_names is not None:
+            result = self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        else:
+            result = self._adapted_forward(x, self._active_names(), *args, **kwargs)
         return result.to(previous_dtype)
+
+    def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The layer with the adapters `names` applied, in the order of successive merges."""
+        raise NotImplementedError
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
     ) -> torch.Tensor:
-        """Each leading row of `x` goes through its own adapter (or none for `"__base__"`), one base matmul in all."""
-        previous_dtype = x.dtype
-        x = self._cast_input_dtype(x, self.get_base_layer().weight.dtype)
-        # "__base__" (and adapters that do not reach this layer) keep their rows untouched.
-        groups = {
-            name: rows for name, rows in adapter_index_groups(adapter_names, x.device).items() if name in self.ether_u
-        }
-        transformed = x.clone()
-        for name, rows in groups.items():
-            transformed[rows] = self.transform_input(x[rows], name)
-        result = self.base_layer(transformed, *args, **kwargs)
-        out = result.clone()
-        for name, rows in groups.items():
-            out[rows] = self._output_chain(result[rows], [name])
-        return out.to(previous_dtype)
+        """Each leading row of `x` through its own adapter, or through none for `"__base__"`."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return "ether." + super().__repr__()
 
     # -- merge ---------------------------------------------------------------------------------------------------
 
@@ -365,21 +377,80 @@ class EtherLinear(nn.Module, EtherLayer):
         """The base weight (stored layout) with adapter `name` merged in, or taken out when `inverse`."""
         # In float64, so the stored weight is W H correctly rounded and a later unmerge starts from the least error
         # (float32 on MPS, which has no float64).
-        w = weight_as_out_in(weight, self.fan_in_fan_out).to(_merge_dtype(weight.device))
+        w = self._weight_matrix(weight).to(_merge_dtype(weight.device))
         if not inverse or self.ether_variant[name] == "ether":
-            # Row-wise transforms of W give W H_in; column-wise (rows of Wᵀ) give H_out W. H_ether⁻¹ = H_ether.
-            merged = self.transform_input(w, name)
-            merged = self.transform_output(merged.T, name).T
+            merged = self._transformed_matrix(w, name)  # H_ether⁻¹ = H_ether
         else:
             merged = self._apply_inverse(w, self.ether_u, self.ether_v, name)
             if name in self.ether_u_out:
                 merged = self._apply_inverse(merged.T, self.ether_u_out, self.ether_v_out, name).T
         # Cast here (not in the in-place copy) so that safe_merge sees what overflows the weight's dtype.
-        return weight_as_out_in(merged, self.fan_in_fan_out).to(weight.dtype)
+        merged = merged.reshape(weight.shape) if weight.dim() > 2 else weight_as_out_in(merged, self.fan_in_fan_out)
+        return merged.to(weight.dtype)
 
     @staticmethod
     def _apply_inverse(x: torch.Tensor, u: nn.ParameterDict, v: nn.ParameterDict, name: str) -> torch.Tensor:
         return ether_plus_inverse(x, normalize_blocks(u[name]).to(x.dtype), normalize_blocks(v[name]).to(x.dtype))
 
-    def __repr__(self) -> str:
-        return "ether." + super().__repr__()
+
+class EtherLinear(_EtherModule):
+    """ETHER / ETHER+ on an `nn.Linear` or a transformers `Conv1D` (GPT-2): see [`EtherLayer`] for the math.
+
+    The transforms act on the activations, block by block, never on the weight (except in merge).
+    """
+
+    def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Merging a then b gives H_out,b H_out,a W H_in,a H_in,b: the input sees the last adapter first.
+        for name in reversed(names):
+            x = self.transform_input(x, name)
+        return self._output_chain(self.base_layer(x, *args, **kwargs), names)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each leading row of `x` goes through its own adapter (or none for `"__base__"`), one base matmul in all."""
+        # "__base__" (and adapters that do not reach this layer) keep their rows untouched.
+        groups = {
+            name: rows for name, rows in adapter_index_groups(adapter_names, x.device).items() if name in self.ether_u
+        }
+        transformed = x.clone()
+        for name, rows in groups.items():
+            transformed[rows] = self.transform_input(x[rows], name)
+        result = self.base_layer(transformed, *args, **kwargs)
+        out = result.clone()
+        for name, rows in groups.items():
+            out[rows] = self._output_chain(result[rows], [name])
+        return out
+
+
+class EtherConv(_EtherModule):
+    """ETHER / ETHER+ on an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`: the math of [`EtherLayer`] on the filter matrix
+    `W = weight.flatten(1)`, `[out_channels, in_channels / groups · kernel elements]`, so `n_blocks` must divide that
+    fan-in (and `out_channels` for two-sided ETHER+).
+
+    Each forward transforms the weight (a few passes over `W`, small next to a convolution's activations) and runs the
+    base convolution with it: the unmerged forward is the merged layer's.
+    """
+
+    def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._convolve(x, names)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """One convolution per adapter present in the batch, on its own samples."""
+        out = None
+        for name, rows in adapter_index_groups(adapter_names, x.device).items():
+            # "__base__" (and adapters that do not reach this layer) run with the base weight.
+            result = self._convolve(x[rows], [name] if name in self.ether_u else [])
+            if out is None:
+                out = result.new_empty((len(x), *result.shape[1:]))
+            out[rows] = result
+        return out
+
+    def _convolve(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        base = self.get_base_layer()
+        matrix = self._weight_matrix(base.weight)
+        for name in names:
+            matrix = self._transformed_matrix(matrix, name)
+        return base._conv_forward(x, matrix.reshape(base.weight.shape), base.bias)

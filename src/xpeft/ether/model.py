@@ -1,4 +1,4 @@
-"""The ETHER tuner model: finds the target layers and swaps in [`EtherLinear`]."""
+"""The ETHER tuner model: finds the target layers and swaps in [`EtherLinear`] or [`EtherConv`]."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_HRA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ..tuners_utils import XpeftTuner
+from ..tuners_utils import CONV_LAYER_TYPES, XpeftTuner
 from .config import EtherConfig
-from .layer import EtherLayer, EtherLinear
+from .layer import EtherConv, EtherLayer, EtherLinear
 
 
 class EtherModel(XpeftTuner):
@@ -46,5 +46,6 @@ class EtherModel(XpeftTuner):
             target.update_layer(adapter_name, config, module_name=current_key)
             return
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        new_module = EtherLinear(base_layer, adapter_name, config, module_name=current_key)
+        layer_cls = EtherConv if isinstance(base_layer, CONV_LAYER_TYPES) else EtherLinear
+        new_module = layer_cls(base_layer, adapter_name, config, module_name=current_key)
         self._swap_in(parent, target_name, new_module, target, adapter_name)
