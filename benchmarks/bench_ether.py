@@ -209,6 +209,26 @@ def run_interleaved(steps: dict[str, Callable[[], float]], warmup: int, cycles: 
     return times, faults
 
 
+def machine_info(load_before: tuple[float, float, float]) -> dict:
+    """What a report records of the machine: cores, load before and after the run, versions, glibc settings."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": __import__("peft").__version__,
+        # glibc reads these at start-up; raising them keeps freed memory mapped (no page faults per step).
+        "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
+    }
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, everything in-process: a smoke run")
@@ -331,24 +351,12 @@ def main() -> None:
             + (" (quick mode runs in-process: memory figures are not per method)" if args.quick else "")
         ),
         "peft_defaults": "OFTConfig() and BOFTConfig() defaults, target_modules='all-linear'",
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "peft": __import__("peft").__version__,
-            # glibc reads these at start-up; raising them keeps freed memory mapped (no page faults per step).
-            "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
-        },
+        "machine": machine_info(load_before),
         "results": results,
         "ratios": ratios,
         "targets": targets,
     }
-    out = args.out or RESULTS / ("ether_quick.json" if args.quick else "ether.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten to {out}")
+    write_report(report, args.out or RESULTS / ("ether_quick.json" if args.quick else "ether.json"))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ target for convolutions: the script reports, it does not judge.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ether import RESULTS, run_interleaved  # noqa: E402
+from bench_ether import RESULTS, machine_info, run_interleaved, write_report  # noqa: E402
 
 # The last stage sees image / 32 pixels a side; peft's OFT needs at least the kernel's 3 (it unfolds without padding).
 FULL = {"widths": [64, 128, 256, 512], "batch": 8, "image": 128, "labels": 10}
@@ -132,21 +130,11 @@ def main() -> None:
             "OFTConfig() defaults (on Conv2d, peft 0.21 rotates unfolded input patches and folds them back); "
             "LoraConfig(r=8); HRAConfig(r=8) (weight side, like ETHER here)"
         ),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "peft": __import__("peft").__version__,
-        },
+        "machine": machine_info(load_before),
         "results": results,
         "ratios": ratios,
     }
-    out = args.out or RESULTS / ("ether_conv_quick.json" if args.quick else "ether_conv.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten to {out}")
+    write_report(report, args.out or RESULTS / ("ether_conv_quick.json" if args.quick else "ether_conv.json"))
 
 
 if __name__ == "__main__":
