@@ -2,8 +2,8 @@
 
 A seeded ResNet built from transformers' `ResNetConfig` (basic blocks, widths 64-128-256-512, one block per stage),
 fp32, CPU, one fixed batch of images; every method adapts the same 3×3 convolutions of the encoder (fan-ins
-576 to 4608). ETHER acts on the flattened filters at every forward (`EtherConv`), as peft's OFT and HRA do for
-convolutions; LoRA adds its low-rank convolution pair. The methods are built side by side in one process and timed
+576 to 4608). ETHER transforms the flattened filters at every forward (`EtherConv`), as peft's HRA does; peft's
+OFT rotates unfolded input patches and folds them back; LoRA adds its low-rank convolution pair. The methods are built side by side in one process and timed
 one step each in turn (`bench_ether.run_interleaved`); ratios are medians of same-cycle ratios. Issue 4 sets no
 target for convolutions: the script reports, it does not judge.
 

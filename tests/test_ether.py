@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from dataclasses import fields
@@ -458,13 +459,22 @@ def test_generate_with_mixed_adapter_names():
 
 # -- convolutions ---------------------------------------------------------------------------------------------------
 
-# Fan-ins (in_channels / groups · kernel elements): 6·3 = 18, 3·3·2 = 18 (two groups), 6·2·2·2 = 48.
+
+class CausalConv1d(nn.Conv1d):
+    """Left-pads its input in its own forward, as audio models' causal convolutions do."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
+# Fan-ins (in_channels / groups · kernel elements): 6·3 = 18, 3·3·2 = 18 (two groups), 6·9 = 54, 6·2·2·2 = 48.
 CONVS = {
     "conv1d": (lambda: nn.Conv1d(6, 8, 3, padding=1), (6, 7)),
+    "causal_conv1d": (lambda: CausalConv1d(6, 8, 3), (6, 7)),
     "conv2d": (lambda: nn.Conv2d(6, 8, (3, 2), stride=2, padding=1, groups=2), (6, 6, 5)),
+    "conv2d_reflect_no_bias": (lambda: nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect", bias=False), (6, 5, 5)),
     "conv3d": (lambda: nn.Conv3d(6, 8, 2, dilation=(1, 2, 1)), (6, 4, 5, 3)),
 }
-CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
 def conv_model(kind: str, variant: str, **kwargs):
@@ -492,32 +502,36 @@ def dense_h(u: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
 
-def conv_reference(layer: EtherLayer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """conv(x, H_out W H_in) + b in float64, with W = weight.flatten(1) and the H built densely per adapter."""
+def dense_conv_weight(layer: EtherLayer, names: list[str]) -> torch.Tensor:
+    """H_out W H_in (per adapter, in merge order) in float64, with W = weight.flatten(1) and each H built densely."""
     base = layer.get_base_layer()
     weight = base.weight.detach().double().flatten(1)
     for name in names:
         h_out, h_in = dense_transforms(layer, name)
         weight = h_out @ weight @ h_in
-    conv = CONV_FUNCTIONS[type(base)]
-    bias = base.bias.detach().double()
-    return conv(
-        x.double(), weight.reshape(base.weight.shape), bias, base.stride, base.padding, base.dilation, base.groups
-    )
+    return weight.reshape(base.weight.shape)
+
+
+def conv_reference(layer: EtherLayer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """A float64 copy of the base layer with the dense weight, run through the layer's own forward (padding modes,
+    subclasses' padding)."""
+    reference = copy.deepcopy(layer.get_base_layer()).double()
+    with torch.no_grad():
+        reference.weight.copy_(dense_conv_weight(layer, names))
+        return reference(x.double())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", list(CONVS))
 def test_conv_forward_merge_unmerge_match_dense_reference(kind, variant):
     model = conv_model(kind, variant).eval()
-    move_away_from_identity(model, std=0.5)
+    move_away_from_identity(model, std=0.1)  # blocks of up to 27 features: keeps |û·v̂| well above the unmerge limit
     layer = ether_layers(model)[0]
     assert isinstance(layer, EtherConv)
     x = conv_input(kind)
     expected = conv_reference(layer, x, ["default"])
     base_weight = layer.get_base_layer().weight.detach().clone()
-    h_out, h_in = dense_transforms(layer, "default")
-    expected_weight = (h_out @ base_weight.double().flatten(1) @ h_in).reshape(base_weight.shape)
+    expected_weight = dense_conv_weight(layer, ["default"])
     with torch.no_grad():
         torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
         model.merge_adapter()
@@ -526,6 +540,29 @@ def test_conv_forward_merge_unmerge_match_dense_reference(kind, variant):
         model.unmerge_adapter()
     restored = layer.get_base_layer().weight.detach()
     assert ((restored - base_weight).norm() / base_weight.norm()).item() < (1e-6 if variant == "ether" else 1e-5)
+
+
+def test_conv_identity_adapter_keeps_a_subclass_forward():
+    """ETHER+ at init is the identity: a subclass that pads in its own forward must give the base output exactly."""
+    model = conv_model("causal_conv1d", "ether_plus").eval()
+    x = conv_input("causal_conv1d")
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(x)
+        torch.testing.assert_close(model(x), base, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv_half_precision_forward_close_to_float32(dtype):
+    model = conv_model("conv2d_reflect_no_bias", "ether_plus", init_weights=False).eval()
+    layer = ether_layers(model)[0]
+    x = conv_input("conv2d_reflect_no_bias")
+    expected = conv_reference(layer, x, ["default"])
+    model.to(dtype)
+    with torch.no_grad():
+        out = model(x.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=0.02, atol=0.02)
 
 
 @NEARLY_SINGULAR
@@ -568,20 +605,28 @@ def test_conv_gradients_match_dense_autograd(variant):
 @NEARLY_SINGULAR
 @pytest.mark.parametrize("variant", ["ether", "ether_plus"])
 def test_conv_mixed_batch_and_two_active_adapters(variant):
-    model = conv_model("conv2d", variant, init_weights=False)
-    model.add_adapter("other", EtherConfig(target_modules=["0"], n_blocks=2, variant=variant, init_weights=False))
+    """Two convolutions; "other" adapts the second one only, so its samples see the base first layer."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    config = EtherConfig(target_modules=["0", "1"], n_blocks=2, variant=variant, init_weights=False)
+    model = get_peft_model(base, config)
+    model.add_adapter("other", EtherConfig(target_modules=["1"], n_blocks=2, variant=variant, init_weights=False))
     model.eval()
-    layer = ether_layers(model)[0]
-    x = conv_input("conv2d", batch=4)
+    first, second = ether_layers(model)
+    x = torch.randn(4, 6, 5, 5)
+
+    def reference(sample: torch.Tensor, names: list[str]) -> torch.Tensor:
+        hidden = conv_reference(first, sample, [name for name in names if name in first.ether_u])
+        return conv_reference(second, hidden, names)
+
     names = ["other", "__base__", "default", "other"]
     with torch.no_grad():
         mixed = model(x, adapter_names=names).double()
         for i, name in enumerate(names):
-            expected = conv_reference(layer, x[i : i + 1], [] if name == "__base__" else [name])
+            expected = reference(x[i : i + 1], [] if name == "__base__" else [name])
             torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-5)
         model.base_model.set_adapter(["default", "other"])
-        expected = conv_reference(layer, x, ["default", "other"])
-        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x).double(), reference(x, ["default", "other"]), rtol=1e-5, atol=1e-5)
 
 
 def tiny_resnet() -> ResNetForImageClassification:
@@ -624,12 +669,32 @@ def test_conv_model_trains_and_reloads(tmp_path, variant):
 
 
 def test_conv_errors_name_the_problem():
+    def adapt(conv: nn.Module, **kwargs):
+        return get_peft_model(nn.Sequential(conv), EtherConfig(target_modules=["0"], **kwargs))
+
+    fan_in = r"the fan-in in_channels/groups × kernel elements = 3 × 9 = 27 of module '0'"
+    with pytest.raises(ValueError, match=fan_in + r".*Valid block counts for this layer: 1, 3, 9\."):
+        adapt(nn.Conv2d(6, 8, 3, groups=2), n_blocks=4)
     with pytest.raises(
-        ValueError, match=r"does not split in_features=18 of module '0'.*Valid block counts.*1, 2, 3, 6, 9"
+        ValueError, match=r"does not split out_channels=9 of module '0'.*block counts for this layer: 1, 3\."
     ):
-        get_peft_model(nn.Sequential(nn.Conv1d(6, 8, 3)), EtherConfig(target_modules=["0"], n_blocks=4))
+        adapt(nn.Conv1d(6, 9, 2), n_blocks=2, variant="ether_plus")
+    # An output block spanning two groups would mix filters that read different input channels.
+    with pytest.raises(ValueError, match=r"groups=2, needs `n_blocks` to be a multiple of groups \(got 1\).*: 2\. Or"):
+        adapt(nn.Conv2d(4, 4, 3, groups=2), n_blocks=1, variant="ether_plus")
+    adapt(nn.Conv2d(4, 4, 3, groups=2), n_blocks=1, variant="ether_plus_one_sided")
+    with pytest.raises(ValueError, match=r"module '0': its weight is computed \(by a parametrization such as "):
+        adapt(nn.utils.parametrizations.weight_norm(nn.Conv1d(6, 8, 3)), n_blocks=2)
     with pytest.raises(TypeError, match=r"type `ConvTranspose2d`; supported layer types are .*Linear.*Conv1D.*Conv2d"):
-        get_peft_model(nn.Sequential(nn.ConvTranspose2d(4, 4, 3)), EtherConfig(target_modules=["0"], n_blocks=2))
+        adapt(nn.ConvTranspose2d(4, 4, 3), n_blocks=2)
+
+
+def test_conv_safe_merge_rejects_non_finite_weights():
+    model = conv_model("conv1d", "ether")
+    with torch.no_grad():
+        ether_layers(model)[0].ether_u["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs or infs detected"):
+        model.merge_and_unload(safe_merge=True)
 
 
 # -- errors and config ----------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 import pytest
 from peft import get_peft_model
+from torch import nn
 from transformers import GenerationConfig
 
 import dummy_tuner
 import xpeft
 from contract import ContractSuite, each_sample_alone
 from models import make_inputs, make_model
+from xpeft.tuners_utils import CONV_LAYER_TYPES, SUPPORTED_LAYER_TYPES, layer_features
 
 
 def two_adapter_llama():
@@ -65,3 +67,17 @@ def test_added_adapter_on_new_modules_is_frozen_until_selected(method):
     assert not any(p.requires_grad for p in other)
     model.set_adapter("other")
     assert all(p.requires_grad for p in other)
+
+
+def test_convolutions_are_for_ether_only():
+    """`layer_features` keeps refusing convolutions for X-PEFT and PEDRO (only ETHER passes `supported` with them)."""
+    only_linear = r"supported layer types are `torch.nn.modules.linear.Linear`, `transformers.pytorch_utils.Conv1D`\."
+    with pytest.raises(TypeError, match=r"X-PEFT cannot adapt a layer of type `Conv2d`; " + only_linear):
+        get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3)), xpeft.XPeftConfig(target_modules=["0"]))
+    with pytest.raises(TypeError, match=r"PEDRO cannot adapt a layer of type `Conv1d`; " + only_linear):
+        layer_features(nn.Conv1d(4, 4, 3), "PEDRO")
+    assert layer_features(nn.Conv2d(4, 6, 3, groups=2), "ETHER", SUPPORTED_LAYER_TYPES + CONV_LAYER_TYPES) == (
+        18,
+        6,
+        False,
+    )

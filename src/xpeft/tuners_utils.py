@@ -36,19 +36,21 @@ def layer_features(
     Raises:
         TypeError: for any other layer type, listing the supported ones.
     """
-    if isinstance(base_layer, supported):
-        if isinstance(base_layer, nn.Linear):
-            return base_layer.in_features, base_layer.out_features, False
-        if isinstance(base_layer, Conv1D):
-            in_features, out_features = base_layer.weight.shape
-            return in_features, out_features, True
-        if isinstance(base_layer, CONV_LAYER_TYPES):
-            return base_layer.weight[0].numel(), base_layer.out_channels, False
-    names = ", ".join(f"`{cls.__module__}.{cls.__qualname__}`" for cls in supported)
-    raise TypeError(
-        f"{method} cannot adapt a layer of type `{type(base_layer).__name__}`; supported layer types are {names}. "
-        "Change `target_modules` so that it matches only such layers (e.g. a list of layer names, or 'all-linear')."
-    )
+    if not isinstance(base_layer, supported):
+        names = ", ".join(f"`{cls.__module__}.{cls.__qualname__}`" for cls in supported)
+        raise TypeError(
+            f"{method} cannot adapt a layer of type `{type(base_layer).__name__}`; supported layer types are {names}. "
+            "Change `target_modules` so that it matches only such layers (e.g. a list of layer names, or "
+            "'all-linear')."
+        )
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features, False
+    if isinstance(base_layer, Conv1D):
+        in_features, out_features = base_layer.weight.shape
+        return in_features, out_features, True
+    if isinstance(base_layer, CONV_LAYER_TYPES):
+        return base_layer.weight[0].numel(), base_layer.out_channels, False
+    raise NotImplementedError(f"layer_features has no rule for `{type(base_layer).__name__}` layers")
 
 
 def weight_as_out_in(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:

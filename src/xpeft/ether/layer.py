@@ -1,4 +1,5 @@
-"""ETHER / ETHER+ layers: block-diagonal hyperplane reflections applied to activations (DESIGN.md §1)."""
+"""ETHER / ETHER+ layers: block-diagonal hyperplane reflections of a layer's weight (DESIGN.md §1), applied to the
+activations of linear layers and to the filters of convolutions."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.func import functional_call
 
 from ..tuners_utils import (
     CONV_LAYER_TYPES,
@@ -184,19 +186,7 @@ class EtherLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: EtherConfig, module_name: str = "") -> None:
         """Create the vectors of `adapter_name` for this layer (`module_name` only serves error messages)."""
         n, variant = config.n_blocks, config.variant
-        two_sided = variant == "ether_plus"
-        sizes = {"in_features": self.in_features}
-        if two_sided:
-            sizes["out_features"] = self.out_features
-        for side, size in sizes.items():
-            # A block of one feature is a fixed sign flip (ETHER) or the identity (ETHER+): nothing left to train.
-            if size % n or size // n < 2:
-                valid = ", ".join(map(str, valid_block_counts(*sizes.values())))
-                raise ValueError(
-                    f"ETHER `n_blocks`={n} does not split {side}={size} of module {module_name!r} into blocks of at "
-                    f"least two features. Valid block counts for this layer: {valid}. Set `n_blocks` to one of them, "
-                    "or leave the module out with `exclude_modules`."
-                )
+        self._check_layer(config, module_name)
         if config.fan_in_fan_out is not None and config.fan_in_fan_out != self.fan_in_fan_out:
             # One text per layer type (not per module), so Python shows it once, not once per adapted layer.
             layer_type = type(self.get_base_layer()).__name__
@@ -212,13 +202,40 @@ class EtherLayer(BaseTunerLayer):
         if variant != "ether":
             v = -self.ether_u[adapter_name].data if config.init_weights else self._init_vectors(n, self.in_features)
             self.ether_v[adapter_name] = nn.Parameter(v.clone())
-        if two_sided:
+        if variant == "ether_plus":
             u_out = self._init_vectors(n, self.out_features)
             v_out = -u_out if config.init_weights else self._init_vectors(n, self.out_features)
             self.ether_u_out[adapter_name] = nn.Parameter(u_out)
             self.ether_v_out[adapter_name] = nn.Parameter(v_out.clone())
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _check_layer(self, config: EtherConfig, module_name: str) -> None:
+        """Refuse what ETHER cannot adapt on this layer, with an error that names the module and the fix."""
+        base = self.get_base_layer()
+        if "weight" not in base._parameters:
+            # weight_norm and other parametrizations recompute `weight` at each access: merging could not write it.
+            raise ValueError(
+                f"ETHER cannot adapt module {module_name!r}: its weight is computed (by a parametrization such as "
+                "weight_norm), not stored as a parameter, so the adapter could neither transform it nor be merged "
+                "into it. Remove the parametrization first (`torch.nn.utils.parametrize.remove_parametrizations("
+                "module, 'weight')`), or leave the module out with `exclude_modules`."
+            )
+        n, two_sided = config.n_blocks, config.variant == "ether_plus"
+        sizes = {"in": self.in_features, "out": self.out_features} if two_sided else {"in": self.in_features}
+        for side, size in sizes.items():
+            # A block of one feature is a fixed sign flip (ETHER) or the identity (ETHER+): nothing left to train.
+            if size % n or size // n < 2:
+                valid = ", ".join(map(str, valid_block_counts(*sizes.values())))
+                raise ValueError(
+                    f"ETHER `n_blocks`={n} does not split {self._axis_label(side)} of module {module_name!r} into "
+                    f"blocks of at least two features. Valid block counts for this layer: {valid}. Set `n_blocks` to "
+                    "one of them, or leave the module out with `exclude_modules`."
+                )
+
+    def _axis_label(self, side: str) -> str:
+        """How errors name the input (`side="in"`) or output axis of this layer."""
+        return f"in_features={self.in_features}" if side == "in" else f"out_features={self.out_features}"
 
     def _init_vectors(self, n_blocks: int, size: int) -> torch.Tensor:
         # The official code's init (Kaiming-uniform, a=√5); only each block's direction matters.
@@ -248,9 +265,12 @@ class EtherLayer(BaseTunerLayer):
         return ether_plus_transform(y.to(dtype), u_hat, self._unit(self.ether_v_out, adapter_name, dtype))
 
     def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight as the matrix `[out, in]` that the transforms act on (a view; a convolution's is
-        `weight.flatten(1)`)."""
-        return weight.flatten(1) if weight.dim() > 2 else weight_as_out_in(weight, self.fan_in_fan_out)
+        """The base weight as the matrix `[out, in]` that the transforms act on (a view)."""
+        return weight_as_out_in(weight, self.fan_in_fan_out)
+
+    def _weight_from_matrix(self, matrix: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`matrix` (`[out, in]`) back in the stored layout of the base `weight`: the inverse of `_weight_matrix`."""
+        return weight_as_out_in(matrix, self.fan_in_fan_out)
 
     def _transformed_matrix(self, w: torch.Tensor, name: str) -> torch.Tensor:
         """`H_out W H_in` for a weight matrix `w` `[out, in]`: row-wise transforms of `W` give `W H_in`, column-wise
@@ -385,8 +405,7 @@ class _EtherModule(nn.Module, EtherLayer):
             if name in self.ether_u_out:
                 merged = self._apply_inverse(merged.T, self.ether_u_out, self.ether_v_out, name).T
         # Cast here (not in the in-place copy) so that safe_merge sees what overflows the weight's dtype.
-        merged = merged.reshape(weight.shape) if weight.dim() > 2 else weight_as_out_in(merged, self.fan_in_fan_out)
-        return merged.to(weight.dtype)
+        return self._weight_from_matrix(merged, weight).to(weight.dtype)
 
     @staticmethod
     def _apply_inverse(x: torch.Tensor, u: nn.ParameterDict, v: nn.ParameterDict, name: str) -> torch.Tensor:
@@ -424,16 +443,44 @@ class EtherLinear(_EtherModule):
 
 
 class EtherConv(_EtherModule):
-    """ETHER / ETHER+ on an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`: the math of [`EtherLayer`] on the filter matrix
-    `W = weight.flatten(1)`, `[out_channels, in_channels / groups · kernel elements]`, so `n_blocks` must divide that
-    fan-in (and `out_channels` for two-sided ETHER+).
+    """ETHER / ETHER+ on an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d` (or a subclass): the math of [`EtherLayer`] on the
+    filter matrix `W = weight.flatten(1)`, `[out_channels, in_channels / groups · kernel elements]`, so `n_blocks` must
+    divide that fan-in (and `out_channels` for two-sided ETHER+). With `groups > 1`, `H_in` acts alike on every group's
+    filters, and two-sided ETHER+ needs `n_blocks` to be a multiple of `groups`, so that `H_out` mixes filters of one
+    group only (otherwise the result would not be a grouped convolution).
 
-    Each forward transforms the weight (a few passes over `W`, small next to a convolution's activations) and runs the
-    base convolution with it: the unmerged forward is the merged layer's.
+    Each forward transforms the weight (in float32 at least, cast once to the weight's dtype; a few passes over `W`,
+    few next to the convolution's own `|W| · positions` multiply-adds) and runs the base layer's own `forward` with it,
+    so subclasses that pad or standardize their weight keep doing so: the unmerged forward is the merged layer's.
     """
 
+    def _check_layer(self, config: EtherConfig, module_name: str) -> None:
+        super()._check_layer(config, module_name)
+        groups = self.get_base_layer().groups
+        if config.variant == "ether_plus" and config.n_blocks % groups:
+            valid = [n for n in valid_block_counts(self.in_features, self.out_features) if n % groups == 0]
+            raise ValueError(
+                f"Two-sided ETHER+ on module {module_name!r}, a convolution with groups={groups}, needs `n_blocks` to "
+                f"be a multiple of groups (got {config.n_blocks}), so that each output block stays within one group. "
+                f"Valid block counts for this layer: {', '.join(map(str, valid)) or 'none'}. Or use "
+                "variant='ether_plus_one_sided', which transforms the input side only."
+            )
+
+    def _axis_label(self, side: str) -> str:
+        base = self.get_base_layer()
+        if side == "out":
+            return f"out_channels={self.out_features}"
+        channels, kernel = base.in_channels // base.groups, math.prod(base.kernel_size)
+        return f"the fan-in in_channels/groups × kernel elements = {channels} × {kernel} = {self.in_features}"
+
+    def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)
+
+    def _weight_from_matrix(self, matrix: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(weight.shape)
+
     def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._convolve(x, names)
+        return self._convolve(x, names, *args, **kwargs)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -442,15 +489,19 @@ class EtherConv(_EtherModule):
         out = None
         for name, rows in adapter_index_groups(adapter_names, x.device).items():
             # "__base__" (and adapters that do not reach this layer) run with the base weight.
-            result = self._convolve(x[rows], [name] if name in self.ether_u else [])
+            result = self._convolve(x[rows], [name] if name in self.ether_u else [], *args, **kwargs)
             if out is None:
                 out = result.new_empty((len(x), *result.shape[1:]))
             out[rows] = result
         return out
 
-    def _convolve(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _convolve(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
-        matrix = self._weight_matrix(base.weight)
+        if not names:
+            return base(x, *args, **kwargs)
+        weight = base.weight
+        matrix = self._weight_matrix(weight).to(torch.promote_types(weight.dtype, torch.float32))
         for name in names:
             matrix = self._transformed_matrix(matrix, name)
-        return base._conv_forward(x, matrix.reshape(base.weight.shape), base.bias)
+        adapted = self._weight_from_matrix(matrix, weight).to(weight.dtype)
+        return functional_call(base, {"weight": adapted}, (x, *args), kwargs)
