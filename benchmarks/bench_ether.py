@@ -218,9 +218,22 @@ def machine_info(load_before: tuple[float, float, float]) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "peft": __import__("peft").__version__,
+        "code_revision": _code_revision(),
         # glibc reads these at start-up; raising them keeps freed memory mapped (no page faults per step).
         "malloc_env": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
     }
+
+
+def _code_revision() -> str:
+    """The git commit the benchmark ran on, with "+changes" when the working tree differed from it."""
+    repo = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(repo)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if dirty.stdout.strip() else "")
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -1,11 +1,11 @@
 """Training-step time of ETHER / ETHER+ on convolutions against peft LoRA, OFT and HRA, in one run.
 
 A seeded ResNet built from transformers' `ResNetConfig` (basic blocks, widths 64-128-256-512, one block per stage),
-fp32, CPU, one fixed batch of images; every method adapts the same 3×3 convolutions of the encoder (fan-ins
-576 to 4608). ETHER transforms the flattened filters at every forward (`EtherConv`), as peft's HRA does; peft's
-OFT rotates unfolded input patches and folds them back; LoRA adds its low-rank convolution pair. The methods are built side by side in one process and timed
-one step each in turn (`bench_ether.run_interleaved`); ratios are medians of same-cycle ratios. Issue 4 sets no
-target for convolutions: the script reports, it does not judge.
+fp32, CPU, one fixed batch of images; every method adapts the same 3×3 convolutions of the encoder (fan-ins 576 to
+4608). ETHER transforms the flattened filters at every forward (`EtherConv`), as peft's HRA does; peft's OFT rotates
+unfolded input patches and folds them back; LoRA adds its low-rank convolution pair. The methods are built side by
+side in one process and timed one step each in turn (`bench_ether.run_interleaved`); ratios are medians of same-cycle
+ratios. Issue 4 sets no target for convolutions: the script reports, it does not judge.
 
     PYTHONPATH=src python benchmarks/bench_ether_conv.py           # → benchmarks/results/ether_conv.json
     PYTHONPATH=src python benchmarks/bench_ether_conv.py --quick   # smoke run → ether_conv_quick.json
@@ -98,10 +98,15 @@ def main() -> None:
     load_before = os.getloadavg()
     print(f"shape {shape}, n_blocks {n_blocks}, {args.threads} thread(s), load {load_before}")
     built = {method: make_step(method, shape, n_blocks) for method in METHODS}
-    times, _ = run_interleaved({method: step for method, (step, _) in built.items()}, warmup=1, cycles=cycles)
+    times, faults = run_interleaved({method: step for method, (step, _) in built.items()}, warmup=1, cycles=cycles)
 
     results = {
-        method: {"step_s_median": statistics.median(times[method]), "step_s_all": times[method], "trainable_params": n}
+        method: {
+            "step_s_median": statistics.median(times[method]),
+            "step_s_all": times[method],
+            "minor_page_faults_per_step": statistics.median(faults[method]),
+            "trainable_params": n,
+        }
         for method, (_, n) in built.items()
     }
     ratios = {

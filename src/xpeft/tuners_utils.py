@@ -6,6 +6,7 @@ batches, unknown adapter names and unmergeable methods behave the same way acros
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -48,9 +49,14 @@ def layer_features(
     if isinstance(base_layer, Conv1D):
         in_features, out_features = base_layer.weight.shape
         return in_features, out_features, True
-    if isinstance(base_layer, CONV_LAYER_TYPES):
-        return base_layer.weight[0].numel(), base_layer.out_channels, False
-    raise NotImplementedError(f"layer_features has no rule for `{type(base_layer).__name__}` layers")
+    channels, kernel = conv_fan_in(base_layer)  # one of CONV_LAYER_TYPES
+    return channels * kernel, base_layer.out_channels, False
+
+
+def conv_fan_in(conv: nn.Module) -> tuple[int, int]:
+    """`(in_channels / groups, kernel elements)` of a convolution: their product is the fan-in of one filter. Read from
+    the layer's attributes, not its weight (which may be partitioned, e.g. by DeepSpeed ZeRO-3)."""
+    return conv.in_channels // conv.groups, math.prod(conv.kernel_size)
 
 
 def weight_as_out_in(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:

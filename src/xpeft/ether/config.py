@@ -25,9 +25,9 @@ class EtherConfig(PeftConfig):
         target_modules (`Optional[Union[list[str], str]]`):
             The names of the modules to apply ETHER to. A list of names matches modules whose name is, or ends with,
             one of them; a string is a regex matched against the full module name; 'all-linear' targets every linear
-            and transformers Conv1D (GPT-2) layer except the output layer. If None, the attention query/value projections of known
-            architectures are chosen. `nn.Conv1d/2d/3d` layers are adapted when matched by name: ETHER acts on their
-            weight flattened to `[out_channels, in_channels/groups x kernel elements]`.
+            and transformers Conv1D (GPT-2) layer except the output layer. If None, the attention query/value
+            projections of known architectures are chosen. `nn.Conv1d/2d/3d` layers are adapted when matched by name:
+            ETHER acts on their weight flattened to `[out_channels, in_channels/groups x kernel elements]`.
         exclude_modules (`Optional[Union[list[str], str]]`):
             The names of the modules not to adapt, as a list of names or a regex string.
         n_blocks (`int`):
@@ -62,9 +62,10 @@ class EtherConfig(PeftConfig):
             "help": (
                 "The names of the modules to apply ETHER to. A list of names matches modules whose name is, or ends "
                 "with, one of them; a string is a regex matched against the full module name; 'all-linear' targets "
-                "every linear and transformers Conv1D (GPT-2) layer except the output layer. If None, the attention query/value "
-                "projections of known architectures are chosen. `nn.Conv1d/2d/3d` layers are adapted when matched by "
-                "name: ETHER acts on their weight flattened to `[out_channels, in_channels/groups x kernel elements]`."
+                "every linear and transformers Conv1D (GPT-2) layer except the output layer. If None, the attention "
+                "query/value projections of known architectures are chosen. `nn.Conv1d/2d/3d` layers are adapted when "
+                "matched by name: ETHER acts on their weight flattened to `[out_channels, in_channels/groups x kernel "
+                "elements]`."
             )
         },
     )

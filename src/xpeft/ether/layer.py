@@ -19,6 +19,7 @@ from ..tuners_utils import (
     SUPPORTED_LAYER_TYPES,
     adapter_index_groups,
     check_mixed_batch_args,
+    conv_fan_in,
     layer_features,
     weight_as_out_in,
 )
@@ -212,26 +213,25 @@ class EtherLayer(BaseTunerLayer):
 
     def _check_layer(self, config: EtherConfig, module_name: str) -> None:
         """Refuse what ETHER cannot adapt on this layer, with an error that names the module and the fix."""
-        base = self.get_base_layer()
-        if "weight" not in base._parameters:
-            # weight_norm and other parametrizations recompute `weight` at each access: merging could not write it.
-            raise ValueError(
-                f"ETHER cannot adapt module {module_name!r}: its weight is computed (by a parametrization such as "
-                "weight_norm), not stored as a parameter, so the adapter could neither transform it nor be merged "
-                "into it. Remove the parametrization first (`torch.nn.utils.parametrize.remove_parametrizations("
-                "module, 'weight')`), or leave the module out with `exclude_modules`."
-            )
         n, two_sided = config.n_blocks, config.variant == "ether_plus"
         sizes = {"in": self.in_features, "out": self.out_features} if two_sided else {"in": self.in_features}
         for side, size in sizes.items():
             # A block of one feature is a fixed sign flip (ETHER) or the identity (ETHER+): nothing left to train.
             if size % n or size // n < 2:
-                valid = ", ".join(map(str, valid_block_counts(*sizes.values())))
                 raise ValueError(
                     f"ETHER `n_blocks`={n} does not split {self._axis_label(side)} of module {module_name!r} into "
-                    f"blocks of at least two features. Valid block counts for this layer: {valid}. Set `n_blocks` to "
-                    "one of them, or leave the module out with `exclude_modules`."
+                    "blocks of at least two features. Valid block counts for this layer: "
+                    f"{self._valid_block_counts(two_sided)}. Set `n_blocks` to one of them, or leave the module out "
+                    "with `exclude_modules`."
                 )
+
+    def _valid_block_counts(self, two_sided: bool) -> str:
+        """The block counts this layer accepts, as error messages list them."""
+        sizes = (self.in_features, self.out_features) if two_sided else (self.in_features,)
+        return ", ".join(map(str, self._accepted_counts(valid_block_counts(*sizes), two_sided))) or "none"
+
+    def _accepted_counts(self, counts: list[int], two_sided: bool) -> list[int]:
+        return counts
 
     def _axis_label(self, side: str) -> str:
         """How errors name the input (`side="in"`) or output axis of this layer."""
@@ -299,7 +299,8 @@ class EtherLayer(BaseTunerLayer):
 
 class _EtherModule(nn.Module, EtherLayer):
     """What the ETHER layer types share: construction, the forward's dispatch (disabled, merged, mixed batch) and
-    merging; subclasses compute the adapted forward and the mixed batch for their layer type."""
+    merging. Subclasses define `_adapted_forward(x, names, *args, **kwargs)` (the layer with the adapters `names`, in
+    the order of successive merges) and `_mixed_batch_forward(x, *args, adapter_names, **kwargs)`."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: EtherConfig, module_name: str = "") -> None:
         super().__init__()
@@ -323,16 +324,6 @@ class _EtherModule(nn.Module, EtherLayer):
             result = self._adapted_forward(x, self._active_names(), *args, **kwargs)
         return result.to(previous_dtype)
 
-    def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The layer with the adapters `names` applied, in the order of successive merges."""
-        raise NotImplementedError
-
-    def _mixed_batch_forward(
-        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
-    ) -> torch.Tensor:
-        """Each leading row of `x` through its own adapter, or through none for `"__base__"`."""
-        raise NotImplementedError
-
     def __repr__(self) -> str:
         return "ether." + super().__repr__()
 
@@ -345,9 +336,15 @@ class _EtherModule(nn.Module, EtherLayer):
         With `safe_merge=True` the new weight is computed on a copy and checked for NaN/inf before it replaces `W`.
         """
         base = self.get_base_layer()
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.ether_u:
-                continue
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.ether_u]
+        if names and "weight" not in base._parameters:
+            # weight_norm and other parametrizations recompute `weight` at each access: a merge would be lost.
+            raise ValueError(
+                f"Cannot merge ETHER into a `{type(base).__name__}` whose weight is computed by a parametrization "
+                "(such as weight_norm), not stored as a parameter. Keep the model unmerged (it runs as is), or remove "
+                "the parametrization first (`torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')`)."
+            )
+        for name in names:
             new_weight = self._merged_weight(base.weight.data, name, inverse=False)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights of adapter {name!r}; not merging it.")
@@ -450,27 +447,39 @@ class EtherConv(_EtherModule):
     group only (otherwise the result would not be a grouped convolution).
 
     Each forward transforms the weight (in float32 at least, cast once to the weight's dtype; a few passes over `W`,
-    few next to the convolution's own `|W| · positions` multiply-adds) and runs the base layer's own `forward` with it,
-    so subclasses that pad or standardize their weight keep doing so: the unmerged forward is the merged layer's.
+    few next to the convolution's own `|W| · positions` multiply-adds), then convolves with it: the unmerged forward is
+    the merged layer's. A plain convolution without hooks runs `_conv_forward` with the new weight, touching nothing on
+    the module. A subclass with its own `forward` (causal padding, weight standardization) or a layer with hooks runs
+    its `forward` through `torch.func.functional_call`, which puts the new weight on the module for the call: such
+    layers must not be called from several threads at once.
     """
 
     def _check_layer(self, config: EtherConfig, module_name: str) -> None:
+        if "weight" not in self.get_base_layer()._parameters:
+            raise ValueError(
+                f"ETHER cannot adapt the convolution {module_name!r}: its weight is computed by a parametrization "
+                "(such as weight_norm), not stored as a parameter, so the transformed filters could not replace it. "
+                "Remove the parametrization first (`torch.nn.utils.parametrize.remove_parametrizations(module, "
+                "'weight')`), or leave the module out with `exclude_modules`."
+            )
         super()._check_layer(config, module_name)
         groups = self.get_base_layer().groups
         if config.variant == "ether_plus" and config.n_blocks % groups:
-            valid = [n for n in valid_block_counts(self.in_features, self.out_features) if n % groups == 0]
             raise ValueError(
                 f"Two-sided ETHER+ on module {module_name!r}, a convolution with groups={groups}, needs `n_blocks` to "
                 f"be a multiple of groups (got {config.n_blocks}), so that each output block stays within one group. "
-                f"Valid block counts for this layer: {', '.join(map(str, valid)) or 'none'}. Or use "
+                f"Valid block counts for this layer: {self._valid_block_counts(True)}. Or use "
                 "variant='ether_plus_one_sided', which transforms the input side only."
             )
 
+    def _accepted_counts(self, counts: list[int], two_sided: bool) -> list[int]:
+        groups = self.get_base_layer().groups
+        return [n for n in counts if n % groups == 0] if two_sided else counts
+
     def _axis_label(self, side: str) -> str:
-        base = self.get_base_layer()
         if side == "out":
             return f"out_channels={self.out_features}"
-        channels, kernel = base.in_channels // base.groups, math.prod(base.kernel_size)
+        channels, kernel = conv_fan_in(self.get_base_layer())
         return f"the fan-in in_channels/groups × kernel elements = {channels} × {kernel} = {self.in_features}"
 
     def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
@@ -480,7 +489,30 @@ class EtherConv(_EtherModule):
         return matrix.reshape(weight.shape)
 
     def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._convolve(x, names, *args, **kwargs)
+        base = self.get_base_layer()
+        if not names:
+            return base(x, *args, **kwargs)
+        weight = base.weight
+        if weight.device.type == "meta":
+            raise RuntimeError(
+                "ETHER needs a convolution's weight in memory to transform it, but this layer's weight is on the meta "
+                "device (offloaded, e.g. by accelerate's device_map to CPU or disk). Load the model without "
+                "offloading the adapted convolutions, or leave them out of `target_modules`."
+            )
+        matrix = self._weight_matrix(weight).to(torch.promote_types(weight.dtype, torch.float32))
+        for name in names:
+            matrix = self._transformed_matrix(matrix, name)
+        adapted = self._weight_from_matrix(matrix, weight).to(weight.dtype)
+        if self._runs_plain_conv(base):
+            return base._conv_forward(x, adapted, base.bias)
+        return functional_call(base, {"weight": adapted}, (x, *args), kwargs)
+
+    @staticmethod
+    def _runs_plain_conv(base: nn.Module) -> bool:
+        """Whether calling `base` would run just torch's own `Conv*d.forward`: no override, no hooks."""
+        own_forward = type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        hooked = base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base)
+        return own_forward and not hooked
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -489,19 +521,8 @@ class EtherConv(_EtherModule):
         out = None
         for name, rows in adapter_index_groups(adapter_names, x.device).items():
             # "__base__" (and adapters that do not reach this layer) run with the base weight.
-            result = self._convolve(x[rows], [name] if name in self.ether_u else [], *args, **kwargs)
+            result = self._adapted_forward(x[rows], [name] if name in self.ether_u else [], *args, **kwargs)
             if out is None:
                 out = result.new_empty((len(x), *result.shape[1:]))
             out[rows] = result
-        return out
-
-    def _convolve(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        base = self.get_base_layer()
-        if not names:
-            return base(x, *args, **kwargs)
-        weight = base.weight
-        matrix = self._weight_matrix(weight).to(torch.promote_types(weight.dtype, torch.float32))
-        for name in names:
-            matrix = self._transformed_matrix(matrix, name)
-        adapted = self._weight_from_matrix(matrix, weight).to(weight.dtype)
-        return functional_call(base, {"weight": adapted}, (x, *args), kwargs)
+        return self.get_base_layer()(x, *args, **kwargs) if out is None else out
