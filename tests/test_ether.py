@@ -11,6 +11,7 @@ from dataclasses import fields
 
 import pytest
 import torch
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from peft import HRAConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.nn import functional as F
@@ -719,15 +720,46 @@ def test_conv_threads_leave_the_base_weight_untouched():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
-def test_conv_empty_mixed_batch_and_offloaded_weight():
+def test_conv_empty_mixed_batch():
     model = conv_model("conv1d", "ether").eval()
-    x = conv_input("conv1d")
     with torch.no_grad():
-        assert model(x[:0], adapter_names=[]).shape == (0, 8, 7)
-        base = ether_layers(model)[0].get_base_layer()
-        base.weight = nn.Parameter(base.weight.to("meta"))  # what accelerate's CPU/disk offload leaves between calls
-        with pytest.raises(RuntimeError, match=r"weight is on the meta device \(offloaded"):
-            model(x)
+        assert model(conv_input("conv1d")[:0], adapter_names=[]).shape == (0, 8, 7)
+
+
+def offload_base_layers(model) -> None:
+    """accelerate's CPU offload: weights live on the meta device and are loaded by a hook for each call."""
+    for layer in ether_layers(model):
+        base = layer.get_base_layer()
+        weights = {key: value.detach().clone() for key, value in base.state_dict().items()}
+        add_hook_to_module(
+            base, AlignDevicesHook(execution_device=torch.device("cpu"), offload=True, weights_map=weights)
+        )
+
+
+@pytest.mark.parametrize(
+    ("kind", "variant", "error"),
+    [
+        ("linear", "ether", None),
+        ("linear", "ether_plus_one_sided", None),
+        ("linear", "ether_plus", r"needs the bias of a layer with two-sided ETHER\+ in memory, but it is on the meta"),
+        ("conv", "ether", r"needs a convolution's weight in memory, but it is on the meta device \(offloaded"),
+    ],
+)
+def test_offloaded_base_layers_run_or_raise_a_clear_error(kind, variant, error):
+    if kind == "linear":
+        model, x = two_layer_model(variant, init_weights=False), torch.randn(2, IN)
+    else:
+        model, x = conv_model("conv1d", variant, init_weights=False), conv_input("conv1d")
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        offload_base_layers(model)
+        assert ether_layers(model)[0].get_base_layer().weight.device.type == "meta"
+        if error is None:
+            torch.testing.assert_close(model(x), expected)
+        else:
+            with pytest.raises(RuntimeError, match=error):
+                model(x)
 
 
 def test_parametrized_linear_weight_runs_but_refuses_to_merge():

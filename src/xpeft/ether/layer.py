@@ -146,6 +146,16 @@ def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor
     return (blocks - alpha.unsqueeze(-1) * u_hat - beta.unsqueeze(-1) * v_hat).flatten(-2)
 
 
+def _require_in_memory(tensor: torch.Tensor, what: str) -> None:
+    """Raise a clear error for a tensor that accelerate's offloading left on the meta device between calls."""
+    if tensor.device.type == "meta":
+        raise RuntimeError(
+            f"ETHER needs {what} in memory, but it is on the meta device (offloaded, e.g. by accelerate's device_map "
+            "to CPU or disk). Load the model without offloading the adapted layers, or leave them out of "
+            "`target_modules`."
+        )
+
+
 def _merge_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -287,6 +297,7 @@ class EtherLayer(BaseTunerLayer):
         for name in names:
             out = self.transform_output(out, name)
         if bias is not None:
+            _require_in_memory(bias, "the bias of a layer with two-sided ETHER+")
             moved = bias.to(y.dtype)
             for name in names:
                 moved = self.transform_output(moved, name)
@@ -493,12 +504,7 @@ class EtherConv(_EtherModule):
         if not names:
             return base(x, *args, **kwargs)
         weight = base.weight
-        if weight.device.type == "meta":
-            raise RuntimeError(
-                "ETHER needs a convolution's weight in memory to transform it, but this layer's weight is on the meta "
-                "device (offloaded, e.g. by accelerate's device_map to CPU or disk). Load the model without "
-                "offloading the adapted convolutions, or leave them out of `target_modules`."
-            )
+        _require_in_memory(weight, "a convolution's weight")
         matrix = self._weight_matrix(weight).to(torch.promote_types(weight.dtype, torch.float32))
         for name in names:
             matrix = self._transformed_matrix(matrix, name)
