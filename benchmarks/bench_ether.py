@@ -209,6 +209,12 @@ def run_interleaved(steps: dict[str, Callable[[], float]], warmup: int, cycles: 
     return times, faults
 
 
+def same_cycle_ratio(times: dict[str, list[float]], method: str, baseline: str) -> float:
+    """Median over cycles of `method`'s step time over `baseline`'s in the same cycle: robust to load that drifts
+    between cycles."""
+    return statistics.median(a / b for a, b in zip(times[method], times[baseline], strict=True))
+
+
 def machine_info(load_before: tuple[float, float, float]) -> dict:
     """What a report records of the machine: cores, load before and after the run, versions, glibc settings."""
     return {
@@ -310,10 +316,7 @@ def main() -> None:
             if base in ("ether", "ether_plus", "ether_plus_one_sided"):
                 continue
             if base in FAST:
-                # Same-cycle ratios, then their median: robust to load that drifts between cycles.
-                ratios[f"{ether}/{base}"] = statistics.median(
-                    a / b for a, b in zip(times[ether], times[base], strict=True)
-                )
+                ratios[f"{ether}/{base}"] = same_cycle_ratio(times, ether, base)
             else:
                 ratios[f"{ether}/{base}"] = results[ether]["step_s_median"] / results[base]["step_s_median"]
 

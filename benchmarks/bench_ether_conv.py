@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ether import RESULTS, machine_info, run_interleaved, write_report  # noqa: E402
+from bench_ether import RESULTS, machine_info, run_interleaved, same_cycle_ratio, write_report  # noqa: E402
 
 # The last stage sees image / 32 pixels a side; peft's OFT needs at least the kernel's 3 (it unfolds without padding).
 FULL = {"widths": [64, 128, 256, 512], "batch": 8, "image": 128, "labels": 10}
@@ -110,7 +110,7 @@ def main() -> None:
         for method, (_, n) in built.items()
     }
     ratios = {
-        f"{ether}/{base}": statistics.median(a / b for a, b in zip(times[ether], times[base], strict=True))
+        f"{ether}/{base}": same_cycle_ratio(times, ether, base)
         for ether in ("ether", "ether_plus")
         for base in METHODS
         if not base.startswith("ether")

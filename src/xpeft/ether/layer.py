@@ -156,6 +156,16 @@ def _require_in_memory(tensor: torch.Tensor, what: str) -> None:
         )
 
 
+def _weight_is_computed(layer: nn.Module) -> bool:
+    """Whether `layer.weight` is recomputed at each access (weight_norm and other parametrizations) rather than stored
+    as a parameter: nothing written to it would last."""
+    return "weight" not in layer._parameters
+
+
+def _listed(counts: list[int]) -> str:
+    return ", ".join(map(str, counts)) or "none"
+
+
 def _merge_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -231,17 +241,14 @@ class EtherLayer(BaseTunerLayer):
                 raise ValueError(
                     f"ETHER `n_blocks`={n} does not split {self._axis_label(side)} of module {module_name!r} into "
                     "blocks of at least two features. Valid block counts for this layer: "
-                    f"{self._valid_block_counts(two_sided)}. Set `n_blocks` to one of them, or leave the module out "
-                    "with `exclude_modules`."
+                    f"{_listed(self._valid_block_counts(two_sided))}. Set `n_blocks` to one of them, or leave the "
+                    "module out with `exclude_modules`."
                 )
 
-    def _valid_block_counts(self, two_sided: bool) -> str:
-        """The block counts this layer accepts, as error messages list them."""
+    def _valid_block_counts(self, two_sided: bool) -> list[int]:
+        """The block counts this layer accepts (for error messages)."""
         sizes = (self.in_features, self.out_features) if two_sided else (self.in_features,)
-        return ", ".join(map(str, self._accepted_counts(valid_block_counts(*sizes), two_sided))) or "none"
-
-    def _accepted_counts(self, counts: list[int], two_sided: bool) -> list[int]:
-        return counts
+        return valid_block_counts(*sizes)
 
     def _axis_label(self, side: str) -> str:
         """How errors name the input (`side="in"`) or output axis of this layer."""
@@ -298,10 +305,10 @@ class EtherLayer(BaseTunerLayer):
             out = self.transform_output(out, name)
         if bias is not None:
             _require_in_memory(bias, "the bias of a layer with two-sided ETHER+")
-            moved = bias.to(y.dtype)
+            bias = moved = bias.to(y.dtype)
             for name in names:
                 moved = self.transform_output(moved, name)
-            out = out + (bias.to(y.dtype) - moved)
+            out = out + (bias - moved)
         return out
 
     def _active_names(self) -> list[str]:
@@ -348,8 +355,7 @@ class _EtherModule(nn.Module, EtherLayer):
         """
         base = self.get_base_layer()
         names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.ether_u]
-        if names and "weight" not in base._parameters:
-            # weight_norm and other parametrizations recompute `weight` at each access: a merge would be lost.
+        if names and _weight_is_computed(base):
             raise ValueError(
                 f"Cannot merge ETHER into a `{type(base).__name__}` whose weight is computed by a parametrization "
                 "(such as weight_norm), not stored as a parameter. Keep the model unmerged (it runs as is), or remove "
@@ -466,7 +472,7 @@ class EtherConv(_EtherModule):
     """
 
     def _check_layer(self, config: EtherConfig, module_name: str) -> None:
-        if "weight" not in self.get_base_layer()._parameters:
+        if _weight_is_computed(self.get_base_layer()):
             raise ValueError(
                 f"ETHER cannot adapt the convolution {module_name!r}: its weight is computed by a parametrization "
                 "(such as weight_norm), not stored as a parameter, so the transformed filters could not replace it. "
@@ -479,11 +485,12 @@ class EtherConv(_EtherModule):
             raise ValueError(
                 f"Two-sided ETHER+ on module {module_name!r}, a convolution with groups={groups}, needs `n_blocks` to "
                 f"be a multiple of groups (got {config.n_blocks}), so that each output block stays within one group. "
-                f"Valid block counts for this layer: {self._valid_block_counts(True)}. Or use "
+                f"Valid block counts for this layer: {_listed(self._valid_block_counts(True))}. Or use "
                 "variant='ether_plus_one_sided', which transforms the input side only."
             )
 
-    def _accepted_counts(self, counts: list[int], two_sided: bool) -> list[int]:
+    def _valid_block_counts(self, two_sided: bool) -> list[int]:
+        counts = super()._valid_block_counts(two_sided)
         groups = self.get_base_layer().groups
         return [n for n in counts if n % groups == 0] if two_sided else counts
 
