@@ -202,6 +202,20 @@ def test_hand_written_gradients_match_finite_differences(variant, x_requires_gra
         )
 
 
+def test_in_place_transform_gradients_match_finite_differences():
+    """The output side overwrites a fresh tensor and takes ∂L/∂A from the result: same values and gradients."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+    u = torch.randn(3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    v = torch.randn(3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    def in_place(x, u, v):
+        return ether_plus_transform(2 * x, unit_grad(u), unit_grad(v), in_place=True)
+
+    assert torch.autograd.gradcheck(in_place, (x, u, v))
+    torch.testing.assert_close(in_place(x, u, v), 2 * x @ dense_ether_plus(u, v), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("variant", ["ether", "ether_plus"])
 def test_input_gradient_through_a_frozen_adapter_is_the_dense_transpose(variant):
     """A frozen adapter (vectors without grad) still passes the input gradient: ∂L/∂x = g Hᵀ, from the dense H."""
@@ -216,6 +230,76 @@ def test_input_gradient_through_a_frozen_adapter_is_the_dense_transpose(variant)
         out, dense = ether_plus_transform(x, unit_grad(u), unit_grad(v)), dense_ether_plus(u, v)
     out.backward(g)
     torch.testing.assert_close(x.grad, g @ dense.T, rtol=1e-12, atol=1e-12)
+
+
+def dense_layer_output(layer: EtherLayer, x: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
+    """`x (H_out W H_in)ᵀ + b` of a linear ETHER layer from leaf copies of its vectors, built densely in float64 (the
+    adapters `names` composed like successive merges); returns the output and the leaves, keyed (container, name)."""
+    leaves, weight = {}, out_in(layer.get_base_layer())
+    for name in names:
+        sides = {}
+        for key in ("ether_u", "ether_v", "ether_u_out", "ether_v_out"):
+            if name in getattr(layer, key):
+                leaves[key, name] = sides[key] = getattr(layer, key)[name].detach().double().requires_grad_(True)
+        h_in = dense_h(sides["ether_u"], sides.get("ether_v"))
+        h_out = dense_h(sides["ether_u_out"], sides["ether_v_out"]) if "ether_u_out" in sides else None
+        weight = weight @ h_in if h_out is None else h_out @ weight @ h_in
+    return x @ weight.T + layer.get_base_layer().bias.detach().double(), leaves
+
+
+@NEARLY_SINGULAR
+@pytest.mark.parametrize("names", [["default"], ["default", "other"]])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_linear_gradients_match_dense_autograd(variant, names):
+    """∂L/∂(x, every vector) of adapted nn.Linear and Conv1D layers (with bias; one adapter or two stacked) equal
+    autograd through the dense float64 H."""
+    model = two_layer_model(variant, init_weights=False).double()
+    model.add_adapter("other", EtherConfig(target_modules=["lin", "conv"], n_blocks=4, variant=variant))
+    if variant != "ether":
+        move_away_from_identity(model, "other", std=1.0)
+    model.base_model.set_adapter(names)
+    x = torch.randn(5, 3, IN, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    outputs = [dense_layer_output(layer, x_ref, names) for layer in ether_layers(model)]
+    (sum(out for out, _ in outputs) * g).sum().backward()
+
+    # û is normalized in float32 (by design), hence tolerances of float32 size in a float64 comparison.
+    torch.testing.assert_close(y.detach(), sum(out for out, _ in outputs).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for layer, (_, leaves) in zip(ether_layers(model), outputs, strict=True):
+        assert len(leaves) == len(names) * {"ether": 1, "ether_plus": 4, "ether_plus_one_sided": 2}[variant]
+        for (key, name), leaf in leaves.items():
+            torch.testing.assert_close(getattr(layer, key)[name].grad, leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["module", "global"])
+def test_forward_hook_on_the_base_layer_keeps_the_base_output(kind):
+    """The output side overwrites the base layer's output only when nothing else can hold it: a forward hook on the
+    base layer (its own or a global one) still sees `W H_in x + b`."""
+    model = two_layer_model("ether_plus", init_weights=False)
+    bases = [layer.get_base_layer() for layer in ether_layers(model)]
+    seen = []
+
+    def keep(module, args, out):
+        if module in bases:
+            seen.append(out)
+
+    if kind == "module":
+        handles = [base.register_forward_hook(keep) for base in bases]
+    else:
+        handles = [nn.modules.module.register_module_forward_hook(keep)]
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        model(x)
+        for handle in handles:
+            handle.remove()
+        assert len(seen) == len(bases)
+        for layer, out in zip(ether_layers(model), seen, strict=True):
+            torch.testing.assert_close(out, layer.get_base_layer()(layer.transform_input(x, "default")))
 
 
 def unit_grad(u: torch.Tensor) -> torch.Tensor:
@@ -349,6 +433,27 @@ def test_training_step_under_bf16_autocast_matches_float32(variant):
         gradients.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "ether_" in n]))
     assert torch.isfinite(gradients[1]).all()
     assert torch.nn.functional.cosine_similarity(gradients[0], gradients[1], dim=0) > 0.99
+
+
+# transformers 5.24 renames it activation_checkpointing_enable; the old name still works from 5.23 (our lower bound).
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients(model_name):
+    """Recomputing the forward in backward (reentrant or not) replays the in-place output side exactly."""
+    inputs = make_inputs(model_name)
+    config = EtherConfig(target_modules="all-linear", n_blocks=4, variant="ether_plus", init_weights=False)
+    gradients = []
+    for checkpointing in (None, {"use_reentrant": False}, {"use_reentrant": True}):
+        torch.manual_seed(0)
+        model = get_peft_model(make_model(model_name), config).train()
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            model.enable_input_require_grads()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        gradients.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "ether_" in n]))
+    assert gradients[0].abs().max() > 0
+    for other in gradients[1:]:
+        torch.testing.assert_close(other, gradients[0], rtol=1e-5, atol=1e-7)
 
 
 def test_inference_mode_call_first_does_not_break_training_later():
