@@ -825,6 +825,30 @@ def test_conv_threads_leave_the_base_weight_untouched():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_full_backward_hook_on_the_base_layer_fires_and_keeps_gradients(kind):
+    """A full backward hook on the base layer runs (it wraps the output in a view, so the output side must not write
+    into it, and a convolution must go through the module call), and the gradients are those without the hook."""
+    if kind == "linear":
+        model, x = two_layer_model("ether_plus", init_weights=False), torch.randn(4, IN, requires_grad=True)
+    else:
+        model, x = conv_model("conv2d", "ether_plus", init_weights=False), conv_input("conv2d").requires_grad_(True)
+    bases = [layer.get_base_layer() for layer in ether_layers(model)]
+    gradients, calls = [], []
+    for hooked in (False, True):
+        if hooked:
+            for base in bases:
+                base.register_full_backward_hook(lambda module, grad_in, grad_out: calls.append(module))
+        model.zero_grad()
+        x.grad = None
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        gradients.append([x.grad.clone()] + [p.grad.clone() for n, p in model.named_parameters() if "ether_" in n])
+    assert sorted(map(id, calls)) == sorted(map(id, bases))
+    for with_hook, without in zip(gradients[1], gradients[0], strict=True):
+        torch.testing.assert_close(with_hook, without)
+
+
 def test_conv_empty_mixed_batch():
     model = conv_model("conv1d", "ether").eval()
     with torch.no_grad():

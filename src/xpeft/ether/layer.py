@@ -181,16 +181,17 @@ def _weight_is_computed(layer: nn.Module) -> bool:
     return "weight" not in layer._parameters
 
 
+# The hooks a module call can run (as `Module.*` attributes and, with `_global` in front, in `torch.nn.modules.module`).
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _runs_only(module: nn.Module, forwards: tuple[Callable, ...]) -> bool:
-    """Whether calling `module` runs just one of `forwards`: not overridden by its class or instance, no hooks."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, *_global_forward_hooks())
-    return type(module).forward in forwards and "forward" not in vars(module) and not any(hooks)
-
-
-def _global_forward_hooks() -> tuple[dict, ...]:
-    """The hooks of `torch.nn.modules.module.register_module_forward_(pre_)hook`, which run on every module."""
+    """Whether calling `module` runs just one of `forwards`: not overridden by its class or instance, and no hooks of
+    its own or global ones (a forward hook may keep the output; a full backward hook makes it a view of a custom
+    Function's output, and would be skipped by a direct call)."""
     module_globals = vars(nn.modules.module)
-    return tuple(module_globals.get(name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
+    hooks = [getattr(module, name) for name in _HOOK_DICTS] + [module_globals.get("_global" + n) for n in _HOOK_DICTS]
+    return type(module).forward in forwards and "forward" not in vars(module) and not any(hooks)
 
 
 def _listed(counts: list[int]) -> str:
