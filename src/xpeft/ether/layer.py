@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.func import functional_call
-from transformers.pytorch_utils import Conv1D
 
 from ..tuners_utils import (
     CONV_LAYER_TYPES,
@@ -73,14 +71,15 @@ def _mixed_projections(rows: torch.Tensor, basis: torch.Tensor, mix: Mix) -> tor
 
 
 def _add_update(
-    rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor, out: torch.Tensor | None = None
+    rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor, shape: Sequence[int]
 ) -> torch.Tensor:
-    """`x_b + Σ_j c_j a_j` per block: one new tensor (or `out`, which may be `rows`), updated in place for every basis
-    vector after the first."""
+    """`x_b + Σ_j c_j a_j` per block, as a new tensor of `shape` written through a `rows`-shaped view: not a view
+    itself, so that the model may modify the Function's output in place (autograd forbids it on a view)."""
     per_row = coefficients.permute(2, 0, 1).unsqueeze(-1)  # [R, n, k, 1]
-    out = torch.addcmul(rows, per_row[:, :, 0], basis[:, 0], out=out)
+    out = rows.new_empty(shape)
+    blocks = torch.addcmul(rows, per_row[:, :, 0], basis[:, 0], out=out.view(rows.shape))
     for j in range(1, basis.shape[1]):
-        out.addcmul_(per_row[:, :, j], basis[:, j])
+        blocks.addcmul_(per_row[:, :, j], basis[:, j])
     return out
 
 
@@ -88,46 +87,39 @@ class _BlockUpdate(torch.autograd.Function):
     """`x_b ↦ (I + A M Aᵀ) x_b` per block of the last axis, with a hand-written backward. `H` is symmetric, so
     `∂L/∂x = H g`, and `∂L/∂A = Σ_rows (M Aᵀx) gᵀ + (M Aᵀg) xᵀ`: two batched matmuls that reduce over the rows.
     Saves `x` and the `[n, k, R]` coefficients only when `A` needs a gradient. Runs in the dtype of `x` even under
-    autocast (its matmuls would otherwise return another dtype than the backward's gradients).
-
-    `in_place=True` overwrites `x` with the result (for a fresh tensor that nothing else reads, such as a layer's
-    output: no new activation-sized buffer). It then saves the result `x' = x + A c` instead of `x`, and the backward
-    takes `(M Aᵀg) xᵀ = (M Aᵀg) x'ᵀ − ((M Aᵀg) cᵀ) Aᵀ` with `c = M Aᵀx`: a `k × k` product per block more."""
+    autocast (its matmuls would otherwise return another dtype than the backward's gradients)."""
 
     @staticmethod
-    def forward(ctx, x, basis, mix, in_place=False):
+    def forward(ctx, x, basis, mix):
         with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, basis.shape[0], basis.shape[2])
             coefficients = _mixed_projections(rows, basis, mix)
-            if in_place:
-                _add_update(rows, coefficients, basis, out=rows)
-                ctx.mark_dirty(x)
-                out = x
-            else:
-                out = _add_update(rows, coefficients, basis).reshape(x.shape)
+            out = _add_update(rows, coefficients, basis, x.shape)
         basis_needs_grad = ctx.needs_input_grad[1]
-        # In place, `rows` is a view of the output made under no_grad: save the output itself.
-        saved_rows = (out if in_place else rows) if basis_needs_grad else None
-        ctx.save_for_backward(saved_rows, basis, coefficients if basis_needs_grad else None)
-        ctx.mix, ctx.rows_shape, ctx.in_place = mix, rows.shape, in_place
+        ctx.save_for_backward(rows if basis_needs_grad else None, basis, coefficients if basis_needs_grad else None)
+        ctx.mix, ctx.rows_shape = mix, rows.shape
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        # Grad mode is on in backward only under create_graph=True. (`once_differentiable` would not do: when the
+        # second pass asks only for the vectors' gradients it prunes its error node and silently drops this term.)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ETHER's block transform has a first-order backward only, so double backward (`create_graph=True`, "
+                "e.g. gradient penalties or Hessian-vector products) is not supported through ETHER layers."
+            )
         rows, basis, coefficients = ctx.saved_tensors
         grad_x = grad_basis = None
         with torch.autocast(grad.device.type, enabled=False):
             grad_rows = grad.reshape(ctx.rows_shape)
             grad_coefficients = _mixed_projections(grad_rows, basis, ctx.mix)
             if ctx.needs_input_grad[0]:
-                grad_x = _add_update(grad_rows, grad_coefficients, basis).reshape(grad.shape)
+                grad_x = _add_update(grad_rows, grad_coefficients, basis, grad.shape)
             if ctx.needs_input_grad[1]:
                 grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
-                grad_basis.baddbmm_(grad_coefficients, rows.view(ctx.rows_shape).transpose(0, 1))
-                if ctx.in_place:  # `rows` holds x' = x + A c: take out (M Aᵀg) (A c)ᵀ
-                    grad_basis.baddbmm_(torch.bmm(grad_coefficients, coefficients.transpose(1, 2)), basis, alpha=-1)
-        return grad_x, grad_basis, None, None
+                grad_basis.baddbmm_(grad_coefficients, rows.transpose(0, 1))
+        return grad_x, grad_basis, None
 
 
 def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
@@ -139,14 +131,12 @@ def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
     return _BlockUpdate.apply(x, u_hat.unsqueeze(1), REFLECTION_MIX)
 
 
-def ether_plus_transform(
-    x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor, in_place: bool = False
-) -> torch.Tensor:
+def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
     """ETHER+, DESIGN.md §1: `x_b ← x_b − û_b (û_bᵀ x_b) + v̂_b (v̂_bᵀ x_b)`, i.e. `x ↦ H⁺ x`, block by block.
 
     `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` is symmetric, so applied to the rows of `W` it gives `W H⁺`.
     """
-    return _BlockUpdate.apply(x, torch.stack([u_hat, u_hat + v_hat], dim=1), ETHER_PLUS_MIX, in_place)
+    return _BlockUpdate.apply(x, torch.stack([u_hat, u_hat + v_hat], dim=1), ETHER_PLUS_MIX)
 
 
 def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -181,17 +171,8 @@ def _weight_is_computed(layer: nn.Module) -> bool:
     return "weight" not in layer._parameters
 
 
-# The hooks a module call can run (as `Module.*` attributes and, with `_global` in front, in `torch.nn.modules.module`).
+# The hooks a module call runs: `Module` attributes, and `torch.nn.modules.module` globals with `_global` in front.
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _runs_only(module: nn.Module, forwards: tuple[Callable, ...]) -> bool:
-    """Whether calling `module` runs just one of `forwards`: not overridden by its class or instance, and no hooks of
-    its own or global ones (a forward hook may keep the output; a full backward hook makes it a view of a custom
-    Function's output, and would be skipped by a direct call)."""
-    module_globals = vars(nn.modules.module)
-    hooks = [getattr(module, name) for name in _HOOK_DICTS] + [module_globals.get("_global" + n) for n in _HOOK_DICTS]
-    return type(module).forward in forwards and "forward" not in vars(module) and not any(hooks)
 
 
 def _listed(counts: list[int]) -> str:
@@ -305,17 +286,13 @@ class EtherLayer(BaseTunerLayer):
             return householder_reflect(x.to(dtype), u_hat)
         return ether_plus_transform(x.to(dtype), u_hat, self._unit(self.ether_v, adapter_name, dtype))
 
-    def transform_output(
-        self, y: torch.Tensor, adapter_name: str, dtype: torch.dtype | None = None, in_place: bool = False
-    ) -> torch.Tensor:
-        """`y ↦ H⁺_out y` (last axis = output features); the identity unless the variant is two-sided ETHER+.
-        `in_place=True` overwrites `y` when it is contiguous and already in `dtype` (see `_BlockUpdate`)."""
+    def transform_output(self, y: torch.Tensor, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`y ↦ H⁺_out y` (last axis = output features); the identity unless the variant is two-sided ETHER+."""
         if adapter_name not in self.ether_u_out:
             return y
         dtype = dtype or y.dtype
-        in_place = in_place and y.dtype == dtype and y.is_contiguous()
         u_hat = self._unit(self.ether_u_out, adapter_name, dtype)
-        return ether_plus_transform(y.to(dtype), u_hat, self._unit(self.ether_v_out, adapter_name, dtype), in_place)
+        return ether_plus_transform(y.to(dtype), u_hat, self._unit(self.ether_v_out, adapter_name, dtype))
 
     def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight as the matrix `[out, in]` that the transforms act on (a view)."""
@@ -330,17 +307,15 @@ class EtherLayer(BaseTunerLayer):
         ones (rows of `Wᵀ`) give `H_out W`. Differentiable; computed in the dtype of `w`."""
         return self.transform_output(self.transform_input(w, name).T, name).T
 
-    def _output_chain(self, y: torch.Tensor, names: Sequence[str], in_place: bool = False) -> torch.Tensor:
-        """`H_out,last … H_out,first` applied to the base output `y = W x' + b`, keeping `b` untransformed.
-        `in_place=True` may overwrite `y`, for a fresh output that nothing else holds."""
+    def _output_chain(self, y: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         # y = H_out (W x') + b = H_out(W x' + b) − H_out b + b: the bias is transformed back out, on a vector only.
         names = [name for name in names if name in self.ether_u_out]
         if not names:
             return y
         bias = self.get_base_layer().bias
         out = y
-        for i, name in enumerate(names):
-            out = self.transform_output(out, name, in_place=in_place and i == 0)
+        for name in names:
+            out = self.transform_output(out, name)
         if bias is not None:
             _require_in_memory(bias, "the bias of a layer with two-sided ETHER+")
             bias = moved = bias.to(y.dtype)
@@ -474,10 +449,7 @@ class EtherLinear(_EtherModule):
         # Merging a then b gives H_out,b H_out,a W H_in,a H_in,b: the input sees the last adapter first.
         for name in reversed(names):
             x = self.transform_input(x, name)
-        # torch's Linear.forward and transformers' Conv1D.forward return a new tensor and do not save it for
-        # backward; without hooks (which could keep it) nothing else holds it, so the output side may overwrite it.
-        fresh_output = _runs_only(self.base_layer, (nn.Linear.forward, Conv1D.forward))
-        return self._output_chain(self.base_layer(x, *args, **kwargs), names, in_place=fresh_output)
+        return self._output_chain(self.base_layer(x, *args, **kwargs), names)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -557,9 +529,18 @@ class EtherConv(_EtherModule):
         for name in names:
             matrix = self._transformed_matrix(matrix, name)
         adapted = self._weight_from_matrix(matrix, weight).to(weight.dtype)
-        if _runs_only(base, (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)):
+        if self._runs_plain_conv(base):
             return base._conv_forward(x, adapted, base.bias)
         return functional_call(base, {"weight": adapted}, (x, *args), kwargs)
+
+    @staticmethod
+    def _runs_plain_conv(base: nn.Module) -> bool:
+        """Whether calling `base` would run just torch's own `Conv*d.forward`: neither `forward` nor `__call__`
+        overridden, and no hooks, its own or global, forward or backward (calling `_conv_forward` would skip them)."""
+        plain = type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        plain = plain and type(base).__call__ is nn.Module.__call__ and "forward" not in vars(base)
+        global_hooks = vars(nn.modules.module)
+        return plain and not any(getattr(base, name) or global_hooks.get("_global" + name) for name in _HOOK_DICTS)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
