@@ -202,18 +202,20 @@ def test_hand_written_gradients_match_finite_differences(variant, x_requires_gra
         )
 
 
+@pytest.mark.parametrize("x_requires_grad", [True, False])
 @pytest.mark.parametrize("variant", ["ether", "ether_plus"])
-def test_double_backward_raises_instead_of_dropping_terms(variant):
-    """Second-order gradients through the hand-written backward would be silently incomplete: refused clearly."""
-    x = torch.randn(5, 12, dtype=torch.float64)
-    u = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+def test_second_derivatives_match_finite_differences(variant, x_requires_grad):
+    """create_graph=True (gradient penalties, Hessian-vector products) differentiates the hand-written backward."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 12, dtype=torch.float64, generator=generator).requires_grad_(x_requires_grad)
+    u = torch.randn(3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    v = torch.randn(3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
     if variant == "ether":
-        y = householder_reflect(x, unit_grad(u))
+        assert torch.autograd.gradgradcheck(lambda x, u: householder_reflect(x, unit_grad(u)), (x, u))
     else:
-        y = ether_plus_transform(x, unit_grad(u), unit_grad(v))
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad((y**2).sum(), u, create_graph=True)
+        assert torch.autograd.gradgradcheck(
+            lambda x, u, v: ether_plus_transform(x, unit_grad(u), unit_grad(v)), (x, u, v)
+        )
 
 
 @pytest.mark.parametrize("variant", ["ether", "ether_plus"])
@@ -842,8 +844,11 @@ def test_conv_safe_merge_rejects_non_finite_weights():
         model.merge_and_unload(safe_merge=True)
 
 
-def test_conv_threads_leave_the_base_weight_untouched():
-    """Serving threads share the model: an adapted plain convolution must not write to its base layer."""
+@pytest.mark.parametrize("global_hook", [False, True])
+def test_conv_threads_leave_the_base_weight_untouched(global_hook):
+    """Serving threads share the model: an adapted plain convolution must not write to its base layer, even while a
+    global module hook (as `FlopCounterMode` registers) is active."""
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None) if global_hook else None
     model = conv_model("conv1d", "ether_plus", init_weights=False).eval()
     base = ether_layers(model)[0].get_base_layer()
     weight, values = base.weight, base.weight.detach().clone()
@@ -862,6 +867,8 @@ def test_conv_threads_leave_the_base_weight_untouched():
             thread.join()
         assert base.weight is weight and torch.equal(base.weight, values)
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    if handle is not None:
+        handle.remove()
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -886,6 +893,29 @@ def test_full_backward_hook_on_the_base_layer_fires_and_keeps_gradients(kind):
     assert sorted(map(id, calls)) == sorted(map(id, bases))
     for with_hook, without in zip(gradients[1], gradients[0], strict=True):
         torch.testing.assert_close(with_hook, without)
+
+
+def test_conv_subclass_with_its_own_call_runs_it():
+    """A convolution whose class overrides `__call__` (instrumentation wrappers do) is called, not bypassed."""
+
+    class CountingConv(nn.Conv2d):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            CountingConv.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    torch.manual_seed(0)
+    config = EtherConfig(target_modules=["0"], n_blocks=2, variant="ether_plus", init_weights=False)
+    model = get_peft_model(nn.Sequential(CountingConv(4, 6, 3)), config)
+    layer = ether_layers(model)[0]
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        out = model(x)
+    assert CountingConv.calls == 1
+    base = layer.get_base_layer()
+    expected = F.conv2d(x.double(), dense_conv_weight(layer, ["default"]), base.bias.detach().double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_empty_mixed_batch():

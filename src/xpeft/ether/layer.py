@@ -71,54 +71,63 @@ def _mixed_projections(rows: torch.Tensor, basis: torch.Tensor, mix: Mix) -> tor
 
 
 def _add_update(
-    rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor, shape: Sequence[int]
+    rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`x_b + Σ_j c_j a_j` per block, as a new tensor of `shape` written through a `rows`-shaped view: not a view
-    itself, so that the model may modify the Function's output in place (autograd forbids it on a view)."""
+    """`x_b + Σ_j c_j a_j` per block, written into `out` (shaped like `x`, through a `rows`-shaped view) or, without
+    `out`, into a new `rows`-shaped tensor (differentiable: no `out=`)."""
     per_row = coefficients.permute(2, 0, 1).unsqueeze(-1)  # [R, n, k, 1]
-    out = rows.new_empty(shape)
-    blocks = torch.addcmul(rows, per_row[:, :, 0], basis[:, 0], out=out.view(rows.shape))
+    blocks = torch.addcmul(rows, per_row[:, :, 0], basis[:, 0], out=None if out is None else out.view(rows.shape))
     for j in range(1, basis.shape[1]):
         blocks.addcmul_(per_row[:, :, j], basis[:, j])
-    return out
+    return blocks if out is None else out
+
+
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like `x` that reshapes to blocks as a view. It is a tensor of its own, not a view, so the
+    model may modify a Function output made of it in place (autograd forbids that on a view). A matrix keeps the
+    layout of `x` (a convolution's transposed filter matrix stays a plain transposition, which `conv2d` reads fast)."""
+    return torch.empty_like(x) if x.dim() == 2 else x.new_empty(x.shape)
 
 
 class _BlockUpdate(torch.autograd.Function):
     """`x_b ↦ (I + A M Aᵀ) x_b` per block of the last axis, with a hand-written backward. `H` is symmetric, so
     `∂L/∂x = H g`, and `∂L/∂A = Σ_rows (M Aᵀx) gᵀ + (M Aᵀg) xᵀ`: two batched matmuls that reduce over the rows.
     Saves `x` and the `[n, k, R]` coefficients only when `A` needs a gradient. Runs in the dtype of `x` even under
-    autocast (its matmuls would otherwise return another dtype than the backward's gradients)."""
+    autocast (its matmuls would otherwise return another dtype than the backward's gradients).
+
+    Under `create_graph=True` the backward runs the same formulas as differentiable ops, with the coefficients
+    recomputed from `x`, so that second derivatives (gradient penalties, Hessian-vector products) are exact."""
 
     @staticmethod
     def forward(ctx, x, basis, mix):
         with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, basis.shape[0], basis.shape[2])
             coefficients = _mixed_projections(rows, basis, mix)
-            out = _add_update(rows, coefficients, basis, x.shape)
+            out = _add_update(rows, coefficients, basis, out=_new_like(x))
         basis_needs_grad = ctx.needs_input_grad[1]
-        ctx.save_for_backward(rows if basis_needs_grad else None, basis, coefficients if basis_needs_grad else None)
+        ctx.save_for_backward(x if basis_needs_grad else None, basis, coefficients if basis_needs_grad else None)
         ctx.mix, ctx.rows_shape = mix, rows.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        # Grad mode is on in backward only under create_graph=True. (`once_differentiable` would not do: when the
-        # second pass asks only for the vectors' gradients it prunes its error node and silently drops this term.)
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "ETHER's block transform has a first-order backward only, so double backward (`create_graph=True`, "
-                "e.g. gradient penalties or Hessian-vector products) is not supported through ETHER layers."
-            )
-        rows, basis, coefficients = ctx.saved_tensors
+        x, basis, coefficients = ctx.saved_tensors
+        create_graph = torch.is_grad_enabled()  # grad mode is on in backward only under create_graph=True
         grad_x = grad_basis = None
         with torch.autocast(grad.device.type, enabled=False):
             grad_rows = grad.reshape(ctx.rows_shape)
             grad_coefficients = _mixed_projections(grad_rows, basis, ctx.mix)
             if ctx.needs_input_grad[0]:
-                grad_x = _add_update(grad_rows, grad_coefficients, basis, grad.shape)
+                if create_graph:
+                    grad_x = _add_update(grad_rows, grad_coefficients, basis).reshape(grad.shape)
+                else:
+                    grad_x = _add_update(grad_rows, grad_coefficients, basis, out=_new_like(grad))
             if ctx.needs_input_grad[1]:
+                rows = x.reshape(ctx.rows_shape)
+                if create_graph:  # the saved coefficients carry no graph
+                    coefficients = _mixed_projections(rows, basis, ctx.mix)
                 grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
-                grad_basis.baddbmm_(grad_coefficients, rows.transpose(0, 1))
+                grad_basis = grad_basis.baddbmm(grad_coefficients, rows.transpose(0, 1))
         return grad_x, grad_basis, None
 
 
@@ -171,7 +180,7 @@ def _weight_is_computed(layer: nn.Module) -> bool:
     return "weight" not in layer._parameters
 
 
-# The hooks a module call runs: `Module` attributes, and `torch.nn.modules.module` globals with `_global` in front.
+# The hooks a module's own call runs.
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -536,11 +545,12 @@ class EtherConv(_EtherModule):
     @staticmethod
     def _runs_plain_conv(base: nn.Module) -> bool:
         """Whether calling `base` would run just torch's own `Conv*d.forward`: neither `forward` nor `__call__`
-        overridden, and no hooks, its own or global, forward or backward (calling `_conv_forward` would skip them)."""
+        overridden, and no hooks of its own, forward or backward (calling `_conv_forward` would skip them). Global
+        module hooks (`register_module_forward_hook`, used by e.g. `FlopCounterMode`) do not count: they do not see
+        the base convolution, which keeps plain convolutions thread-safe."""
         plain = type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
         plain = plain and type(base).__call__ is nn.Module.__call__ and "forward" not in vars(base)
-        global_hooks = vars(nn.modules.module)
-        return plain and not any(getattr(base, name) or global_hooks.get("_global" + name) for name in _HOOK_DICTS)
+        return plain and not any(getattr(base, name) for name in _HOOK_DICTS)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
