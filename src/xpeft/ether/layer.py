@@ -118,10 +118,8 @@ class _BlockUpdate(torch.autograd.Function):
             grad_rows = grad.reshape(ctx.rows_shape)
             grad_coefficients = _mixed_projections(grad_rows, basis, ctx.mix)
             if ctx.needs_input_grad[0]:
-                if create_graph:
-                    grad_x = _add_update(grad_rows, grad_coefficients, basis).reshape(grad.shape)
-                else:
-                    grad_x = _add_update(grad_rows, grad_coefficients, basis, out=_new_like(grad))
+                out = None if create_graph else _new_like(grad)  # `out=` ops are not differentiable
+                grad_x = _add_update(grad_rows, grad_coefficients, basis, out=out).reshape(grad.shape)
             if ctx.needs_input_grad[1]:
                 rows = x.reshape(ctx.rows_shape)
                 if create_graph:  # the saved coefficients carry no graph
@@ -178,10 +176,6 @@ def _weight_is_computed(layer: nn.Module) -> bool:
     """Whether `layer.weight` is recomputed at each access (weight_norm and other parametrizations) rather than stored
     as a parameter: nothing written to it would last."""
     return "weight" not in layer._parameters
-
-
-# The hooks a module's own call runs.
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _listed(counts: list[int]) -> str:
@@ -478,6 +472,10 @@ class EtherLinear(_EtherModule):
         return out
 
 
+# The hooks a module's own call runs.
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 class EtherConv(_EtherModule):
     """ETHER / ETHER+ on an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d` (or a subclass): the math of [`EtherLayer`] on the
     filter matrix `W = weight.flatten(1)`, `[out_channels, in_channels / groups · kernel elements]`, so `n_blocks` must
@@ -487,10 +485,10 @@ class EtherConv(_EtherModule):
 
     Each forward transforms the weight (in float32 at least, cast once to the weight's dtype; a few passes over `W`,
     few next to the convolution's own `|W| · positions` multiply-adds), then convolves with it: the unmerged forward is
-    the merged layer's. A plain convolution without hooks runs `_conv_forward` with the new weight, touching nothing on
-    the module. A subclass with its own `forward` (causal padding, weight standardization) or a layer with hooks runs
-    its `forward` through `torch.func.functional_call`, which puts the new weight on the module for the call: such
-    layers must not be called from several threads at once.
+    the merged layer's. A plain convolution without hooks of its own runs `_conv_forward` with the new weight, touching
+    nothing on the module. A subclass with its own `forward` or `__call__` (causal padding, weight standardization) or
+    a layer with hooks runs through `torch.func.functional_call`, which puts the new weight on the module for the
+    call: such layers must not be called from several threads at once.
     """
 
     def _check_layer(self, config: EtherConfig, module_name: str) -> None:
