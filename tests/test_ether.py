@@ -21,7 +21,13 @@ from transformers.pytorch_utils import Conv1D
 from models import make_inputs, make_model, task_type
 from xpeft import EtherConfig
 from xpeft.ether import EtherConv, EtherLayer, EtherLinear
-from xpeft.ether.layer import MIN_UNMERGE_ALIGNMENT, ether_plus_inverse, ether_plus_transform, householder_reflect
+from xpeft.ether.layer import (
+    MIN_UNMERGE_ALIGNMENT,
+    ether_plus_inverse,
+    ether_plus_linear,
+    ether_plus_transform,
+    householder_reflect,
+)
 
 VARIANTS = ("ether", "ether_plus", "ether_plus_one_sided")
 IN, OUT = 12, 8
@@ -305,6 +311,91 @@ def test_adapted_output_can_be_modified_in_place_downstream(variant, bias):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     for (key, name), leaf in leaves.items():
         torch.testing.assert_close(getattr(layer, key)[name].grad, leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+def plus_model(bias: bool):
+    """Two-sided ETHER+ away from the identity on a Linear and a Conv1D (both with bias), or on a bias-free Linear."""
+    if bias:
+        model = two_layer_model("ether_plus", init_weights=False).double()
+    else:
+        torch.manual_seed(0)
+        config = EtherConfig(target_modules=["lin"], n_blocks=2, variant="ether_plus", init_weights=False)
+        model = get_peft_model(ProjectionThenInPlace(bias=False), config).double()
+    move_away_from_identity(model, std=1.0)
+    return model
+
+
+@pytest.mark.parametrize("x_requires_grad", [True, False])
+@pytest.mark.parametrize("layout", ["linear", "linear_without_bias", "conv1d"])
+def test_two_sided_linear_values_and_derivatives(layout, x_requires_grad):
+    """`ether_plus_linear` (what a two-sided ETHER+ linear layer runs) against the dense `H⁺_out W H⁺_in x + b`, and its
+    first and second derivatives (create_graph=True) against finite differences."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+    x = draw(3, 2, IN).requires_grad_(x_requires_grad)
+    vectors = tuple(draw(*shape).requires_grad_(True) for shape in [(3, 4), (3, 4), (2, 4), (2, 4)])
+    weight, bias = draw(OUT, IN), None if layout == "linear_without_bias" else draw(OUT)
+    stored, fan_in_fan_out = (weight.T.contiguous(), True) if layout == "conv1d" else (weight, False)
+
+    def layer(x, u_in, v_in, u_out, v_out):
+        hat_in, hat_out = (unit_grad(u_in), unit_grad(v_in)), (unit_grad(u_out), unit_grad(v_out))
+        return ether_plus_linear(x, hat_in, hat_out, stored, bias, fan_in_fan_out)
+
+    dense = dense_ether_plus(*vectors[2:]) @ weight @ dense_ether_plus(*vectors[:2])
+    expected = x @ dense.T + (0 if bias is None else bias)
+    torch.testing.assert_close(layer(x, *vectors), expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(layer, (x, *vectors))
+    assert torch.autograd.gradgradcheck(layer, (x, *vectors))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_two_sided_linear_keeps_no_output_sized_activation(bias):
+    """Training memory: between forward and backward, two-sided ETHER+ on a linear layer keeps the input (as OFT does)
+    and per-row coefficients, never a tensor of the layer's output size."""
+    model = plus_model(bias)
+    x = torch.randn(7, 5, IN, dtype=torch.float64, requires_grad=True)
+    saved = []
+
+    def keep_shape(tensor):
+        saved.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda tensor: tensor):
+        y = model.base_model.model.lin(x)
+    activations = [shape for shape in saved if shape.numel() >= y.numel()]
+    assert activations == [x.shape], saved
+    (y * torch.randn_like(y)).sum().backward()
+
+
+@NEARLY_SINGULAR
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trainable_base_bias_gets_the_dense_gradient(variant):
+    """A base bias left trainable (`modules_to_save`-like setups) gets ∂L/∂b of the dense `H_out W H_in x + b`."""
+    model = two_layer_model(variant, init_weights=False).double()
+    layers = ether_layers(model)
+    for layer in layers:
+        layer.get_base_layer().bias.requires_grad_(True)
+    x = torch.randn(5, 3, IN, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    outputs = [dense_layer_output(layer, x_ref, ["default"]) for layer in layers]
+    biases = [layer.get_base_layer().bias.detach().clone().requires_grad_(True) for layer in layers]
+    # dense_layer_output adds the bias as a constant; add it once more as a leaf, less the constant.
+    y_ref = sum(out + bias - bias.detach() for (out, _), bias in zip(outputs, biases, strict=True))
+    (y_ref * g).sum().backward()
+
+    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for layer, bias, (_, leaves) in zip(layers, biases, outputs, strict=True):
+        torch.testing.assert_close(layer.get_base_layer().bias.grad, bias.grad, rtol=1e-5, atol=1e-5)
+        for (key, name), leaf in leaves.items():
+            torch.testing.assert_close(getattr(layer, key)[name].grad, leaf.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["module", "global"])

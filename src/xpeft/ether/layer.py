@@ -12,6 +12,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
+from torch.nn.modules import module as module_hooks
 
 from ..tuners_utils import (
     CONV_LAYER_TYPES,
@@ -58,28 +59,53 @@ REFLECTION_MIX: Mix = ((-2.0,),)
 ETHER_PLUS_MIX: Mix = ((0.0, -1.0), (-1.0, 1.0))
 
 
-def _mixed_projections(rows: torch.Tensor, basis: torch.Tensor, mix: Mix) -> torch.Tensor:
-    """`M Aᵀ x_b` for every row and block: `rows` `[R, n, d/n]`, `basis` `[n, k, d/n]` → `[n, k, R]`.
+def _mixed_basis(basis: torch.Tensor, mix: Mix) -> torch.Tensor:
+    """`M Aᵀ` as rows, `[n, k, d/n]` (row `i` = `Σ_j M_ij a_j`). `M` is applied with Python scalars, skipping its
+    zeros, so that a zero basis vector gives exactly zero coefficients."""
+    return torch.stack([sum(w * basis[:, j] for j, w in enumerate(row) if w) for row in mix], dim=1)
+
+
+def _mixed_projections(
+    rows: torch.Tensor, mixed_basis: torch.Tensor, shift: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`M Aᵀ (x_b − s_b)` for every row and block: `rows` `[R, n, d/n]`, `mixed_basis` (`M Aᵀ`, see [`_mixed_basis`])
+    `[n, k, d/n]`, optional `shift` `s` (a vector of the full width) → `[n, k, R]`.
 
     One batched matmul over the blocks reads `rows` once, through a strided view, with no full-size temporary
-    (`A · rowsᵀ` rather than `rows · A`: MKL runs it ~25% faster on CPU). `M` (k ≤ 2) is applied with Python scalars,
-    skipping its zeros, so that zero basis vectors give exactly zero coefficients.
+    (`A · rowsᵀ` rather than `rows · A`: MKL runs it ~25% faster on CPU).
     """
-    projections = torch.bmm(basis, rows.permute(1, 2, 0))
-    mixed = [sum(w * projections[:, j] for j, w in enumerate(row) if w) for row in mix]
-    return torch.stack(mixed, dim=1)
+    coefficients = torch.bmm(mixed_basis, rows.permute(1, 2, 0))
+    if shift is not None:
+        coefficients = coefficients - torch.bmm(mixed_basis, shift.reshape(*mixed_basis.shape[::2], 1))
+    return coefficients
 
 
 def _add_update(
     rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`x_b + Σ_j c_j a_j` per block, written into `out` (shaped like `x`, through a `rows`-shaped view) or, without
-    `out`, into a new `rows`-shaped tensor (differentiable: no `out=`)."""
+    """`x_b + Σ_j c_j a_j` per block, written into `out` (shaped like `x`, through a `rows`-shaped view; may be `x`
+    itself) or, without `out`, into a new `rows`-shaped tensor (differentiable: no `out=`)."""
     per_row = coefficients.permute(2, 0, 1).unsqueeze(-1)  # [R, n, k, 1]
     blocks = torch.addcmul(rows, per_row[:, :, 0], basis[:, 0], out=None if out is None else out.view(rows.shape))
     for j in range(1, basis.shape[1]):
         blocks.addcmul_(per_row[:, :, j], basis[:, j])
     return blocks if out is None else out
+
+
+def _basis_grad(
+    coefficients: torch.Tensor,
+    grad_rows: torch.Tensor,
+    grad_coefficients: torch.Tensor,
+    rows: torch.Tensor,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`∂L/∂A = Σ_rows (M Aᵀ(x − s)) gᵀ + (M Aᵀg) (x − s)ᵀ` for `x ↦ x + A M Aᵀ (x − s)` per block (`M` symmetric):
+    two batched matmuls that reduce over the rows."""
+    grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
+    grad_basis = grad_basis.baddbmm(grad_coefficients, rows.transpose(0, 1))
+    if shift is not None:
+        grad_basis = grad_basis - grad_coefficients.sum(-1, keepdim=True) * shift.reshape(-1, 1, rows.shape[2])
+    return grad_basis
 
 
 def _new_like(x: torch.Tensor) -> torch.Tensor:
@@ -90,43 +116,130 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
 
 
 class _BlockUpdate(torch.autograd.Function):
-    """`x_b ↦ (I + A M Aᵀ) x_b` per block of the last axis, with a hand-written backward. `H` is symmetric, so
-    `∂L/∂x = H g`, and `∂L/∂A = Σ_rows (M Aᵀx) gᵀ + (M Aᵀg) xᵀ`: two batched matmuls that reduce over the rows.
-    Saves `x` and the `[n, k, R]` coefficients only when `A` needs a gradient. Runs in the dtype of `x` even under
-    autocast (its matmuls would otherwise return another dtype than the backward's gradients).
+    """`x_b ↦ (I + A M Aᵀ) x_b` per block of the last axis, with a hand-written backward; with a `shift` `s` (a bias),
+    `x ↦ s + H (x − s)`. `H` is symmetric, so `∂L/∂x = H g`, `∂L/∂s = g − H g` summed over the rows, and `∂L/∂A` is
+    [`_basis_grad`]. Saves `x` and the `[n, k, R]` coefficients only when `A` needs a gradient. Runs in the dtype of
+    `x` even under autocast (its matmuls would otherwise return another dtype than the backward's gradients).
 
     Under `create_graph=True` the backward runs the same formulas as differentiable ops, with the coefficients
     recomputed from `x`, so that second derivatives (gradient penalties, Hessian-vector products) are exact."""
 
     @staticmethod
-    def forward(ctx, x, basis, mix):
+    def forward(ctx, x, basis, mix, shift=None):
         with torch.autocast(x.device.type, enabled=False):
             rows = x.reshape(-1, basis.shape[0], basis.shape[2])
-            coefficients = _mixed_projections(rows, basis, mix)
+            coefficients = _mixed_projections(rows, _mixed_basis(basis, mix), shift)
             out = _add_update(rows, coefficients, basis, out=_new_like(x))
         basis_needs_grad = ctx.needs_input_grad[1]
-        ctx.save_for_backward(x if basis_needs_grad else None, basis, coefficients if basis_needs_grad else None)
+        saved_x, saved_coefficients = (x, coefficients) if basis_needs_grad else (None, None)
+        ctx.save_for_backward(saved_x, basis, saved_coefficients, shift)
         ctx.mix, ctx.rows_shape = mix, rows.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, basis, coefficients = ctx.saved_tensors
+        x, basis, coefficients, shift = ctx.saved_tensors
         create_graph = torch.is_grad_enabled()  # grad mode is on in backward only under create_graph=True
-        grad_x = grad_basis = None
+        grad_x = grad_basis = grad_shift = None
         with torch.autocast(grad.device.type, enabled=False):
+            mixed_basis = _mixed_basis(basis, ctx.mix)
             grad_rows = grad.reshape(ctx.rows_shape)
-            grad_coefficients = _mixed_projections(grad_rows, basis, ctx.mix)
+            grad_coefficients = _mixed_projections(grad_rows, mixed_basis)
             if ctx.needs_input_grad[0]:
                 out = None if create_graph else _new_like(grad)  # `out=` ops are not differentiable
                 grad_x = _add_update(grad_rows, grad_coefficients, basis, out=out).reshape(grad.shape)
             if ctx.needs_input_grad[1]:
                 rows = x.reshape(ctx.rows_shape)
                 if create_graph:  # the saved coefficients carry no graph
-                    coefficients = _mixed_projections(rows, basis, ctx.mix)
-                grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
-                grad_basis = grad_basis.baddbmm(grad_coefficients, rows.transpose(0, 1))
-        return grad_x, grad_basis, None
+                    coefficients = _mixed_projections(rows, mixed_basis, shift)
+                grad_basis = _basis_grad(coefficients, grad_rows, grad_coefficients, rows, shift)
+            if shift is not None and ctx.needs_input_grad[3]:
+                # −Σ_rows A M Aᵀ g: the update's part of g, with the opposite sign
+                grad_shift = -(grad_coefficients.sum(-1, keepdim=True) * basis).sum(1).reshape(shift.shape)
+        return grad_x, grad_basis, None, grad_shift
+
+
+def _two_sided_composed(x, basis_in, basis_out, weight, bias, fan_in_fan_out):
+    """`H⁺_out (W H⁺_in x) + b` from `_BlockUpdate`s: what [`_TwoSidedLinear`] computes in one Function."""
+    x_in = _BlockUpdate.apply(x, basis_in, ETHER_PLUS_MIX)
+    y = torch.nn.functional.linear(x_in, weight_as_out_in(weight, fan_in_fan_out), bias)
+    return _BlockUpdate.apply(y, basis_out, ETHER_PLUS_MIX, bias)
+
+
+def _linear_into_own_tensor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x Wᵀ + b` (`weight` `[out, in]`) in a tensor that is not a view, as `F.linear` may return on 3-D inputs."""
+    out = x.new_empty(*x.shape[:-1], len(weight))
+    rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, len(weight))
+    if bias is None:
+        torch.mm(rows, weight.T, out=out_rows)
+    else:
+        torch.addmm(bias, rows, weight.T, out=out_rows)
+    return out
+
+
+class _TwoSidedLinear(torch.autograd.Function):
+    """`y = H⁺_out (W H⁺_in x) + b` for one two-sided ETHER+ adapter on a plain linear layer (frozen `W`, `b`), in one
+    Function that keeps no output-sized activation: the output update is written into the matmul's own output, and
+    the backward gets `W x'` (`x' = H⁺_in x`) through `W` instead of saving it:
+
+    `Σ_rows (M Aᵀg) (W_b x')ᵀ = (Σ_rows (M Aᵀg) x'ᵀ) W_bᵀ` for output block `b`, with `x'` recomputed from the saved `x`
+    (`x'` is `H⁺_in x`, one pass over the input). It saves `x` and the coefficients only, as OFT saves `x`.
+
+    Under `create_graph=True` the backward differentiates [`_two_sided_composed`] instead, for exact second
+    derivatives.
+    """
+
+    @staticmethod
+    def forward(ctx, x, basis_in, basis_out, weight, bias, fan_in_fan_out):
+        rows = x.reshape(-1, basis_in.shape[0], basis_in.shape[2])
+        coefficients_in = _mixed_projections(rows, _mixed_basis(basis_in, ETHER_PLUS_MIX))
+        x_in = _add_update(rows, coefficients_in, basis_in, out=_new_like(x))
+        y = _linear_into_own_tensor(x_in, weight_as_out_in(weight, fan_in_fan_out), bias)
+        rows_out = y.view(-1, basis_out.shape[0], basis_out.shape[2])
+        coefficients_out = _mixed_projections(rows_out, _mixed_basis(basis_out, ETHER_PLUS_MIX), bias)
+        _add_update(rows_out, coefficients_out, basis_out, out=y)  # in place: y is ours alone
+        ctx.save_for_backward(x, basis_in, basis_out, coefficients_in, coefficients_out, weight, bias)
+        ctx.fan_in_fan_out = fan_in_fan_out
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, basis_in, basis_out, coefficients_in, coefficients_out, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _TwoSidedLinear._differentiable_backward(ctx, grad)
+        needs_x, needs_in, needs_out = ctx.needs_input_grad[:3]
+        weight = weight_as_out_in(weight, ctx.fan_in_fan_out)
+        rows = x.reshape(-1, basis_in.shape[0], basis_in.shape[2])
+        grad_rows_out = grad.reshape(-1, basis_out.shape[0], basis_out.shape[2])
+        grad_coefficients_out = _mixed_projections(grad_rows_out, _mixed_basis(basis_out, ETHER_PLUS_MIX))
+        grad_y = _add_update(grad_rows_out, grad_coefficients_out, basis_out, out=_new_like(grad))
+        grad_basis_in = grad_basis_out = grad_x = None
+        x_in_buffer = None
+        if needs_out:
+            x_in_buffer = _add_update(rows, coefficients_in, basis_in, out=x.new_empty(x.shape)).view(len(rows), -1)
+            projected = grad_coefficients_out.flatten(0, 1) @ x_in_buffer  # Σ_rows (M Aᵀg) x'ᵀ, [n·k, in]
+            grad_basis_out = torch.bmm(
+                projected.view(*basis_out.shape[:2], -1), weight.view(basis_out.shape[0], -1, weight.shape[1]).mT
+            )
+            grad_basis_out.baddbmm_(coefficients_out, grad_rows_out.transpose(0, 1))
+        if needs_x or needs_in:
+            grad_x_in = torch.matmul(grad_y.reshape(len(rows), -1), weight, out=x_in_buffer)  # reuses x' memory
+            grad_rows_in = grad_x_in.view(rows.shape)
+            grad_coefficients_in = _mixed_projections(grad_rows_in, _mixed_basis(basis_in, ETHER_PLUS_MIX))
+            if needs_in:
+                grad_basis_in = _basis_grad(coefficients_in, grad_rows_in, grad_coefficients_in, rows)
+            if needs_x:  # in place: grad_x_in is ours alone
+                grad_x = _add_update(grad_rows_in, grad_coefficients_in, basis_in, out=grad_x_in).view(x.shape)
+        return grad_x, grad_basis_in, grad_basis_out, None, None, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad):
+        x, basis_in, basis_out, _, _, weight, bias = ctx.saved_tensors
+        wanted = [t for t, needed in zip((x, basis_in, basis_out), ctx.needs_input_grad[:3], strict=True) if needed]
+        with torch.enable_grad():
+            y = _two_sided_composed(x, basis_in, basis_out, weight, bias, ctx.fan_in_fan_out)
+        grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
+        return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:3]) + (None, None, None)
 
 
 def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
@@ -138,12 +251,42 @@ def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
     return _BlockUpdate.apply(x, u_hat.unsqueeze(1), REFLECTION_MIX)
 
 
-def ether_plus_transform(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
-    """ETHER+, DESIGN.md §1: `x_b ← x_b − û_b (û_bᵀ x_b) + v̂_b (v̂_bᵀ x_b)`, i.e. `x ↦ H⁺ x`, block by block.
+def ether_plus_transform(
+    x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor, shift: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ETHER+, DESIGN.md §1: `x_b ← x_b − û_b (û_bᵀ x_b) + v̂_b (v̂_bᵀ x_b)`, i.e. `x ↦ H⁺ x`, block by block; with a
+    `shift` `s` (a vector of the width of `x`, e.g. a bias to keep out of the transform), `x ↦ s + H⁺ (x − s)`.
 
     `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` is symmetric, so applied to the rows of `W` it gives `W H⁺`.
     """
-    return _BlockUpdate.apply(x, torch.stack([u_hat, u_hat + v_hat], dim=1), ETHER_PLUS_MIX)
+    return _BlockUpdate.apply(x, ether_plus_basis(u_hat, v_hat), ETHER_PLUS_MIX, shift)
+
+
+def ether_plus_linear(
+    x: torch.Tensor,
+    hat_in: tuple[torch.Tensor, torch.Tensor],
+    hat_out: tuple[torch.Tensor, torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """Two-sided ETHER+ on a frozen linear layer, DESIGN.md §1: `y = H⁺_out W H⁺_in x + b`, with `hat_in = (û, v̂)` of
+    `H⁺_in` and `hat_out` of `H⁺_out` (`[n, d/n]` each, in the dtype of `x`), `weight` `[out, in]` (`[in, out]` with
+    `fan_in_fan_out`, as transformers' `Conv1D`). Gradients flow to `x` and the vectors, not to `weight` or `bias`.
+
+    Keeps no output-sized activation for the backward (see [`_TwoSidedLinear`]).
+    """
+    basis_in, basis_out = ether_plus_basis(*hat_in), ether_plus_basis(*hat_out)
+    return _TwoSidedLinear.apply(x, basis_in, basis_out, weight.detach(), _detached(bias), fan_in_fan_out)
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
+def ether_plus_basis(u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
+    """The basis `A = [û, ŵ]`, `ŵ = û + v̂`, of `H⁺ = I + A M Aᵀ` (see `ETHER_PLUS_MIX`), `[n, 2, d/n]`."""
+    return torch.stack([u_hat, u_hat + v_hat], dim=1)
 
 
 def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -176,6 +319,18 @@ def _weight_is_computed(layer: nn.Module) -> bool:
     """Whether `layer.weight` is recomputed at each access (weight_norm and other parametrizations) rather than stored
     as a parameter: nothing written to it would last."""
     return "weight" not in layer._parameters
+
+
+# The hooks a module's own call runs, and those that every module's call runs (`torch.nn.modules.module`).
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = tuple("_global" + name for name in _HOOK_DICTS)
+
+
+def _runs_only_its_forward(module: nn.Module) -> bool:
+    """Whether calling `module` runs its class's `forward` and nothing else: neither `__call__` nor (on the instance)
+    `forward` overridden, as accelerate's hooks do, and no hooks of its own."""
+    plain_call = type(module).__call__ is nn.Module.__call__ and "forward" not in vars(module)
+    return plain_call and not any(getattr(module, name) for name in _HOOK_DICTS)
 
 
 def _listed(counts: list[int]) -> str:
@@ -281,21 +436,23 @@ class EtherLayer(BaseTunerLayer):
     def _unit(self, container: nn.ParameterDict, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
         return normalize_blocks(container[adapter_name]).to(dtype)
 
-    def transform_input(self, x: torch.Tensor, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`x ↦ H_in x` (last axis = input features) for one adapter, computed in `dtype` (default `x.dtype`)."""
-        dtype = dtype or x.dtype
-        u_hat = self._unit(self.ether_u, adapter_name, dtype)
+    def transform_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`x ↦ H_in x` (last axis = input features) for one adapter, in the dtype of `x`."""
         if self.ether_variant[adapter_name] == "ether":
-            return householder_reflect(x.to(dtype), u_hat)
-        return ether_plus_transform(x.to(dtype), u_hat, self._unit(self.ether_v, adapter_name, dtype))
+            return householder_reflect(x, self._unit(self.ether_u, adapter_name, x.dtype))
+        return ether_plus_transform(x, *self._hats(adapter_name, "in", x.dtype))
 
-    def transform_output(self, y: torch.Tensor, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`y ↦ H⁺_out y` (last axis = output features); the identity unless the variant is two-sided ETHER+."""
+    def transform_output(self, y: torch.Tensor, adapter_name: str, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """`y ↦ H⁺_out y` (last axis = output features), or `y ↦ s + H⁺_out (y − s)` with a `shift` `s`; the identity
+        unless the variant is two-sided ETHER+."""
         if adapter_name not in self.ether_u_out:
             return y
-        dtype = dtype or y.dtype
-        u_hat = self._unit(self.ether_u_out, adapter_name, dtype)
-        return ether_plus_transform(y.to(dtype), u_hat, self._unit(self.ether_v_out, adapter_name, dtype))
+        return ether_plus_transform(y, *self._hats(adapter_name, "out", y.dtype), shift=shift)
+
+    def _hats(self, adapter_name: str, side: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(û, v̂)` of the ETHER+ adapter `adapter_name` on `side` ("in" or "out")."""
+        u, v = (self.ether_u, self.ether_v) if side == "in" else (self.ether_u_out, self.ether_v_out)
+        return self._unit(u, adapter_name, dtype), self._unit(v, adapter_name, dtype)
 
     def _weight_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The base weight as the matrix `[out, in]` that the transforms act on (a view)."""
@@ -311,21 +468,16 @@ class EtherLayer(BaseTunerLayer):
         return self.transform_output(self.transform_input(w, name).T, name).T
 
     def _output_chain(self, y: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-        # y = H_out (W x') + b = H_out(W x' + b) − H_out b + b: the bias is transformed back out, on a vector only.
+        """`H_out (W x') + b` from the base output `y = W x' + b`: `b + H_out (y − b)`, the bias kept out of `H_out` as
+        in the merged form (each output transform of the chain shifted by `b`)."""
         names = [name for name in names if name in self.ether_u_out]
-        if not names:
-            return y
         bias = self.get_base_layer().bias
-        out = y
-        for name in names:
-            out = self.transform_output(out, name)
-        if bias is not None:
+        if names and bias is not None:
             _require_in_memory(bias, "the bias of a layer with two-sided ETHER+")
-            bias = moved = bias.to(y.dtype)
-            for name in names:
-                moved = self.transform_output(moved, name)
-            out = out + (bias - moved)
-        return out
+            bias = bias.to(y.dtype)
+        for name in names:
+            y = self.transform_output(y, name, shift=bias)
+        return y
 
     def _active_names(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.ether_u]
@@ -445,14 +597,34 @@ class _EtherModule(nn.Module, EtherLayer):
 class EtherLinear(_EtherModule):
     """ETHER / ETHER+ on an `nn.Linear` or a transformers `Conv1D` (GPT-2): see [`EtherLayer`] for the math.
 
-    The transforms act on the activations, block by block, never on the weight (except in merge).
+    The transforms act on the activations, block by block, never on the weight (except in merge). One active
+    two-sided ETHER+ adapter on a plain frozen layer runs as [`ether_plus_linear`], which keeps no output-sized
+    activation for the backward; otherwise (stacked adapters, hooks on the base layer, autocast, a trainable base
+    weight or bias) the transforms run around the base layer's own call.
     """
 
     def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs and self._runs_as_one_function(x, names):
+            hat_in, hat_out = (self._hats(names[0], side, x.dtype) for side in ("in", "out"))
+            base = self.base_layer
+            return ether_plus_linear(x, hat_in, hat_out, base.weight, base.bias, self.fan_in_fan_out)
         # Merging a then b gives H_out,b H_out,a W H_in,a H_in,b: the input sees the last adapter first.
         for name in reversed(names):
             x = self.transform_input(x, name)
         return self._output_chain(self.base_layer(x, *args, **kwargs), names)
+
+    def _runs_as_one_function(self, x: torch.Tensor, names: list[str]) -> bool:
+        """Whether `names` is one two-sided ETHER+ adapter on a layer that [`_TwoSidedLinear`] can run: calling the
+        base layer would run just `nn.Linear`'s or `Conv1D`'s forward (no wrapper, parametrization or hooks, its own
+        or global, which then see the base layer's call), with frozen parameters on the device of `x`, outside
+        autocast."""
+        base = self.base_layer
+        plain = type(base) in SUPPORTED_LAYER_TYPES and _runs_only_its_forward(base)
+        plain = plain and not any(getattr(module_hooks, name) for name in _GLOBAL_HOOK_DICTS)
+        if len(names) != 1 or names[0] not in self.ether_u_out or not plain:
+            return False
+        frozen = not any(p.requires_grad for p in (base.weight, base.bias) if p is not None)
+        return frozen and base.weight.device == x.device and not torch.is_autocast_enabled(x.device.type)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -470,10 +642,6 @@ class EtherLinear(_EtherModule):
         for name, rows in groups.items():
             out[rows] = self._output_chain(result[rows], [name])
         return out
-
-
-# The hooks a module's own call runs.
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 class EtherConv(_EtherModule):
@@ -547,8 +715,7 @@ class EtherConv(_EtherModule):
         module hooks (`register_module_forward_hook`, used by e.g. `FlopCounterMode`) do not count: they do not see
         the base convolution, which keeps plain convolutions thread-safe."""
         plain = type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
-        plain = plain and type(base).__call__ is nn.Module.__call__ and "forward" not in vars(base)
-        return plain and not any(getattr(base, name) for name in _HOOK_DICTS)
+        return plain and _runs_only_its_forward(base)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
