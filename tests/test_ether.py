@@ -325,18 +325,19 @@ def plus_model(bias: bool):
     return model
 
 
-@pytest.mark.parametrize("x_requires_grad", [True, False])
+@pytest.mark.parametrize("wrt", ["all", "vectors", "x"])
 @pytest.mark.parametrize("layout", ["linear", "linear_without_bias", "conv1d"])
-def test_two_sided_linear_values_and_derivatives(layout, x_requires_grad):
+def test_two_sided_linear_values_and_derivatives(layout, wrt):
     """`ether_plus_linear` (what a two-sided ETHER+ linear layer runs) against the dense `H⁺_out W H⁺_in x + b`, and its
-    first and second derivatives (create_graph=True) against finite differences."""
+    first and second derivatives (create_graph=True) against finite differences, w.r.t. everything, the vectors only
+    or `x` only (a frozen adapter)."""
     generator = torch.Generator().manual_seed(0)
 
     def draw(*shape):
         return torch.randn(*shape, dtype=torch.float64, generator=generator)
 
-    x = draw(3, 2, IN).requires_grad_(x_requires_grad)
-    vectors = tuple(draw(*shape).requires_grad_(True) for shape in [(3, 4), (3, 4), (2, 4), (2, 4)])
+    x = draw(3, 2, IN).requires_grad_(wrt != "vectors")
+    vectors = tuple(draw(*shape).requires_grad_(wrt != "x") for shape in [(3, 4), (3, 4), (2, 4), (2, 4)])
     weight, bias = draw(OUT, IN), None if layout == "linear_without_bias" else draw(OUT)
     stored, fan_in_fan_out = (weight.T.contiguous(), True) if layout == "conv1d" else (weight, False)
 
@@ -349,6 +350,15 @@ def test_two_sided_linear_values_and_derivatives(layout, x_requires_grad):
     torch.testing.assert_close(layer(x, *vectors), expected, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(layer, (x, *vectors))
     assert torch.autograd.gradgradcheck(layer, (x, *vectors))
+
+
+def test_two_sided_linear_refuses_trainable_weights_and_wrong_vector_shapes():
+    weight, unit = torch.randn(OUT, IN), torch.ones(2, IN // 2)
+    hat_out = (torch.ones(2, OUT // 2), torch.ones(2, OUT // 2))
+    with pytest.raises(ValueError, match=r"computes no gradient for `weight` or `bias`.*Freeze them"):
+        ether_plus_linear(torch.randn(3, IN), (unit, unit), hat_out, weight.requires_grad_(True))
+    with pytest.raises(ValueError, match=r"`hat_out` must be two `\[n, 8 // n\]` tensors .* got shapes \(2, 3\)"):
+        ether_plus_linear(torch.randn(3, IN), (unit, unit), (torch.ones(2, 3), torch.ones(2, 3)), weight.detach())
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -371,31 +381,112 @@ def test_two_sided_linear_keeps_no_output_sized_activation(bias):
 
 
 @NEARLY_SINGULAR
+@pytest.mark.parametrize("trainable", ["weight", "bias"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_trainable_base_bias_gets_the_dense_gradient(variant):
-    """A base bias left trainable (`modules_to_save`-like setups) gets ∂L/∂b of the dense `H_out W H_in x + b`."""
+def test_trainable_base_parameters_get_the_dense_gradient(variant, trainable):
+    """A base weight or bias left trainable gets its gradient of the dense `H_out W H_in x + b`."""
     model = two_layer_model(variant, init_weights=False).double()
     layers = ether_layers(model)
-    for layer in layers:
-        layer.get_base_layer().bias.requires_grad_(True)
+    trained = [getattr(layer.get_base_layer(), trainable).requires_grad_(True) for layer in layers]
     x = torch.randn(5, 3, IN, dtype=torch.float64, requires_grad=True)
     y = model(x)
     g = torch.randn_like(y)
     (y * g).sum().backward()
 
     x_ref = x.detach().clone().requires_grad_(True)
-    outputs = [dense_layer_output(layer, x_ref, ["default"]) for layer in layers]
-    biases = [layer.get_base_layer().bias.detach().clone().requires_grad_(True) for layer in layers]
-    # dense_layer_output adds the bias as a constant; add it once more as a leaf, less the constant.
-    y_ref = sum(out + bias - bias.detach() for (out, _), bias in zip(outputs, biases, strict=True))
+    y_ref, references = 0, []
+    for layer in layers:
+        base = layer.get_base_layer()
+        weight = base.weight.detach().double().requires_grad_(trainable == "weight")
+        bias = base.bias.detach().double().requires_grad_(trainable == "bias")
+        h_out, h_in = dense_transforms(layer, "default")
+        matrix = weight.T if isinstance(base, Conv1D) else weight  # [out, in]
+        y_ref = y_ref + x_ref @ (h_out @ matrix @ h_in).T + bias
+        references.append(weight if trainable == "weight" else bias)
     (y_ref * g).sum().backward()
 
     torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    for layer, bias, (_, leaves) in zip(layers, biases, outputs, strict=True):
-        torch.testing.assert_close(layer.get_base_layer().bias.grad, bias.grad, rtol=1e-5, atol=1e-5)
-        for (key, name), leaf in leaves.items():
-            torch.testing.assert_close(getattr(layer, key)[name].grad, leaf.grad, rtol=1e-5, atol=1e-5)
+    for parameter, reference in zip(trained, references, strict=True):
+        torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, IN), (2, 0, IN)])
+def test_two_sided_linear_on_an_empty_batch(shape):
+    """No rows (an MoE expert without tokens): an empty output and zero gradients, forward and backward."""
+    model = plus_model(bias=True)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    assert y.shape == (*shape[:-1], OUT)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for layer in ether_layers(model):
+        for vectors in (layer.ether_u, layer.ether_v, layer.ether_u_out, layer.ether_v_out):
+            assert not vectors["default"].grad.any()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_two_sided_linear_2d_input_and_strided_gradient(bias):
+    """A 2-D input and a gradient that arrives as a transposed view (as from attention's head reshapes) match the
+    dense reference."""
+    model = plus_model(bias)
+    lin = model.base_model.model.lin
+    x = torch.randn(6, IN, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(OUT, 6, dtype=torch.float64)
+    (lin(x).T * g).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    (layer,) = [layer for layer in ether_layers(model) if layer is lin]
+    out, leaves = dense_layer_output(layer, x_ref, ["default"])
+    (out.T * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for (key, name), leaf in leaves.items():
+        torch.testing.assert_close(getattr(layer, key)[name].grad, leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_adapter_lets_the_input_change_in_place_after_the_call():
+    """With the adapter frozen, nothing of the input is kept for the backward: the model may modify it in place after
+    the call, as it could without the adapter."""
+    model = plus_model(bias=True)
+    model.requires_grad_(False)
+    lin = model.base_model.model.lin
+    x = torch.randn(5, IN, dtype=torch.float64, requires_grad=True)
+    h = x * 1.0
+    y = lin(h)
+    h.mul_(2)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (layer,) = [layer for layer in ether_layers(model) if layer is lin]
+    h_out, h_in = dense_transforms(layer, "default")
+    torch.testing.assert_close(x.grad, g @ h_out @ out_in(layer.get_base_layer()) @ h_in, rtol=1e-5, atol=1e-5)
+
+
+class ShiftedLinear(nn.Linear):
+    """A Linear subclass with a forward of its own (here: + 1)."""
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+@pytest.mark.parametrize("kind", ["subclass", "patched_class"])
+def test_a_linear_with_another_forward_runs_it(kind, monkeypatch):
+    """Two-sided ETHER+ calls the base layer's own forward when it is not torch's (a subclass, or `nn.Linear.forward`
+    patched at class level): the output is that forward's on `H_in x`, transformed by `H_out` around the bias."""
+    torch.manual_seed(0)
+    base = nn.Sequential(OrderedDict(lin=ShiftedLinear(IN, OUT) if kind == "subclass" else nn.Linear(IN, OUT)))
+    if kind == "patched_class":
+        original = nn.Linear.forward
+        monkeypatch.setattr(nn.Linear, "forward", lambda self, x: original(self, x) + 1)
+    config = EtherConfig(target_modules=["lin"], n_blocks=2, variant="ether_plus", init_weights=False)
+    model = get_peft_model(base, config).double()
+    x = torch.randn(5, IN, dtype=torch.float64)
+    (layer,) = ether_layers(model)
+    h_out, h_in = dense_transforms(layer, "default")
+    weight, bias = out_in(layer.get_base_layer()), layer.get_base_layer().bias.detach().double()
+    # The base output W H_in x + b + 1: H_out acts on all of it but the bias.
+    expected = (x @ h_in.T @ weight.T + 1) @ h_out.T + bias
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["module", "global"])

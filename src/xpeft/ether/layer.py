@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules import module as module_hooks
+from transformers.pytorch_utils import Conv1D
 
 from ..tuners_utils import (
     CONV_LAYER_TYPES,
@@ -26,6 +27,8 @@ from ..tuners_utils import (
 from .config import EtherConfig
 
 ETHER_LAYER_TYPES = SUPPORTED_LAYER_TYPES + CONV_LAYER_TYPES
+# The forwards of the plain linear layers as imported, to tell a class patched later (see `_is_plain_linear`).
+_LINEAR_FORWARD, _CONV1D_FORWARD = nn.Linear.forward, Conv1D.forward
 
 # A zero vector has no direction; clamping its norm makes û = 0, i.e. H = I for that block, instead of NaN.
 NORM_EPS = 1e-12
@@ -159,10 +162,11 @@ class _BlockUpdate(torch.autograd.Function):
         return grad_x, grad_basis, None, grad_shift
 
 
-def _two_sided_composed(x, basis_in, basis_out, weight, bias, fan_in_fan_out):
-    """`H⁺_out (W H⁺_in x) + b` from `_BlockUpdate`s: what [`_TwoSidedLinear`] computes in one Function."""
+def _two_sided_composed(x, basis_in, basis_out, weight, bias):
+    """`H⁺_out (W H⁺_in x) + b` (`weight` `[out, in]`) from `_BlockUpdate`s: what [`_TwoSidedLinear`] computes in one
+    Function."""
     x_in = _BlockUpdate.apply(x, basis_in, ETHER_PLUS_MIX)
-    y = torch.nn.functional.linear(x_in, weight_as_out_in(weight, fan_in_fan_out), bias)
+    y = torch.nn.functional.linear(x_in, weight, bias)
     return _BlockUpdate.apply(y, basis_out, ETHER_PLUS_MIX, bias)
 
 
@@ -179,14 +183,15 @@ def _linear_into_own_tensor(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 class _TwoSidedLinear(torch.autograd.Function):
     """`y = H⁺_out (W H⁺_in x) + b` for one two-sided ETHER+ adapter on a plain linear layer (frozen `W`, `b`), in one
-    Function that keeps no output-sized activation: the output update is written into the matmul's own output, and
-    the backward gets `W x'` (`x' = H⁺_in x`) through `W` instead of saving it:
+    Function that keeps `x` and `[n, 2, rows]` coefficients per side for the backward instead of an output-sized
+    activation: the output update is written into the matmul's own output, and the backward gets `W x'`
+    (`x' = H⁺_in x`) through `W` instead of saving it:
 
     `Σ_rows (M Aᵀg) (W_b x')ᵀ = (Σ_rows (M Aᵀg) x'ᵀ) W_bᵀ` for output block `b`, with `x'` recomputed from the saved `x`
-    (`x'` is `H⁺_in x`, one pass over the input). It saves `x` and the coefficients only, as OFT saves `x`.
+    (one pass over the input). Saves nothing of the activations when only `x` needs a gradient (a frozen adapter).
 
-    Under `create_graph=True` the backward differentiates [`_two_sided_composed`] instead, for exact second
-    derivatives.
+    Under `create_graph=True` the backward differentiates [`_two_sided_composed`] instead (or, when only `x` needs a
+    gradient, the transposed chain `H_in Wᵀ H_out g`), for exact second derivatives.
     """
 
     @staticmethod
@@ -198,48 +203,56 @@ class _TwoSidedLinear(torch.autograd.Function):
         rows_out = y.view(-1, basis_out.shape[0], basis_out.shape[2])
         coefficients_out = _mixed_projections(rows_out, _mixed_basis(basis_out, ETHER_PLUS_MIX), bias)
         _add_update(rows_out, coefficients_out, basis_out, out=y)  # in place: y is ours alone
-        ctx.save_for_backward(x, basis_in, basis_out, coefficients_in, coefficients_out, weight, bias)
+        needs_in, needs_out = ctx.needs_input_grad[1:3]
+        saved_x, saved_in = (x, coefficients_in) if needs_in or needs_out else (None, None)
+        saved_out = coefficients_out if needs_out else None
+        ctx.save_for_backward(saved_x, basis_in, basis_out, saved_in, saved_out, weight, bias)
         ctx.fan_in_fan_out = fan_in_fan_out
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, basis_in, basis_out, coefficients_in, coefficients_out, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            return _TwoSidedLinear._differentiable_backward(ctx, grad)
-        needs_x, needs_in, needs_out = ctx.needs_input_grad[:3]
         weight = weight_as_out_in(weight, ctx.fan_in_fan_out)
-        rows = x.reshape(-1, basis_in.shape[0], basis_in.shape[2])
-        grad_rows_out = grad.reshape(-1, basis_out.shape[0], basis_out.shape[2])
+        if torch.is_grad_enabled():  # create_graph=True
+            return _TwoSidedLinear._differentiable_backward(ctx, grad, x, basis_in, basis_out, weight, bias)
+        needs_x, needs_in, needs_out = ctx.needs_input_grad[:3]
+        (out_features, in_features), n_rows = weight.shape, grad.numel() // grad.shape[-1]
+        grad_rows_out = grad.reshape(n_rows, *basis_out.shape[::2])
         grad_coefficients_out = _mixed_projections(grad_rows_out, _mixed_basis(basis_out, ETHER_PLUS_MIX))
         grad_y = _add_update(grad_rows_out, grad_coefficients_out, basis_out, out=_new_like(grad))
-        grad_basis_in = grad_basis_out = grad_x = None
-        x_in_buffer = None
+        rows = None if x is None else x.reshape(n_rows, *basis_in.shape[::2])
+        grad_basis_in = grad_basis_out = grad_x = x_in_buffer = None
         if needs_out:
-            x_in_buffer = _add_update(rows, coefficients_in, basis_in, out=x.new_empty(x.shape)).view(len(rows), -1)
+            x_in_buffer = _add_update(rows, coefficients_in, basis_in, out=x.new_empty(x.shape))
+            x_in_buffer = x_in_buffer.view(n_rows, in_features)
             projected = grad_coefficients_out.flatten(0, 1) @ x_in_buffer  # Σ_rows (M Aᵀg) x'ᵀ, [n·k, in]
-            grad_basis_out = torch.bmm(
-                projected.view(*basis_out.shape[:2], -1), weight.view(basis_out.shape[0], -1, weight.shape[1]).mT
-            )
+            weight_blocks = weight.view(basis_out.shape[0], -1, in_features)
+            grad_basis_out = torch.bmm(projected.view(*basis_out.shape[:2], in_features), weight_blocks.mT)
             grad_basis_out.baddbmm_(coefficients_out, grad_rows_out.transpose(0, 1))
         if needs_x or needs_in:
-            grad_x_in = torch.matmul(grad_y.reshape(len(rows), -1), weight, out=x_in_buffer)  # reuses x' memory
-            grad_rows_in = grad_x_in.view(rows.shape)
+            grad_y = grad_y.reshape(n_rows, out_features)
+            grad_x_in = torch.matmul(grad_y, weight, out=x_in_buffer)  # into x' once it is no longer needed
+            grad_rows_in = grad_x_in.view(n_rows, *basis_in.shape[::2])
             grad_coefficients_in = _mixed_projections(grad_rows_in, _mixed_basis(basis_in, ETHER_PLUS_MIX))
             if needs_in:
                 grad_basis_in = _basis_grad(coefficients_in, grad_rows_in, grad_coefficients_in, rows)
             if needs_x:  # in place: grad_x_in is ours alone
-                grad_x = _add_update(grad_rows_in, grad_coefficients_in, basis_in, out=grad_x_in).view(x.shape)
+                grad_x = _add_update(grad_rows_in, grad_coefficients_in, basis_in, out=grad_x_in)
+                grad_x = grad_x.view(*grad.shape[:-1], in_features)
         return grad_x, grad_basis_in, grad_basis_out, None, None, None
 
     @staticmethod
-    def _differentiable_backward(ctx, grad):
-        x, basis_in, basis_out, _, _, weight, bias = ctx.saved_tensors
-        wanted = [t for t, needed in zip((x, basis_in, basis_out), ctx.needs_input_grad[:3], strict=True) if needed]
+    def _differentiable_backward(ctx, grad, x, basis_in, basis_out, weight, bias):
+        needed = ctx.needs_input_grad[:3]
+        if x is None:  # only x needs a gradient: H_in Wᵀ H_out g (both H symmetric), differentiable in g
+            grad_y = _BlockUpdate.apply(grad, basis_out, ETHER_PLUS_MIX)
+            return (_BlockUpdate.apply(grad_y @ weight, basis_in, ETHER_PLUS_MIX), *[None] * 5)
         with torch.enable_grad():
-            y = _two_sided_composed(x, basis_in, basis_out, weight, bias, ctx.fan_in_fan_out)
+            y = _two_sided_composed(x, basis_in, basis_out, weight, bias)
+        wanted = [t for t, need in zip((x, basis_in, basis_out), needed, strict=True) if need]
         grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
-        return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad[:3]) + (None, None, None)
+        return (*[next(grads) if need else None for need in needed], None, None, None)
 
 
 def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
@@ -274,14 +287,22 @@ def ether_plus_linear(
     `H⁺_in` and `hat_out` of `H⁺_out` (`[n, d/n]` each, in the dtype of `x`), `weight` `[out, in]` (`[in, out]` with
     `fan_in_fan_out`, as transformers' `Conv1D`). Gradients flow to `x` and the vectors, not to `weight` or `bias`.
 
-    Keeps no output-sized activation for the backward (see [`_TwoSidedLinear`]).
+    Keeps `x` for the backward, not an output-sized activation (see [`_TwoSidedLinear`]).
     """
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (weight, bias)):
+        raise ValueError(
+            "ether_plus_linear computes no gradient for `weight` or `bias`, but one of them requires grad. Freeze "
+            "them, or compose `ether_plus_transform` and `F.linear` to train them too."
+        )
+    out_features, in_features = weight_as_out_in(weight, fan_in_fan_out).shape
+    for side, size, (u_hat, v_hat) in (("hat_in", in_features, hat_in), ("hat_out", out_features, hat_out)):
+        if u_hat.shape != v_hat.shape or u_hat.dim() != 2 or u_hat.numel() != size:
+            raise ValueError(
+                f"`{side}` must be two `[n, {size} // n]` tensors for a layer with in_features={in_features} and "
+                f"out_features={out_features}, got shapes {tuple(u_hat.shape)} and {tuple(v_hat.shape)}."
+            )
     basis_in, basis_out = ether_plus_basis(*hat_in), ether_plus_basis(*hat_out)
-    return _TwoSidedLinear.apply(x, basis_in, basis_out, weight.detach(), _detached(bias), fan_in_fan_out)
-
-
-def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()
+    return _TwoSidedLinear.apply(x, basis_in, basis_out, weight, bias, fan_in_fan_out)
 
 
 def ether_plus_basis(u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -331,6 +352,15 @@ def _runs_only_its_forward(module: nn.Module) -> bool:
     `forward` overridden, as accelerate's hooks do, and no hooks of its own."""
     plain_call = type(module).__call__ is nn.Module.__call__ and "forward" not in vars(module)
     return plain_call and not any(getattr(module, name) for name in _HOOK_DICTS)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether calling `module` would run just `nn.Linear`'s or `Conv1D`'s own forward: the exact class, unpatched,
+    without wrapper, parametrization or hooks, its own or global (those see the base layer's call, so it must
+    happen)."""
+    unpatched = type(module).forward is {nn.Linear: _LINEAR_FORWARD, Conv1D: _CONV1D_FORWARD}.get(type(module))
+    no_global_hooks = not any(getattr(module_hooks, name) for name in _GLOBAL_HOOK_DICTS)
+    return unpatched and no_global_hooks and _runs_only_its_forward(module)
 
 
 def _listed(counts: list[int]) -> str:
@@ -599,8 +629,9 @@ class EtherLinear(_EtherModule):
 
     The transforms act on the activations, block by block, never on the weight (except in merge). One active
     two-sided ETHER+ adapter on a plain frozen layer runs as [`ether_plus_linear`], which keeps no output-sized
-    activation for the backward; otherwise (stacked adapters, hooks on the base layer, autocast, a trainable base
-    weight or bias) the transforms run around the base layer's own call.
+    activation for the backward; otherwise (stacked adapters, a base layer with another forward or with hooks, also
+    global ones such as `FlopCounterMode`'s, autocast, a trainable base weight or bias) the transforms run around the
+    base layer's own call.
     """
 
     def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -615,16 +646,15 @@ class EtherLinear(_EtherModule):
 
     def _runs_as_one_function(self, x: torch.Tensor, names: list[str]) -> bool:
         """Whether `names` is one two-sided ETHER+ adapter on a layer that [`_TwoSidedLinear`] can run: calling the
-        base layer would run just `nn.Linear`'s or `Conv1D`'s forward (no wrapper, parametrization or hooks, its own
-        or global, which then see the base layer's call), with frozen parameters on the device of `x`, outside
-        autocast."""
+        base layer would run just `nn.Linear`'s or `Conv1D`'s forward (see [`_is_plain_linear`]), with frozen plain
+        (not subclassed: quantized, distributed) parameters on the device of `x`, outside autocast."""
         base = self.base_layer
-        plain = type(base) in SUPPORTED_LAYER_TYPES and _runs_only_its_forward(base)
-        plain = plain and not any(getattr(module_hooks, name) for name in _GLOBAL_HOOK_DICTS)
-        if len(names) != 1 or names[0] not in self.ether_u_out or not plain:
+        if len(names) != 1 or names[0] not in self.ether_u_out or not _is_plain_linear(base):
             return False
-        frozen = not any(p.requires_grad for p in (base.weight, base.bias) if p is not None)
-        return frozen and base.weight.device == x.device and not torch.is_autocast_enabled(x.device.type)
+        parameters = [p for p in (base.weight, base.bias) if p is not None]
+        plain_tensors = all(type(p) in (nn.Parameter, torch.Tensor) and not p.requires_grad for p in parameters)
+        on_device = base.weight.device == x.device and x.device.type != "meta"
+        return plain_tensors and on_device and not torch.is_autocast_enabled(x.device.type)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
