@@ -81,3 +81,29 @@ def test_convolutions_are_for_ether_only():
         6,
         False,
     )
+
+
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: xpeft.EtherConfig(target_modules=["out_proj"], n_blocks=2),
+        lambda: xpeft.XPeftConfig(target_modules=["out_proj"]),
+    ],
+)
+def test_multihead_attention_out_proj_is_refused(config):
+    """`nn.MultiheadAttention` reads `out_proj.weight` itself and never calls `out_proj`: an adapter there would be
+    silently ignored, so it is refused with the fix (PEDRO finds its layers by model type, through the same check)."""
+    refused = r"cannot adapt the `out_proj` of an `nn.MultiheadAttention`.*exclude_modules"
+    with pytest.raises(TypeError, match=refused):
+        get_peft_model(SelfAttention(), config())
+    with pytest.raises(TypeError, match="PEDRO " + refused):
+        layer_features(SelfAttention().attn.out_proj, "PEDRO")

@@ -16,6 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
 BASE_ADAPTER_NAME = "__base__"
@@ -35,7 +36,8 @@ def layer_features(
     `weight.flatten(1)`: `in_features` is the fan-in of one filter, `in_channels / groups · kernel elements`.
 
     Raises:
-        TypeError: for any other layer type, listing the supported ones.
+        TypeError: for any other layer type, listing the supported ones, and for the output projection of an
+            `nn.MultiheadAttention`, which never calls it.
     """
     if not isinstance(base_layer, supported):
         names = ", ".join(f"`{cls.__module__}.{cls.__qualname__}`" for cls in supported)
@@ -43,6 +45,12 @@ def layer_features(
             f"{method} cannot adapt a layer of type `{type(base_layer).__name__}`; supported layer types are {names}. "
             "Change `target_modules` so that it matches only such layers (e.g. a list of layer names, or "
             "'all-linear')."
+        )
+    if isinstance(base_layer, NonDynamicallyQuantizableLinear):
+        raise TypeError(
+            f"{method} cannot adapt the `out_proj` of an `nn.MultiheadAttention`: the attention reads its weight "
+            "directly and never calls the layer, so an adapter there would have no effect. Leave it out of "
+            "`target_modules` (e.g. `exclude_modules=['out_proj']`)."
         )
     if isinstance(base_layer, nn.Linear):
         return base_layer.in_features, base_layer.out_features, False

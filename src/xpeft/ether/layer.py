@@ -27,8 +27,6 @@ from ..tuners_utils import (
 from .config import EtherConfig
 
 ETHER_LAYER_TYPES = SUPPORTED_LAYER_TYPES + CONV_LAYER_TYPES
-# The forwards of the plain linear layers as imported, to tell a class patched later (see `_is_plain_linear`).
-_LINEAR_FORWARD, _CONV1D_FORWARD = nn.Linear.forward, Conv1D.forward
 
 # A zero vector has no direction; clamping its norm makes û = 0, i.e. H = I for that block, instead of NaN.
 NORM_EPS = 1e-12
@@ -220,7 +218,6 @@ class _TwoSidedLinear(torch.autograd.Function):
         (out_features, in_features), n_rows = weight.shape, grad.numel() // grad.shape[-1]
         grad_rows_out = grad.reshape(n_rows, *basis_out.shape[::2])
         grad_coefficients_out = _mixed_projections(grad_rows_out, _mixed_basis(basis_out, ETHER_PLUS_MIX))
-        grad_y = _add_update(grad_rows_out, grad_coefficients_out, basis_out, out=_new_like(grad))
         rows = None if x is None else x.reshape(n_rows, *basis_in.shape[::2])
         grad_basis_in = grad_basis_out = grad_x = x_in_buffer = None
         if needs_out:
@@ -231,6 +228,7 @@ class _TwoSidedLinear(torch.autograd.Function):
             grad_basis_out = torch.bmm(projected.view(*basis_out.shape[:2], in_features), weight_blocks.mT)
             grad_basis_out.baddbmm_(coefficients_out, grad_rows_out.transpose(0, 1))
         if needs_x or needs_in:
+            grad_y = _add_update(grad_rows_out, grad_coefficients_out, basis_out, out=_new_like(grad))
             grad_y = grad_y.reshape(n_rows, out_features)
             grad_x_in = torch.matmul(grad_y, weight, out=x_in_buffer)  # into x' once it is no longer needed
             grad_rows_in = grad_x_in.view(n_rows, *basis_in.shape[::2])
@@ -354,11 +352,19 @@ def _runs_only_its_forward(module: nn.Module) -> bool:
     return plain_call and not any(getattr(module, name) for name in _HOOK_DICTS)
 
 
+def _is_own_forward(forward: Any, cls: type) -> bool:
+    """Whether `forward` is the one `cls`'s library defines, not a patch or a wrapper put on the class since."""
+    defined_there = getattr(forward, "__module__", None) == cls.__module__
+    named_so = getattr(forward, "__qualname__", None) == f"{cls.__qualname__}.forward"
+    return defined_there and named_so and not hasattr(forward, "__wrapped__")
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     """Whether calling `module` would run just `nn.Linear`'s or `Conv1D`'s own forward: the exact class, unpatched,
     without wrapper, parametrization or hooks, its own or global (those see the base layer's call, so it must
     happen)."""
-    unpatched = type(module).forward is {nn.Linear: _LINEAR_FORWARD, Conv1D: _CONV1D_FORWARD}.get(type(module))
+    cls = type(module)
+    unpatched = cls in (nn.Linear, Conv1D) and _is_own_forward(cls.forward, cls)
     no_global_hooks = not any(getattr(module_hooks, name) for name in _GLOBAL_HOOK_DICTS)
     return unpatched and no_global_hooks and _runs_only_its_forward(module)
 
@@ -653,7 +659,7 @@ class EtherLinear(_EtherModule):
             return False
         parameters = [p for p in (base.weight, base.bias) if p is not None]
         plain_tensors = all(type(p) in (nn.Parameter, torch.Tensor) and not p.requires_grad for p in parameters)
-        on_device = base.weight.device == x.device and x.device.type != "meta"
+        on_device = base.weight.device == x.device and torch.amp.is_autocast_available(x.device.type)
         return plain_tensors and on_device and not torch.is_autocast_enabled(x.device.type)
 
     def _mixed_batch_forward(
