@@ -659,8 +659,9 @@ class EtherLinear(_EtherModule):
             return False
         parameters = [p for p in (base.weight, base.bias) if p is not None]
         plain_tensors = all(type(p) in (nn.Parameter, torch.Tensor) and not p.requires_grad for p in parameters)
-        on_device = base.weight.device == x.device and torch.amp.is_autocast_available(x.device.type)
-        return plain_tensors and on_device and not torch.is_autocast_enabled(x.device.type)
+        if base.weight.device != x.device or not torch.amp.is_autocast_available(x.device.type):
+            return False  # e.g. meta tensors, which autocast does not know
+        return plain_tensors and not torch.is_autocast_enabled(x.device.type)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
