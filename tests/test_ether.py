@@ -430,13 +430,12 @@ def test_two_sided_linear_2d_input_and_strided_gradient(bias):
     """A 2-D input and a gradient that arrives as a transposed view (as from attention's head reshapes) match the
     dense reference."""
     model = plus_model(bias)
-    lin = model.base_model.model.lin
+    layer = model.base_model.model.lin
     x = torch.randn(6, IN, dtype=torch.float64, requires_grad=True)
     g = torch.randn(OUT, 6, dtype=torch.float64)
-    (lin(x).T * g).sum().backward()
+    (layer(x).T * g).sum().backward()
 
     x_ref = x.detach().clone().requires_grad_(True)
-    (layer,) = [layer for layer in ether_layers(model) if layer is lin]
     out, leaves = dense_layer_output(layer, x_ref, ["default"])
     (out.T * g).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
@@ -449,14 +448,13 @@ def test_frozen_adapter_lets_the_input_change_in_place_after_the_call():
     the call, as it could without the adapter."""
     model = plus_model(bias=True)
     model.requires_grad_(False)
-    lin = model.base_model.model.lin
+    layer = model.base_model.model.lin
     x = torch.randn(5, IN, dtype=torch.float64, requires_grad=True)
     h = x * 1.0
-    y = lin(h)
+    y = layer(h)
     h.mul_(2)
     g = torch.randn_like(y)
     (y * g).sum().backward()
-    (layer,) = [layer for layer in ether_layers(model) if layer is lin]
     h_out, h_in = dense_transforms(layer, "default")
     torch.testing.assert_close(x.grad, g @ h_out @ out_in(layer.get_base_layer()) @ h_in, rtol=1e-5, atol=1e-5)
 

@@ -353,7 +353,8 @@ def _runs_only_its_forward(module: nn.Module) -> bool:
 
 
 def _is_own_forward(forward: Any, cls: type) -> bool:
-    """Whether `forward` is the one `cls`'s library defines, not a patch or a wrapper put on the class since."""
+    """Whether `forward` is the one `cls`'s library defines (also when inherited by a subclass), not a patch or a
+    wrapper put on the class since."""
     defined_there = getattr(forward, "__module__", None) == cls.__module__
     named_so = getattr(forward, "__qualname__", None) == f"{cls.__qualname__}.forward"
     return defined_there and named_so and not hasattr(forward, "__wrapped__")
@@ -657,10 +658,10 @@ class EtherLinear(_EtherModule):
         base = self.base_layer
         if len(names) != 1 or names[0] not in self.ether_u_out or not _is_plain_linear(base):
             return False
-        parameters = [p for p in (base.weight, base.bias) if p is not None]
-        plain_tensors = all(type(p) in (nn.Parameter, torch.Tensor) and not p.requires_grad for p in parameters)
         if base.weight.device != x.device or not torch.amp.is_autocast_available(x.device.type):
             return False  # e.g. meta tensors, which autocast does not know
+        parameters = [p for p in (base.weight, base.bias) if p is not None]
+        plain_tensors = all(type(p) in (nn.Parameter, torch.Tensor) and not p.requires_grad for p in parameters)
         return plain_tensors and not torch.is_autocast_enabled(x.device.type)
 
     def _mixed_batch_forward(
@@ -751,7 +752,7 @@ class EtherConv(_EtherModule):
         overridden, and no hooks of its own, forward or backward (calling `_conv_forward` would skip them). Global
         module hooks (`register_module_forward_hook`, used by e.g. `FlopCounterMode`) do not count: they do not see
         the base convolution, which keeps plain convolutions thread-safe."""
-        plain = type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        plain = any(_is_own_forward(type(base).forward, cls) for cls in CONV_LAYER_TYPES)
         return plain and _runs_only_its_forward(base)
 
     def _mixed_batch_forward(
