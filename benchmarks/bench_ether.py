@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -215,6 +216,25 @@ def same_cycle_ratio(times: dict[str, list[float]], method: str, baseline: str) 
     return statistics.median(a / b for a, b in zip(times[method], times[baseline], strict=True))
 
 
+def same_cycle_ratio_interval(
+    times: dict[str, list[float]], method: str, baseline: str, resamples: int = 4000
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of [`same_cycle_ratio`]: the cycles' ratios resampled with replacement (fixed
+    seed). A limit inside the interval is a difference the run cannot tell from noise."""
+    cycle_ratios = [a / b for a, b in zip(times[method], times[baseline], strict=True)]
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(cycle_ratios, k=len(cycle_ratios))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def verdict(ratio: float, interval: tuple[float, float] | None, limit: float) -> str:
+    """MET when the median ratio is within `limit`; LEVEL when it is not but the interval reaches the limit (the run
+    cannot tell the two apart); MISSED otherwise."""
+    if ratio <= limit:
+        return "MET"
+    return "LEVEL" if interval is not None and interval[0] <= limit else "MISSED"
+
+
 def machine_info(load_before: tuple[float, float, float]) -> dict:
     """What a report records of the machine: cores, load before and after the run, versions, glibc settings."""
     return {
@@ -252,7 +272,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, everything in-process: a smoke run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every method (default 1)")
-    parser.add_argument("--cycles", type=int, default=None, help="timed interleaved cycles (default 5, quick 2)")
+    parser.add_argument("--cycles", type=int, default=None, help="timed interleaved cycles (default 12, quick 2)")
     parser.add_argument("--slow-steps", type=int, default=None, help="timed steps of HRA/BOFT (default 3, quick 1)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 256, quick 32)")
     parser.add_argument("--out", type=Path, default=None)
@@ -262,7 +282,7 @@ def main() -> None:
     shape = dict(QUICK if args.quick else FULL)
     if args.seq:
         shape["seq"] = args.seq
-    cycles = args.cycles if args.cycles is not None else (2 if args.quick else 5)
+    cycles = args.cycles if args.cycles is not None else (2 if args.quick else 12)
     slow_steps = args.slow_steps if args.slow_steps is not None else (1 if args.quick else 3)
 
     if args.child:
@@ -310,13 +330,14 @@ def main() -> None:
             results[method]["alone_step_s"] = alone[method]["step_s_all"]
             results[method]["minor_page_faults_per_step"] = statistics.median(faults[method])
 
-    ratios = {}
+    ratios, intervals = {}, {}
     for ether in ("ether", "ether_plus", "ether_plus_one_sided"):
         for base in FAST + SLOW:
             if base in ("ether", "ether_plus", "ether_plus_one_sided"):
                 continue
             if base in FAST:
                 ratios[f"{ether}/{base}"] = same_cycle_ratio(times, ether, base)
+                intervals[f"{ether}/{base}"] = same_cycle_ratio_interval(times, ether, base)
             else:
                 ratios[f"{ether}/{base}"] = results[ether]["step_s_median"] / results[base]["step_s_median"]
 
@@ -331,8 +352,14 @@ def main() -> None:
             f"{ether} >= 2x faster than ether_dense": ("ether_dense", 0.5),
         }
         for label, (base, limit_ratio) in checks.items():
-            ratio = ratios[f"{ether}/{base}"]
-            targets[label] = {"ratio": ratio, "limit": limit_ratio, "met": ratio <= limit_ratio}
+            ratio, interval = ratios[f"{ether}/{base}"], intervals.get(f"{ether}/{base}")
+            targets[label] = {
+                "ratio": ratio,
+                "interval_95": interval,
+                "limit": limit_ratio,
+                "met": ratio <= limit_ratio,
+                "verdict": verdict(ratio, interval, limit_ratio),
+            }
 
     print("\nmedian step time (s):")
     for method, r in results.items():
@@ -340,11 +367,11 @@ def main() -> None:
         print(f"  {method:22s} {r['step_s_median']:8.3f}  ({r['timing']}{faults_note})")
     print("\nratios (ETHER step time / baseline step time):")
     for key, value in ratios.items():
-        print(f"  {key:36s} {value:6.3f}")
+        interval = f"  (95% interval {intervals[key][0]:.3f}-{intervals[key][1]:.3f})" if key in intervals else ""
+        print(f"  {key:36s} {value:6.3f}{interval}")
     print("\ntargets:")
     for label, value in targets.items():
-        verdict = f"{'MET' if value['met'] else 'MISSED'} ({value['ratio']:.3f}, limit {value['limit']:.3f})"
-        print(f"  {label:44s} {verdict}")
+        print(f"  {label:44s} {value['verdict']} ({value['ratio']:.3f}, limit {value['limit']:.3f})")
 
     report = {
         "shape": shape,
@@ -358,8 +385,9 @@ def main() -> None:
         "step": "forward + backward + AdamW step, causal-LM loss on one fixed batch",
         "timing_method": (
             f"{', '.join(FAST)}: built side by side in one process, one step each in turn with the order rotated, "
-            f"1 warm-up cycle + {cycles} timed; ratios are medians of same-cycle ratios. {', '.join(SLOW)}: each "
-            f"alone in its own process, 1 warm-up + {slow_steps} timed steps (their targets have wide margins)."
+            f"1 warm-up cycle + {cycles} timed; ratios are medians of same-cycle ratios, with a 95% bootstrap "
+            f"interval over the cycles (`ratio_intervals`). {', '.join(SLOW)}: each alone in its own process, "
+            f"1 warm-up + {slow_steps} timed steps (their targets have wide margins)."
         ),
         "memory_metric": (
             "VmHWM (peak RSS, /proc/self/status) of each method's own process, reset via /proc/self/clear_refs "
@@ -370,6 +398,7 @@ def main() -> None:
         "machine": machine_info(load_before),
         "results": results,
         "ratios": ratios,
+        "ratio_intervals": intervals,
         "targets": targets,
     }
     write_report(report, args.out or RESULTS / ("ether_quick.json" if args.quick else "ether.json"))

@@ -24,7 +24,23 @@ def test_linear_benchmark_reports_every_method_and_target(tmp_path):
     report = run_quick("bench_ether.py", tmp_path / "ether.json", "--slow-steps", "1")
     assert {"lora_r8", "oft", "boft", "hra_r1", "ether", "ether_plus"} <= set(report["results"])
     assert all(r["step_s_median"] > 0 for r in report["results"].values())
-    assert "ether_plus no slower than oft" in report["targets"]
+    target = report["targets"]["ether_plus no slower than oft"]
+    low, high = target["interval_95"]
+    assert low <= target["ratio"] <= high and target["verdict"] in {"MET", "LEVEL", "MISSED"}
+
+
+def test_ratio_interval_brackets_the_median_and_verdicts_tell_noise_from_a_miss():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_ether import same_cycle_ratio, same_cycle_ratio_interval, verdict
+
+    times = {"a": [1.0, 1.1, 0.9, 1.05, 1.0, 0.98], "b": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]}
+    low, high = same_cycle_ratio_interval(times, "a", "b")
+    assert 0.9 <= low <= same_cycle_ratio(times, "a", "b") <= high <= 1.1
+    assert same_cycle_ratio_interval({"a": [2.0] * 4, "b": [1.0] * 4}, "a", "b") == (2.0, 2.0)
+    assert verdict(0.99, (0.97, 1.01), 1.0) == "MET"
+    assert verdict(1.01, (0.99, 1.03), 1.0) == "LEVEL"
+    assert verdict(1.04, (1.02, 1.06), 1.0) == "MISSED"
+    assert verdict(1.04, None, 1.0) == "MISSED"
 
 
 @pytest.mark.slow

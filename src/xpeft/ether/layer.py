@@ -4,8 +4,10 @@ activations of linear layers and to the filters of convolutions."""
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Sequence
+from functools import reduce
 from typing import Any
 
 import torch
@@ -63,7 +65,7 @@ ETHER_PLUS_MIX: Mix = ((0.0, -1.0), (-1.0, 1.0))
 def _mixed_basis(basis: torch.Tensor, mix: Mix) -> torch.Tensor:
     """`M Aᵀ` as rows, `[n, k, d/n]` (row `i` = `Σ_j M_ij a_j`). `M` is applied with Python scalars, skipping its
     zeros, so that a zero basis vector gives exactly zero coefficients."""
-    return torch.stack([sum(w * basis[:, j] for j, w in enumerate(row) if w) for row in mix], dim=1)
+    return torch.stack([reduce(operator.add, (w * basis[:, j] for j, w in enumerate(row) if w)) for row in mix], dim=1)
 
 
 def _mixed_projections(
@@ -195,29 +197,32 @@ class _TwoSidedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, basis_in, basis_out, weight, bias, fan_in_fan_out):
         rows = x.reshape(-1, basis_in.shape[0], basis_in.shape[2])
-        coefficients_in = _mixed_projections(rows, _mixed_basis(basis_in, ETHER_PLUS_MIX))
+        mixed_in, mixed_out = _mixed_basis(basis_in, ETHER_PLUS_MIX), _mixed_basis(basis_out, ETHER_PLUS_MIX)
+        coefficients_in = _mixed_projections(rows, mixed_in)
         x_in = _add_update(rows, coefficients_in, basis_in, out=_new_like(x))
         y = _linear_into_own_tensor(x_in, weight_as_out_in(weight, fan_in_fan_out), bias)
         rows_out = y.view(-1, basis_out.shape[0], basis_out.shape[2])
-        coefficients_out = _mixed_projections(rows_out, _mixed_basis(basis_out, ETHER_PLUS_MIX), bias)
+        coefficients_out = _mixed_projections(rows_out, mixed_out, bias)
         _add_update(rows_out, coefficients_out, basis_out, out=y)  # in place: y is ours alone
         needs_in, needs_out = ctx.needs_input_grad[1:3]
         saved_x, saved_in = (x, coefficients_in) if needs_in or needs_out else (None, None)
         saved_out = coefficients_out if needs_out else None
-        ctx.save_for_backward(saved_x, basis_in, basis_out, saved_in, saved_out, weight, bias)
+        ctx.save_for_backward(saved_x, basis_in, basis_out, mixed_in, mixed_out, saved_in, saved_out, weight, bias)
         ctx.fan_in_fan_out = fan_in_fan_out
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, basis_in, basis_out, coefficients_in, coefficients_out, weight, bias = ctx.saved_tensors
+        x, basis_in, basis_out, mixed_in, mixed_out, coefficients_in, coefficients_out, weight, bias = (
+            ctx.saved_tensors
+        )
         weight = weight_as_out_in(weight, ctx.fan_in_fan_out)
         if torch.is_grad_enabled():  # create_graph=True
             return _TwoSidedLinear._differentiable_backward(ctx, grad, x, basis_in, basis_out, weight, bias)
         needs_x, needs_in, needs_out = ctx.needs_input_grad[:3]
         (out_features, in_features), n_rows = weight.shape, grad.numel() // grad.shape[-1]
         grad_rows_out = grad.reshape(n_rows, *basis_out.shape[::2])
-        grad_coefficients_out = _mixed_projections(grad_rows_out, _mixed_basis(basis_out, ETHER_PLUS_MIX))
+        grad_coefficients_out = _mixed_projections(grad_rows_out, mixed_out)
         rows = None if x is None else x.reshape(n_rows, *basis_in.shape[::2])
         grad_basis_in = grad_basis_out = grad_x = x_in_buffer = None
         if needs_out:
@@ -232,7 +237,7 @@ class _TwoSidedLinear(torch.autograd.Function):
             grad_y = grad_y.reshape(n_rows, out_features)
             grad_x_in = torch.matmul(grad_y, weight, out=x_in_buffer)  # into x' once it is no longer needed
             grad_rows_in = grad_x_in.view(n_rows, *basis_in.shape[::2])
-            grad_coefficients_in = _mixed_projections(grad_rows_in, _mixed_basis(basis_in, ETHER_PLUS_MIX))
+            grad_coefficients_in = _mixed_projections(grad_rows_in, mixed_in)
             if needs_in:
                 grad_basis_in = _basis_grad(coefficients_in, grad_rows_in, grad_coefficients_in, rows)
             if needs_x:  # in place: grad_x_in is ours alone
