@@ -181,14 +181,30 @@ def _linear_into_own_tensor(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return out
 
 
+def _projected_input(
+    grad_coefficients: torch.Tensor, rows: torch.Tensor, coefficients_in: torch.Tensor, basis_in: torch.Tensor
+) -> torch.Tensor:
+    """`Σ_rows (M Aᵀg) x'ᵀ` for every output basis row (`grad_coefficients` `[n_out, k, R]`) against the transformed
+    input `x' = H_in x`, `[n_out·k, in]`, from `x` itself (`rows` `[R, n_in, in/n_in]`) without building `x'`: per input
+    block `x' = x + A_in c` (`c` = `coefficients_in`, `[n_in, k, R]`), so the product is
+    `Σ_rows (M Aᵀg) xᵀ + K A_in` with the small `K = Σ_rows (M Aᵀg) cᵀ`, `[n_out·k, n_in·k]`."""
+    grad_flat = grad_coefficients.flatten(0, 1)
+    projected = grad_flat @ rows.flatten(1)
+    mixed = (grad_flat @ coefficients_in.flatten(0, 1).T).view(len(grad_flat), *basis_in.shape[:2])
+    projected.view(len(grad_flat), *basis_in.shape[::2]).add_(
+        torch.bmm(mixed.transpose(0, 1), basis_in).transpose(0, 1)
+    )
+    return projected
+
+
 class _TwoSidedLinear(torch.autograd.Function):
     """`y = H⁺_out (W H⁺_in x) + b` for one two-sided ETHER+ adapter on a plain linear layer (frozen `W`, `b`), in one
     Function that keeps `x` and `[n, 2, rows]` coefficients per side for the backward instead of an output-sized
     activation: the output update is written into the matmul's own output, and the backward gets `W x'`
     (`x' = H⁺_in x`) through `W` instead of saving it:
 
-    `Σ_rows (M Aᵀg) (W_b x')ᵀ = (Σ_rows (M Aᵀg) x'ᵀ) W_bᵀ` for output block `b`, with `x'` recomputed from the saved `x`
-    (one pass over the input). Saves nothing of the activations when only `x` needs a gradient (a frozen adapter).
+    `Σ_rows (M Aᵀg) (W_b x')ᵀ = (Σ_rows (M Aᵀg) x'ᵀ) W_bᵀ` for output block `b`, with the middle product taken from the
+    saved `x` (see [`_projected_input`]). Saves nothing of the activations when only `x` needs a gradient (a frozen adapter).
 
     Under `create_graph=True` the backward differentiates [`_two_sided_composed`] instead (or, when only `x` needs a
     gradient, the transposed chain `H_in Wᵀ H_out g`), for exact second derivatives.
@@ -224,18 +240,16 @@ class _TwoSidedLinear(torch.autograd.Function):
         grad_rows_out = grad.reshape(n_rows, *basis_out.shape[::2])
         grad_coefficients_out = _mixed_projections(grad_rows_out, mixed_out)
         rows = None if x is None else x.reshape(n_rows, *basis_in.shape[::2])
-        grad_basis_in = grad_basis_out = grad_x = x_in_buffer = None
+        grad_basis_in = grad_basis_out = grad_x = None
         if needs_out:
-            x_in_buffer = _add_update(rows, coefficients_in, basis_in, out=x.new_empty(x.shape))
-            x_in_buffer = x_in_buffer.view(n_rows, in_features)
-            projected = grad_coefficients_out.flatten(0, 1) @ x_in_buffer  # Σ_rows (M Aᵀg) x'ᵀ, [n·k, in]
+            projected = _projected_input(grad_coefficients_out, rows, coefficients_in, basis_in)
             weight_blocks = weight.view(basis_out.shape[0], -1, in_features)
             grad_basis_out = torch.bmm(projected.view(*basis_out.shape[:2], in_features), weight_blocks.mT)
             grad_basis_out.baddbmm_(coefficients_out, grad_rows_out.transpose(0, 1))
         if needs_x or needs_in:
             grad_y = _add_update(grad_rows_out, grad_coefficients_out, basis_out, out=_new_like(grad))
             grad_y = grad_y.reshape(n_rows, out_features)
-            grad_x_in = torch.matmul(grad_y, weight, out=x_in_buffer)  # into x' once it is no longer needed
+            grad_x_in = grad_y @ weight
             grad_rows_in = grad_x_in.view(n_rows, *basis_in.shape[::2])
             grad_coefficients_in = _mixed_projections(grad_rows_in, mixed_in)
             if needs_in:
