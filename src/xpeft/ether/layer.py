@@ -204,7 +204,8 @@ class _TwoSidedLinear(torch.autograd.Function):
     (`x' = H⁺_in x`) through `W` instead of saving it:
 
     `Σ_rows (M Aᵀg) (W_b x')ᵀ = (Σ_rows (M Aᵀg) x'ᵀ) W_bᵀ` for output block `b`, with the middle product taken from the
-    saved `x` (see [`_projected_input`]). Saves nothing of the activations when only `x` needs a gradient (a frozen adapter).
+    saved `x` (see [`_projected_input`]). Saves nothing of the activations when only `x` needs a gradient (a frozen
+    adapter).
 
     Under `create_graph=True` the backward differentiates [`_two_sided_composed`] instead (or, when only `x` needs a
     gradient, the transposed chain `H_in Wᵀ H_out g`), for exact second derivatives.
