@@ -228,8 +228,9 @@ def same_cycle_ratio_interval(
 
 
 def verdict(ratio: float, interval: tuple[float, float] | None, limit: float) -> str:
-    """MET when the median ratio is within `limit`; LEVEL when it is not but the interval reaches the limit (the run
-    cannot tell the two apart); MISSED otherwise."""
+    """MET when the median ratio is within `limit` (its interval may still reach past it: the report gives both);
+    LEVEL when the median is not but the interval reaches the limit (the run cannot tell the two apart); MISSED
+    otherwise."""
     if ratio <= limit:
         return "MET"
     return "LEVEL" if interval is not None and interval[0] <= limit else "MISSED"
