@@ -190,9 +190,9 @@ def _projected_input(
     `Σ_rows (M Aᵀg) xᵀ + K A_in` with the small `K = Σ_rows (M Aᵀg) cᵀ`, `[n_out·k, n_in·k]`."""
     grad_flat = grad_coefficients.flatten(0, 1)
     projected = grad_flat @ rows.flatten(1)
-    mixed = (grad_flat @ coefficients_in.flatten(0, 1).T).view(len(grad_flat), *basis_in.shape[:2])
+    k_matrix = (grad_flat @ coefficients_in.flatten(0, 1).T).view(len(grad_flat), *basis_in.shape[:2])
     projected.view(len(grad_flat), *basis_in.shape[::2]).add_(
-        torch.bmm(mixed.transpose(0, 1), basis_in).transpose(0, 1)
+        torch.bmm(k_matrix.transpose(0, 1), basis_in).transpose(0, 1)
     )
     return projected
 
