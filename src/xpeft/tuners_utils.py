@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import partial
+from threading import Lock
 from typing import Any
 
 import torch
@@ -24,6 +27,8 @@ BASE_ADAPTER_NAME = "__base__"
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 CONV_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Serializes the one-time registration of the routing hooks when several threads make their first routed call at once.
+_HOOK_LOCK = Lock()
 
 
 def layer_features(
@@ -115,31 +120,59 @@ def _generation_expansion(model: nn.Module, kwargs: dict[str, Any]) -> int:
     return num_beams if num_beams > 1 else num_return
 
 
-def _route_samples(
-    module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str], expansion: int, routed: list[str]
-) -> None:
-    """Model-level pre-hook: fill `routed` with one adapter name per row of this forward's batch.
+@dataclass
+class _Routing:
+    """The per-sample routing of one peft call (`forward` or `generate` with `adapter_names`).
+
+    Lives in the context variable [`_ROUTING`] for the duration of the call, never on the model, so that calls in
+    parallel threads each route their own samples. `rows` is filled by the model-level pre-hook at every forward of
+    the call (generate repeats each sample for beams and returned sequences).
+    """
+
+    tuner: XpeftTuner
+    adapter_names: list[str]
+    expansion: int
+    rows: list[str] = field(default_factory=list)
+
+
+_ROUTING: ContextVar[_Routing | None] = ContextVar("xpeft_routing", default=None)
+
+
+def _active_routing(tuner: XpeftTuner) -> _Routing | None:
+    routing = _ROUTING.get()
+    return routing if routing is not None and routing.tuner is tuner else None
+
+
+def _route_samples(tuner: XpeftTuner, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Model-level pre-hook: one adapter name per row of this forward's batch, for the call routed by `tuner`.
 
     `generate` repeats each sample `expansion` times in adjacent rows (beams, returned sequences), so each name is
     repeated with it. Layers that see flattened `[batch * seq, features]` rows (OPT's feed-forward) cannot tell a short
     `adapter_names` from a long sequence, so the number of samples is checked here, on the model's own inputs.
     """
+    routing = _active_routing(tuner)
+    if routing is None:
+        return
+    names, expansion = routing.adapter_names, routing.expansion
     inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-    rows = len(inputs) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else len(adapter_names)
-    if rows == len(adapter_names):
-        routed[:] = adapter_names
-    elif expansion > 1 and rows == len(adapter_names) * expansion:
-        routed[:] = [name for name in adapter_names for _ in range(expansion)]
+    rows = len(inputs) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else len(names)
+    if rows == len(names):
+        routing.rows = list(names)
+    elif expansion > 1 and rows == len(names) * expansion:
+        routing.rows = [name for name in names for _ in range(expansion)]
     else:
         raise ValueError(
-            f"`adapter_names` has {len(adapter_names)} entries but the batch has {rows} rows; pass exactly one "
+            f"`adapter_names` has {len(names)} entries but the batch has {rows} rows; pass exactly one "
             f"adapter name (or '{BASE_ADAPTER_NAME}') per input sample (generate repeats them for beams and "
             "returned sequences itself)."
         )
 
 
-def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
+def _inject_adapter_names(tuner: XpeftTuner, module: nn.Module, args: tuple, kwargs: dict):
+    """Pre-hook of every routed module: pass it this call's per-row adapter names, if the call routes samples."""
+    routing = _active_routing(tuner)
+    if routing is not None:
+        kwargs["adapter_names"] = routing.rows
     return args, kwargs
 
 
@@ -192,27 +225,40 @@ class XpeftTuner(BaseTuner):
             yield
             return
         self.check_adapter_names(adapter_names)
-        # Filled by the model-level pre-hook before any layer runs, then read by every adapted module.
-        routed: list[str] = []
-        route = partial(
-            _route_samples,
-            adapter_names=list(adapter_names),
-            expansion=_generation_expansion(self.model, kwargs),
-            routed=routed,
-        )
-        inject = partial(_inject_adapter_names, adapter_names=routed)
-        # Heads in `modules_to_save` are per adapter too (peft's ModulesToSaveWrapper routes mixed batches itself).
-        routed_modules = (self.tuner_layer_cls, AuxiliaryTrainingWrapper)
-        handles = [self.model.register_forward_pre_hook(route, with_kwargs=True)] + [
-            module.register_forward_pre_hook(inject, with_kwargs=True)
-            for module in self.model.modules()
-            if isinstance(module, routed_modules)
-        ]
+        self._ensure_routing_hooks()
+        routing = _Routing(self, list(adapter_names), _generation_expansion(self.model, kwargs))
+        token = _ROUTING.set(routing)
         try:
             yield
         finally:
-            for handle in handles:
+            _ROUTING.reset(token)
+
+    def _ensure_routing_hooks(self) -> None:
+        """Give the model and every routed module (tuner layers, and `modules_to_save` heads, which peft's
+        ModulesToSaveWrapper routes itself) one permanent pre-hook that reads the current call's routing.
+
+        The hooks hold no state: each call's routing lives in a context variable, so concurrent calls in several
+        threads (a multi-tenant server) never see each other's `adapter_names`. Modules added since the last call
+        (a new adapter's head) get their hook here.
+        """
+        routed_types = (self.tuner_layer_cls, AuxiliaryTrainingWrapper)
+        with _HOOK_LOCK:
+            hooked = self.__dict__.setdefault("_routing_hooks", {})
+            for module in (self.model, *self.model.modules()):
+                if id(module) in hooked or not (module is self.model or isinstance(module, routed_types)):
+                    continue
+                hook = _route_samples if module is self.model else _inject_adapter_names
+                handle = module.register_forward_pre_hook(partial(hook, self), with_kwargs=True, prepend=False)
+                hooked[id(module)] = (module, handle)
+
+    def _remove_routing_hooks(self) -> None:
+        with _HOOK_LOCK:
+            for _, handle in self.__dict__.pop("_routing_hooks", {}).values():
                 handle.remove()
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        self._remove_routing_hooks()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _swap_in(
         self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module, adapter_name: str

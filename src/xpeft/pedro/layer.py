@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -18,44 +18,61 @@ UNMERGEABLE_REASON = "PEDRO's vectors are computed from each prompt at run time,
 
 
 @dataclass
-class PedroCallState:
-    """What the current model call tells the PEDRO layers, set by [`PedroModel`]'s hook on the transformers model.
+class PedroForward:
+    """What one model forward tells its PEDRO layers; it lives in the context variable [`CURRENT_FORWARD`] while the
+    forward (or its activation-checkpointing recompute) runs, never on the model.
 
-    `step` changes at every model forward that computes vectors; `reuse` is True for a forward that continues the
-    previous one (a decode step of `generate`, or any forward continuing a KV cache), which only broadcasts the vectors
-    cached at the computing forward. `cache_ref` returns the KV cache that the latest computing forward produced (or
-    None), so that a continuing forward can check that its cache belongs to the vectors PEDRO holds.
+    - `prompt_mask` `[B, T]`: the prompt positions the generators pool (None: every position is prompt);
+    - `reused`: the vectors of an earlier forward when this one continues it (a decode step of `generate`, or a
+      forward continuing a KV cache), else None;
+    - `vectors`: what this forward computes, per layer `(adapter key, [B, out] scale or None)`, kept with the call
+      (`generate`) and with the KV cache it returns, so that continuing either reuses them;
+    - `codes`: per block, the codes `z` of each adapter, written by the block's generator layer and read by its other
+      scaled projections during the same block run;
+    - `recomputing`: True while activation checkpointing recomputes a block during backward.
     """
 
-    step: int = 0
-    in_forward: bool = False
-    reuse: bool = False
     prompt_mask: torch.Tensor | None = None
-    in_peft_call: bool = False
-    computed_in_call: bool = False
-    cache_ref: Callable[[], Any] | None = None
-
-    def prompt_mask_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        matches = self.prompt_mask is not None and hidden.dim() == 3 and self.prompt_mask.shape == hidden.shape[:2]
-        if not self.in_forward:
-            # A block run outside a model forward: activation checkpointing recomputing the last forward during
-            # backward (same shape: same prompt), or a direct call (the whole input is the prompt).
-            return self.prompt_mask if matches else None
-        if self.prompt_mask is None:
-            return None
-        if not matches:
-            raise ValueError(
-                f"PEDRO's prompt mask has shape {tuple(self.prompt_mask.shape)} but the block input has shape "
-                f"{tuple(hidden.shape)}; pass `prompt_mask` with one entry per input token ([batch, seq_len])."
-            )
-        return self.prompt_mask
+    reused: dict | None = None
+    vectors: dict = field(default_factory=dict)
+    codes: dict = field(default_factory=dict)
+    recomputing: bool = False
 
 
-@dataclass
+CURRENT_FORWARD: ContextVar[PedroForward | None] = ContextVar("pedro_forward", default=None)
+
+
+@dataclass(eq=False)
 class PedroBlock:
-    """Per transformer block: the latest codes `z` of each adapter, as `(step, sample indices or None, z)`."""
+    """Identity of one transformer block; the key of its codes in [`PedroForward.codes`]."""
 
-    codes: dict[str, tuple[int, torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+    key: str
+
+
+def _standalone_forward() -> PedroForward:
+    """The state of a projection called outside any model forward: it pools its whole input. During backward that
+    would be a recompute of a forward whose prompt is lost (activation checkpointing other than transformers' own),
+    which must not silently pool the wrong tokens."""
+    if getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1:
+        raise RuntimeError(
+            "A PEDRO layer is being recomputed during backward without the state of its forward, so it cannot know "
+            "that forward's prompt: this happens with activation checkpointing other than transformers' own. Use "
+            "`model.gradient_checkpointing_enable()` (transformers' checkpointing, which PEDRO supports), or "
+            "checkpoint without PEDRO layers inside."
+        )
+    return PedroForward()
+
+
+def _block_prompt_mask(prompt_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The forward's prompt mask, checked against the block input `[B, T, d]` it is applied to."""
+    if prompt_mask is None:
+        return None
+    if hidden.dim() != 3 or prompt_mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"PEDRO's prompt mask has shape {tuple(prompt_mask.shape)} but the block input has shape "
+            f"{tuple(hidden.shape)}; pass `prompt_mask` with one entry per input token ([batch, seq_len])."
+        )
+    return prompt_mask
 
 
 def expand_segments(scale: torch.Tensor, segments: Sequence[tuple[int, int]], out_features: int) -> torch.Tensor:
@@ -108,7 +125,6 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         role: str,
         owns_generator: bool,
         block: PedroBlock,
-        call: PedroCallState,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -125,8 +141,6 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         else:
             self.segments = ((0, self.out_features),)
         self._block = block
-        self._call = call
-        self._cache: tuple[tuple, int, torch.Tensor | None] | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, owns_generator)
 
@@ -143,10 +157,6 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._block.codes.pop(adapter_name, None)
-
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             f"PEDRO adapters cannot be merged into the base weights: {UNMERGEABLE_REASON} Keep the model unmerged (it "
@@ -159,36 +169,35 @@ class PedroLayer(nn.Module, BaseTunerLayer):
 
     # -- forward -------------------------------------------------------------------------------------------------
 
-    def _block_codes(self, hidden: torch.Tensor, adapter_names: Sequence[str] | None, adapters: Sequence[str]):
-        """The codes `z` of this block for the current step: `{adapter: (sample indices or None, z)}`.
+    def _block_codes(
+        self, forward: PedroForward, hidden: torch.Tensor, adapter_names: Sequence[str] | None, adapters: Sequence[str]
+    ):
+        """The codes `z` of this block in this forward: `{adapter: (sample indices or None, z)}`.
 
         The layer that holds an adapter's generator (the query projection if targeted, else the value one: both read
         the normalised block input, and run first in every supported block) computes its codes; the block's other
-        projections read them. A checkpointed block recomputed outside the model forward does the same.
+        projections read them from the same forward's state.
         """
-        block, call = self._block, self._call
+        codes = forward.codes.setdefault(self._block, {})
         owned = [name for name in adapters if name in self.pedro_generator]
         if owned:
-            mask = call.prompt_mask_for(hidden)
-            if adapter_names is None:
-                for name in owned:
-                    block.codes[name] = (call.step, None, self.pedro_generator[name](hidden, mask))
-            else:
-                groups = adapter_index_groups(adapter_names, hidden.device)
-                for name in owned:
+            mask = _block_prompt_mask(forward.prompt_mask, hidden)
+            groups = None if adapter_names is None else adapter_index_groups(adapter_names, hidden.device)
+            for name in owned:
+                if groups is None:
+                    codes[name] = (None, self.pedro_generator[name](hidden, mask))
+                else:
                     index = groups[name]
                     sub_mask = None if mask is None else mask[index]
-                    block.codes[name] = (call.step, index, self.pedro_generator[name](hidden[index], sub_mask))
-        codes = {}
-        for name in adapters:
-            entry = block.codes.get(name)
-            if entry is None or (call.in_forward and entry[0] != call.step):
-                raise RuntimeError(
-                    f"PEDRO's projection {self.role!r} ran before the block's vector generator for adapter {name!r}; "
-                    "the generator sits in the block's query projection (or value projection when the query one is "
-                    "not targeted), which must run first: keep it in `target_modules`."
-                )
-            codes[name] = entry[1:]
+                    codes[name] = (index, self.pedro_generator[name](hidden[index], sub_mask))
+        missing = [name for name in adapters if name not in codes]
+        if missing:
+            raise RuntimeError(
+                f"PEDRO's projection {self.role!r} ran before the block's vector generator for adapter {missing[0]!r}; "
+                "the generator sits in the block's query projection (or value projection when the query one is "
+                "not targeted), which must run first in the same model forward: keep it in `target_modules`, and "
+                "call the model rather than a single projection."
+            )
         return codes
 
     def _scales(self, codes, adapters: Sequence[str], batch: int) -> torch.Tensor:
@@ -209,45 +218,57 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        if adapter_names is not None:
-            key = tuple(adapter_names)
+        key = tuple(adapter_names) if adapter_names is not None else ("__active__", *self.active_adapters)
+        forward = CURRENT_FORWARD.get()
+        if forward is None:
+            forward = _standalone_forward()
+        if forward.reused is not None:
+            # Decode step or cache continuation: broadcast the vectors of the prompt's forward, no generator work.
+            scale = self._reused_scale(forward.reused, key, x)
         else:
-            key = ("__active__", *self.active_adapters)
-        if self._call.reuse and self._call.in_forward:
-            # Decode step: broadcast the vectors of the prefill, no generator work.
-            scale = self._cached_scale(key)
-        else:
-            scale = self._compute_scale(x, adapter_names)
+            scale = self._compute_scale(forward, x, adapter_names)
             if scale is not None:
                 scale = expand_segments(scale, self.segments, self.out_features)
-            # Decode steps only broadcast these vectors; they are constants there, hence detached.
-            self._cache = (key, self._call.step, None if scale is None else scale.detach())
+            if not forward.recomputing:
+                # Later forwards only broadcast these vectors; they are constants there, hence detached.
+                forward.vectors[self] = (key, None if scale is None else scale.detach())
         if scale is None:
             return result  # no adapter of this call scales this projection
         return scale_output(result, scale.to(result.dtype))
 
-    def _compute_scale(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor | None:
+    def _compute_scale(
+        self, forward: PedroForward, x: torch.Tensor, adapter_names: Sequence[str] | None
+    ) -> torch.Tensor | None:
         if adapter_names is not None:
             adapters = [name for name in dict.fromkeys(adapter_names) if name in self.pedro_up]
         else:
             adapters = [name for name in self.active_adapters if name in self.pedro_up]
         if not adapters:
             return None
-        codes = self._block_codes(x, adapter_names, adapters)
+        codes = self._block_codes(forward, x, adapter_names, adapters)
         if adapter_names is not None:
             batch = len(adapter_names)
         else:  # x may be flattened to [B*T, d] (OPT's FFN); the codes have one row per sample
             batch = next(iter(codes.values()))[1].shape[0]
         return self._scales(codes, adapters, batch)
 
-    def _cached_scale(self, key: tuple) -> torch.Tensor | None:
-        if self._cache is None or self._cache[:2] != (key, self._call.step):
+    def _reused_scale(self, reused: dict, key: tuple, x: torch.Tensor) -> torch.Tensor | None:
+        entry = reused.get(self)
+        if entry is None or entry[0] != key:
             raise ValueError(
-                "This forward continues a KV cache, but PEDRO has no vectors for it: the vectors are computed at the "
-                "forward that starts the cache (the prefill), with the same adapters. Run the prompt through this "
-                "PEDRO model first, or call `generate`, which does it."
+                "This forward continues a KV cache (or an earlier forward of the same `generate` call), but PEDRO has "
+                "no vectors for it with these adapters: the vectors are computed at the forward that starts the cache "
+                "(the prefill) and travel with the cache it returns. Continue a cache that this PEDRO model started, "
+                "with the same adapters (and `adapter_names`) as its prefill, or run the prompt again."
             )
-        return self._cache[2]
+        scale = entry[1]
+        # One vector per sample: a 3-d input has one row per sample, a flattened [B*T, d] one (OPT) B*T rows.
+        if scale is not None and not (len(x) == len(scale) or (x.dim() == 2 and len(x) % len(scale) == 0)):
+            raise ValueError(
+                f"This forward continues a KV cache whose prompt had {len(scale)} samples, but it has {len(x)} rows; "
+                "continue each cache with the batch that started it."
+            )
+        return scale
 
     def __repr__(self) -> str:
         return "pedro." + super().__repr__()
