@@ -64,7 +64,10 @@ def xpeft_requests():
     model = with_adapters(make_model("bert"), lambda _: config)
     rng = random.Random(1)
     return model, [
-        ("forward", dict(make_inputs("bert", batch=4, seq_len=5 + i % 3, seed=20 + i), adapter_names=mixed_names(rng, 4)))
+        (
+            "forward",
+            dict(make_inputs("bert", batch=4, seq_len=5 + i % 3, seed=20 + i), adapter_names=mixed_names(rng, 4)),
+        )
         for i in range(12)
     ]
 
@@ -120,4 +123,6 @@ def test_threads_each_get_their_single_threaded_result(method):
     for thread in threads:
         thread.join()
     assert not errors, f"{len(errors)} errors, first: {errors[0]}"
-    assert not mismatches, f"{len(mismatches)} of {THREADS * REQUESTS_PER_THREAD} outputs differ, first: {mismatches[0]}"
+    assert not mismatches, (
+        f"{len(mismatches)} of {THREADS * REQUESTS_PER_THREAD} outputs differ, first: {mismatches[0]}"
+    )
