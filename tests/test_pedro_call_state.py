@@ -110,3 +110,38 @@ def _holds_call_tensor(value, parameters: set[int], depth: int = 0) -> bool:
     else:
         return False
     return any(_holds_call_tensor(item, parameters, depth + 1) for item in items)
+
+
+def _as_replica(module):
+    """What `torch.nn.DataParallel` makes of a module on each forward (torch sets `_is_replica` on every copy)."""
+    module._is_replica = True
+    return module
+
+
+def test_data_parallel_replicas_are_refused_with_a_clear_error():
+    """DataParallel replicas share the original's hooks, so per-call state cannot be kept per replica: refused."""
+    model = perturbed(make_model("llama"))
+    _as_replica(model.base_model.model)
+    with pytest.raises(RuntimeError, match="cannot run inside `torch.nn.DataParallel`.*DistributedDataParallel"):
+        model(**make_inputs("llama"))
+
+
+def test_routing_in_data_parallel_replicas_is_refused():
+    from peft import get_peft_model
+
+    from xpeft import EtherConfig
+
+    model = get_peft_model(make_model("llama"), EtherConfig(target_modules=["q_proj"], n_blocks=4)).eval()
+    _as_replica(model.base_model)
+    with pytest.raises(RuntimeError, match="Per-sample `adapter_names` cannot run inside `torch.nn.DataParallel`"):
+        model(**make_inputs("llama"), adapter_names=["default"] * 3)
+
+
+@pytest.mark.cuda
+def test_data_parallel_on_two_gpus_is_refused():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    model = perturbed(make_model("llama")).cuda()
+    inputs = {key: value.cuda() for key, value in make_inputs("llama", batch=4).items()}
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        torch.nn.DataParallel(model)(**inputs)

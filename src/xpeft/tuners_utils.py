@@ -112,6 +112,21 @@ def check_mixed_batch_args(
     )
 
 
+def refuse_data_parallel(module: nn.Module, what: str) -> None:
+    """Refuse to run `what` in a `torch.nn.DataParallel` replica.
+
+    DataParallel copies each module's attribute dict shallowly per forward, so the replicas share the original's hook
+    dicts and hooks bound to the original tuner: per-call routing registered there would be lost or leak across
+    replicas. DistributedDataParallel and FSDP run one process per device and need none of this.
+    """
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(
+            f"{what} cannot run inside `torch.nn.DataParallel`: its replicas share the original model's hooks, so "
+            "per-call state would be lost or mixed between replicas. Use `DistributedDataParallel` (one process per "
+            "device, e.g. `accelerate launch` or `torchrun`) or FSDP instead."
+        )
+
+
 def _generation_expansion(model: nn.Module, kwargs: dict[str, Any]) -> int:
     """How many rows `generate` makes of each sample: `num_beams` for beam search, else `num_return_sequences`."""
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
@@ -225,6 +240,7 @@ class XpeftTuner(BaseTuner):
             yield
             return
         self.check_adapter_names(adapter_names)
+        refuse_data_parallel(self, "Per-sample `adapter_names`")
         self._ensure_routing_hooks()
         routing = _Routing(self, list(adapter_names), _generation_expansion(self.model, kwargs))
         token = _ROUTING.set(routing)

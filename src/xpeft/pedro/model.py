@@ -17,7 +17,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..tuners_utils import XpeftTuner
+from ..tuners_utils import XpeftTuner, refuse_data_parallel
 from .config import PEDRO_ROLES, PedroConfig
 from .generator import prompt_mask_from_labels, prompt_mask_from_lengths
 from .layer import CURRENT_FORWARD, UNMERGEABLE_REASON, PedroBlock, PedroForward, PedroLayer
@@ -187,6 +187,7 @@ def _attach_vectors(kv_cache: Any, vectors: dict) -> None:
 def _begin_model_call(tuner: PedroModel, module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook on the transformers model: read the prompt boundary, decide compute or reuse, and open the
     forward's [`PedroForward`] state in the caller's context."""
+    refuse_data_parallel(module, "PEDRO")
     prompt_mask = kwargs.pop("prompt_mask", None)  # PEDRO's own per-call arguments never reach the base model
     prompt_lengths = kwargs.pop("prompt_lengths", None)
     arguments = dict(zip(tuner._forward_arguments, args, strict=False)) | kwargs
