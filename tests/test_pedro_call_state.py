@@ -60,19 +60,32 @@ def test_checkpointed_recompute_uses_its_own_forwards_prompt(pattern, use_reentr
         torch.testing.assert_close(actual[name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_custom_checkpointing_without_the_forward_state_errors_instead_of_pooling_the_wrong_tokens():
-    """A recompute that PEDRO cannot tie to its forward (here torch's checkpoint called by hand around a block) raises;
-    it never pools the whole input silently."""
+class _CheckpointedModule(torch.nn.Module):
+    """Checkpoints a whole module call (hooks included), as FSDP's and accelerate's activation checkpoint wrappers do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+@pytest.mark.parametrize("wrapping", ["forward", "module"])
+def test_custom_checkpointing_without_the_forward_state_errors_instead_of_pooling_the_wrong_tokens(wrapping):
+    """A recompute that PEDRO cannot tie to its forward (torch's checkpoint called by hand around a block's forward, or
+    around the whole block module) raises; it never pools the whole input silently."""
     from torch.utils.checkpoint import checkpoint
 
     model = perturbed(make_model("llama").double()).train()
-    block = model.base_model.model.model.layers[0]
-    block_forward = block.forward
-
-    def checkpointed(*args, **kwargs):
-        return checkpoint(block_forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = checkpointed
+    layers = model.base_model.model.model.layers
+    if wrapping == "forward":
+        block_forward = layers[0].forward
+        layers[0].forward = lambda *args, **kwargs: checkpoint(block_forward, *args, use_reentrant=False, **kwargs)
+    else:
+        layers[0] = _CheckpointedModule(layers[0])
     inputs, _ = prompt_batch("left")
     loss = model(**inputs).loss
     with pytest.raises(RuntimeError, match="recomputed during backward without the state of its forward"):
@@ -145,3 +158,14 @@ def test_data_parallel_on_two_gpus_is_refused():
     inputs = {key: value.cuda() for key, value in make_inputs("llama", batch=4).items()}
     with pytest.raises(RuntimeError, match="DataParallel"):
         torch.nn.DataParallel(model)(**inputs)
+
+
+def test_inner_model_called_directly_pools_its_whole_input():
+    """The decoder stack called on its own (outside the PEDRO model's forward) runs each block with a state of its
+    own, where the whole input is the prompt: the same as the model forward without a prompt boundary."""
+    model = perturbed(make_model("llama"))
+    input_ids = make_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        direct = model.get_base_model().model(input_ids=input_ids).last_hidden_state
+        through_model = model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(direct, through_model, rtol=0, atol=0)

@@ -49,10 +49,10 @@ class PedroBlock:
     key: str
 
 
-def _standalone_forward() -> PedroForward:
-    """The state of a projection called outside any model forward: it pools its whole input. During backward that
-    would be a recompute of a forward whose prompt is lost (activation checkpointing other than transformers' own),
-    which must not silently pool the wrong tokens."""
+def standalone_forward() -> PedroForward:
+    """The state of a block (or projection) run outside any model forward: it pools its whole input. During backward
+    that would be a recompute of a forward whose prompt is lost (activation checkpointing other than transformers'
+    own), which must not silently pool the wrong tokens."""
     if getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1:
         raise RuntimeError(
             "A PEDRO layer is being recomputed during backward without the state of its forward, so it cannot know "
@@ -221,7 +221,7 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         key = tuple(adapter_names) if adapter_names is not None else ("__active__", *self.active_adapters)
         forward = CURRENT_FORWARD.get()
         if forward is None:
-            forward = _standalone_forward()
+            forward = standalone_forward()
         if forward.reused is not None:
             # Decode step or cache continuation: broadcast the vectors of the prompt's forward, no generator work.
             scale = self._reused_scale(forward.reused, key, x)

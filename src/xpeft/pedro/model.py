@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ..tuners_utils import XpeftTuner, refuse_data_parallel
 from .config import PEDRO_ROLES, PedroConfig
 from .generator import prompt_mask_from_labels, prompt_mask_from_lengths
-from .layer import CURRENT_FORWARD, UNMERGEABLE_REASON, PedroBlock, PedroForward, PedroLayer
+from .layer import CURRENT_FORWARD, UNMERGEABLE_REASON, PedroBlock, PedroForward, PedroLayer, standalone_forward
 
 _BLOCK_KEY = re.compile(r"^(.*?\.\d+)\.")
 # The KV cache's argument and output field: transformers 5.24 renamed `past_key_values` to `cache` (the old name still
@@ -167,6 +167,7 @@ class _PeftCall:
 # several threads each see their own.
 _PEFT_CALL: ContextVar[_PeftCall | None] = ContextVar("pedro_peft_call", default=None)
 _FORWARD_TOKENS: ContextVar[tuple] = ContextVar("pedro_forward_tokens", default=())
+_STANDALONE_TOKENS: ContextVar[tuple] = ContextVar("pedro_standalone_tokens", default=())
 # The attribute of a KV cache object that holds the vectors of the prompt forward that started it.
 CACHE_VECTORS_ATTRIBUTE = "_xpeft_pedro_vectors"
 
@@ -241,6 +242,21 @@ def _end_model_call(tuner: PedroModel, module: nn.Module, args: tuple, output: A
     cache = _output_cache(output)
     if cache is not None and forward.reused is None:
         _attach_vectors(cache, forward.vectors)
+
+
+def _begin_standalone_block(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on each adapted block: a block run outside any model forward of the PEDRO model (the inner
+    decoder stack or a block called directly) gets a state of its own for its duration, in which the whole input is
+    the prompt. Inside a model forward the forward's state is current and nothing happens."""
+    if CURRENT_FORWARD.get() is None:
+        _STANDALONE_TOKENS.set((*_STANDALONE_TOKENS.get(), (module, CURRENT_FORWARD.set(standalone_forward()))))
+
+
+def _end_standalone_block(module: nn.Module, args: tuple, output: Any) -> None:
+    tokens = _STANDALONE_TOKENS.get()
+    if tokens and tokens[-1][0] is module:
+        _STANDALONE_TOKENS.set(tokens[:-1])
+        CURRENT_FORWARD.reset(tokens[-1][1])
 
 
 def _wrap_checkpointing(tuner: PedroModel) -> None:
@@ -366,7 +382,14 @@ class PedroModel(XpeftTuner):
                 "the name of the block list if you use `layers_to_transform`."
             )
         owner_role = current_key == self._generator_owner(config, match.group(1), current_key, role)
-        block = self._blocks.setdefault(match.group(1), PedroBlock(match.group(1)))
+        block = self._blocks.get(match.group(1))
+        if block is None:
+            block = self._blocks[match.group(1)] = PedroBlock(match.group(1))
+            block_module = self.model.get_submodule(match.group(1))
+            self._hook_handles += [
+                block_module.register_forward_pre_hook(_begin_standalone_block),
+                block_module.register_forward_hook(_end_standalone_block, always_call=True),
+            ]
         if isinstance(target, PedroLayer):
             target.update_layer(adapter_name, config, owner_role)
             return
