@@ -100,7 +100,7 @@ def test_nothing_per_call_is_stored_on_the_model():
         model(**inputs, use_cache=True)
         model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
     model.train()
-    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    model(**inputs, labels=inputs["input_ids"], prompt_lengths=[2, 2, 2]).loss.backward()
     parameters = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
     for module in model.modules():
         for name, value in vars(module).items():
