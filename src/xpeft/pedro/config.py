@@ -8,7 +8,8 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
-from ..config_utils import normalize_module_selection
+from ..config_utils import check_scalar_fields, normalize_module_selection
+from ..loading import read_adapter_config
 
 # Per architecture: the module names PEDRO scales and their role in the block. "q" is the query projection, "v" the
 # value projection, "u" the FFN up projection (the first FFN linear of non-gated FFNs) and "qv" GPT-2's fused
@@ -100,6 +101,11 @@ class PedroConfig(PeftConfig):
         metadata={"help": "Modules besides the PEDRO layers that are trained and saved, e.g. a classification head."},
     )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        # Checks the folder's files and notes the folder on the config (see xpeft.loading).
+        return read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("PEDRO")
@@ -116,3 +122,4 @@ class PedroConfig(PeftConfig):
             raise ValueError(f"`pooler` must be 'attention', 'mean' or 'last', got {self.pooler!r}.")
         if self.activation not in ("rational", "gelu", "relu"):
             raise ValueError(f"`activation` must be 'rational', 'gelu' or 'relu', got {self.activation!r}.")
+        check_scalar_fields(self)  # last: the checks above give the more specific message where they apply
