@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
@@ -218,9 +219,11 @@ def check_loaded_config(config: PeftConfig) -> None:
 
 
 def discard_failed_load(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-    """Remove an adapter that was added by the load that just failed, unless it is the model's only one."""
-    peft_config = getattr(model, "peft_config", {})
-    if getattr(config, _PENDING_LOAD, False) and hasattr(model, "delete_adapter") and len(peft_config) > 1:
+    """Remove an adapter that was added by the load that just failed (`load_adapter` adds it inactive), so that it
+    cannot be selected with its initial weights. The model's only adapter (`PeftModel.from_pretrained`, which fails
+    as a whole) and an active one (not added by this load) stay."""
+    added_by_this_load = getattr(config, _PENDING_LOAD, False)
+    if added_by_this_load and isinstance(model, PeftModel) and adapter_name not in model.active_adapters:
         model.delete_adapter(adapter_name)
 
 

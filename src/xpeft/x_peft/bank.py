@@ -352,11 +352,15 @@ def check_bank_allocation(
             )
     if total > MAX_BANK_BYTES:
         raise ValueError(
-            f"The X-PEFT bank would take {total / 2**30:.1f} GiB ({bank_size} adapters for each of "
+            f"The X-PEFT bank would take {_in_mib(total)} ({bank_size} adapters for each of "
             f"{len(held_sizes) + len(new)} layers), above `xpeft.x_peft.bank.MAX_BANK_BYTES` = "
-            f"{MAX_BANK_BYTES / 2**30:.1f} GiB. Lower `bank_size` or raise `reduction_factor` (or adapt fewer layers); "
-            "or raise the bound if the machine has the memory: `xpeft.x_peft.bank.MAX_BANK_BYTES = ...`."
+            f"{_in_mib(MAX_BANK_BYTES)}. Lower `bank_size` or raise `reduction_factor` (or adapt fewer layers); or "
+            "raise the bound if the machine has the memory: `xpeft.x_peft.bank.MAX_BANK_BYTES = ...`."
         )
+
+
+def _in_mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
 
 
 def save_bank(bank: XPeftBank, path: str | os.PathLike) -> str:
