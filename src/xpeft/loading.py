@@ -10,7 +10,7 @@ adapter fails with an error that names the file, the problem and the fix instead
 2. The tuner injects the adapter layers ([`check_loaded_config`], from the tuner's `_check_new_adapter_config`).
 3. `set_peft_model_state_dict` hands the file's tensors to the tuner's `_remap_adapter_state_dict_for_load`
    ([`check_loaded_tensors`]): every tensor must have a place in the model and every adapter tensor of the model must
-   be in the file, with the model's shape, a floating-point dtype and finite values. When a load that added a new
+   be in the file, with the model's shape, a dtype of its kind and finite values. When a load that added a new
    adapter fails there, the adapter is removed again ([`discard_failed_load`]), so that no half-loaded adapter stays
    selectable.
 """

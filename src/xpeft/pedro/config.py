@@ -36,7 +36,7 @@ class PedroConfig(PeftConfig):
             for the supported model types (llama, mistral, qwen2, opt, gpt2, bert, roberta, deberta-v2); an explicit
             list must be a subset of those names and contain the query or the value projection.
         vg_rank (`int`):
-            Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff).
+            Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff), at most the hidden size d.
         pooler (`Literal["attention", "mean", "last"]`):
             How the prompt's hidden states are pooled: a learned softmax attention over prompt positions, their mean,
             or the last prompt token.
@@ -63,7 +63,10 @@ class PedroConfig(PeftConfig):
         },
     )
     vg_rank: int = field(
-        default=12, metadata={"help": "Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff)."}
+        default=12,
+        metadata={
+            "help": "Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff), at most the hidden size d."
+        },
     )
     pooler: Literal["attention", "mean", "last"] = field(
         default="attention",

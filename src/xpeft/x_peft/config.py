@@ -45,7 +45,7 @@ class XPeftConfig(PeftConfig):
         bank_seed (`int`):
             Seed of the random bank (only used when bank is 'random'); an integer, never a bool or a string.
         bank_fingerprint (`Optional[str]`):
-            Fingerprint of the bank the profile was trained against; filled in automatically and checked when the profile is loaded.
+            Fingerprint of the bank the profile was trained against (of a random bank: its recipe and the adapted layers' names and sizes); filled in automatically for a new profile, required and checked when a saved profile is loaded.
         init_weights (`bool`):
             If True, soft mask logits start at zero (a uniform mix of the bank) and hard mask logits at small random values; if False, all logits are drawn from N(0, 1) (for tests).
         layers_to_transform (`Optional[Union[list[int], int]]`):
@@ -105,7 +105,7 @@ class XPeftConfig(PeftConfig):
     bank_fingerprint: str | None = field(
         default=None,
         metadata={
-            "help": "Fingerprint of the bank the profile was trained against; filled in automatically and checked when the profile is loaded."
+            "help": "Fingerprint of the bank the profile was trained against (of a random bank: its recipe and the adapted layers' names and sizes); filled in automatically for a new profile, required and checked when a saved profile is loaded."
         },
     )
     init_weights: bool = field(
