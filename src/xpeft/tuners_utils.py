@@ -16,11 +16,13 @@ from threading import Lock
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
+
+from .loading import check_loaded_config, check_loaded_tensors, discard_failed_load, finish_load
 
 BASE_ADAPTER_NAME = "__base__"
 """Sentinel in `adapter_names` for samples that should see the base model only (as in peft's LoRA)."""
@@ -300,3 +302,38 @@ class XpeftTuner(BaseTuner):
                 "Keep the model unmerged (it runs as is), or use `model.unload()` to get the base model back."
             )
         super()._check_merge_allowed()
+
+    # -- loading (see xpeft.loading) ------------------------------------------------------------------------------
+
+    def _check_new_adapter_config(self, config) -> None:
+        super()._check_new_adapter_config(config)
+        check_loaded_config(config)
+
+    def _planned_targets(self, config) -> list[tuple[str, nn.Module]]:
+        """`(name, base layer)` of every module `config` will adapt, found as peft's `inject_adapter` finds them, so
+        that sizes can be checked before any adapter weight is allocated (call from `_prepare_adapter_config` on)."""
+        _maybe_include_all_linear_layers(config, self.model)  # what inject_adapter does next; idempotent
+        modules = list(self.model.named_modules())
+        inside_tuner_layers = tuple(name + "." for name, module in modules if isinstance(module, BaseTunerLayer))
+        return [
+            (name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)
+            for name, module in modules
+            if name and not name.startswith(inside_tuner_layers) and self._check_target_module_exists(config, name)
+        ]
+
+    @classmethod
+    def _decode_checkpoint(cls, model, config, adapter_name: str, state_dict: dict) -> dict:
+        """Turn a method's saved form into checkpoint keys that peft's remapping knows (the default keeps it)."""
+        return state_dict
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        try:
+            decoded = cls._decode_checkpoint(model, config, adapter_name, state_dict)
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
+            check_loaded_tensors(model, config, adapter_name, remapped, cls._remove_adapter_name_from_key)
+        except ValueError:
+            discard_failed_load(model, config, adapter_name)
+            raise
+        finish_load(config)
+        return remapped

@@ -8,7 +8,8 @@ from typing import Literal, get_args
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
-from ..config_utils import normalize_module_selection
+from ..config_utils import check_scalar_fields, normalize_module_selection
+from ..loading import read_adapter_config
 
 EtherVariant = Literal["ether", "ether_plus", "ether_plus_one_sided"]
 
@@ -137,6 +138,11 @@ class EtherConfig(PeftConfig):
         },
     )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        # Checks the folder's files and notes the folder on the config (see xpeft.loading).
+        return read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("ETHER")
@@ -150,3 +156,4 @@ class EtherConfig(PeftConfig):
             raise ValueError(f"`fan_in_fan_out` must be None, True or False, got {self.fan_in_fan_out!r}.")
         if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 1:
             raise ValueError(f"`n_blocks` must be a positive integer, got {self.n_blocks!r}.")
+        check_scalar_fields(self)  # last: the checks above give the more specific message where they apply

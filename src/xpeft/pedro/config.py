@@ -8,7 +8,8 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
-from ..config_utils import normalize_module_selection
+from ..config_utils import check_scalar_fields, normalize_module_selection
+from ..loading import read_adapter_config
 
 # Per architecture: the module names PEDRO scales and their role in the block. "q" is the query projection, "v" the
 # value projection, "u" the FFN up projection (the first FFN linear of non-gated FFNs) and "qv" GPT-2's fused
@@ -35,7 +36,7 @@ class PedroConfig(PeftConfig):
             for the supported model types (llama, mistral, qwen2, opt, gpt2, bert, roberta, deberta-v2); an explicit
             list must be a subset of those names and contain the query or the value projection.
         vg_rank (`int`):
-            Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff).
+            Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff), at most the hidden size d.
         pooler (`Literal["attention", "mean", "last"]`):
             How the prompt's hidden states are pooled: a learned softmax attention over prompt positions, their mean,
             or the last prompt token.
@@ -62,7 +63,10 @@ class PedroConfig(PeftConfig):
         },
     )
     vg_rank: int = field(
-        default=12, metadata={"help": "Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff)."}
+        default=12,
+        metadata={
+            "help": "Bottleneck size r of each vector generator (down d→r, up r→d_q+d_v+d_ff), at most the hidden size d."
+        },
     )
     pooler: Literal["attention", "mean", "last"] = field(
         default="attention",
@@ -100,6 +104,11 @@ class PedroConfig(PeftConfig):
         metadata={"help": "Modules besides the PEDRO layers that are trained and saved, e.g. a classification head."},
     )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        # Checks the folder's files and notes the folder on the config (see xpeft.loading).
+        return read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type("PEDRO")
@@ -116,3 +125,4 @@ class PedroConfig(PeftConfig):
             raise ValueError(f"`pooler` must be 'attention', 'mean' or 'last', got {self.pooler!r}.")
         if self.activation not in ("rational", "gelu", "relu"):
             raise ValueError(f"`activation` must be 'rational', 'gelu' or 'relu', got {self.activation!r}.")
+        check_scalar_fields(self)  # last: the checks above give the more specific message where they apply

@@ -17,7 +17,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..tuners_utils import XpeftTuner, refuse_data_parallel
+from ..tuners_utils import XpeftTuner, layer_features, refuse_data_parallel
 from .config import PEDRO_ROLES, PedroConfig
 from .generator import prompt_mask_from_labels, prompt_mask_from_lengths
 from .layer import CURRENT_FORWARD, UNMERGEABLE_REASON, PedroBlock, PedroForward, PedroLayer, standalone_forward
@@ -368,6 +368,21 @@ class PedroModel(XpeftTuner):
                 f"PEDRO's vector generator reads the block input; add one of {sorted(roles)}."
             )
         return peft_config
+
+    def _prepare_model(self, peft_config: PedroConfig, model: nn.Module) -> None:
+        # Before any generator is allocated: `down` maps the block input (size d) to `vg_rank` features, so a rank
+        # above d adds nothing, and a huge one would allocate d x vg_rank weights per block (or be OOM-killed).
+        planned = [(name, base) for name, base in self._planned_targets(peft_config) if _BLOCK_KEY.match(name)]
+        sizes = [(name, layer_features(base, "PEDRO")[0]) for name, base in planned]
+        if not sizes:
+            return  # nothing to adapt in numbered blocks: refused later with its own message
+        name, d = min(sizes, key=lambda size: size[1])
+        if peft_config.vg_rank > d:
+            raise ValueError(
+                f"PEDRO `vg_rank`={peft_config.vg_rank} exceeds the hidden size d={d} that the vector generators read "
+                f"(input of {name!r}): a bottleneck wider than its input adds nothing. Set `vg_rank` to at most {d} "
+                "(the default is 12)."
+            )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         roles = PEDRO_ROLES[self.model.config.model_type]

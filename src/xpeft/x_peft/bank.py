@@ -4,16 +4,21 @@ Two sources (DESIGN.md §2, "Bank sources"):
 
 - **random**: each layer's adapters are drawn on the CPU from a `torch.Generator` seeded by `(bank_seed, layer name)`,
   then moved to the layer's device, so the same recipe gives the same bank bit for bit on CPU or CUDA and costs zero
-  bytes to store. Its fingerprint is the `recipe_fingerprint` of the recipe.
+  bytes to store. Its fingerprint is the `recipe_fingerprint` of the recipe: generator version, seed, bank size,
+  reduction factor, non-linearity, dtype and each adapted layer's name, size d and bottleneck r (the layers are part
+  of it because they determine the tensors: a profile trained on a hidden-64 model must not load onto the different
+  bank of a hidden-128 model with the same layer names).
 - **trained**: built once from N existing single bottleneck adapters with [`build_bank`] and saved as one safetensors
   file whose metadata holds the `tensor_fingerprint` of its tensors.
 
-Per layer the bank holds `A: [N, r, d]` (down), `a: [N, r]`, `B: [N, d, r]` (up) and `b: [N, d]`, in float32.
+Per layer the bank holds `A: [N, r, d]` (down), `a: [N, r]`, `B: [N, d, r]` (up) and `b: [N, d]`, in float32. Its
+size is checked against [`MAX_BANK_BYTES`] before any layer is drawn or read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +28,7 @@ from peft.tuners._buffer_dict import BufferDict
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..loading import SAFETENSORS_ITEM_BYTES, read_safetensors_header
 from ..serialization import atomic_save_file, read_safetensors_metadata, recipe_fingerprint
 from ..serialization import tensor_fingerprint as _tensor_fingerprint
 
@@ -30,11 +36,23 @@ BANK_FORMAT = "xpeft-bank/v1"
 RANDOM_GENERATOR = "xpeft-random-bank/v1"
 PARTS = ("A", "a", "B", "b")
 BIAS_STD = 0.02  # [open] random-bank biases: small, so that composition of biases is exercised but does not dominate
+MAX_BANK_BYTES = 16 * 2**30
+"""Largest bank (all its layers, in bytes) a model may hold: 16 GiB by default. A bank takes
+`N · Σ_layers (2 r d + r + d) · 4` bytes; BERT-base with the paper's N=100 (12 layers, d=768, r=48) needs 358 MB, but
+Llama-2-7B's 32 down projections (d=4096, r=256) need 27 GB. Checked from the model's layer sizes before any layer is
+drawn or read; raise it (`xpeft.x_peft.bank.MAX_BANK_BYTES = ...`) on a machine with the memory for a larger bank."""
 
 
-def random_bank_recipe(bank_seed: int, bank_size: int, reduction_factor: int, non_linearity: str) -> dict:
-    """The recipe that determines a random bank (together with each layer's name and size)."""
-    return {
+def random_bank_recipe(
+    bank_seed: int,
+    bank_size: int,
+    reduction_factor: int,
+    non_linearity: str,
+    layers: Sequence[tuple[str, int]] | None = None,
+) -> dict:
+    """The recipe that determines a random bank; with `layers` (`(name, d)` of each adapted layer), the bank of those
+    layers exactly. Without them it names the generator and its settings only (and is xpeft 0.1's fingerprint)."""
+    recipe = {
         "kind": "random",
         "generator": RANDOM_GENERATOR,
         "seed": bank_seed,
@@ -43,6 +61,20 @@ def random_bank_recipe(bank_seed: int, bank_size: int, reduction_factor: int, no
         "non_linearity": non_linearity,
         "dtype": "float32",
     }
+    if layers is not None:
+        recipe["layers"] = [[name, d, d // reduction_factor] for name, d in sorted(layers)]
+    return recipe
+
+
+def bottleneck_size(layer_name: str, d: int, reduction_factor: int) -> int:
+    """`r = d // reduction_factor` of a random bank's layer, refusing 0."""
+    r = d // reduction_factor
+    if r < 1:
+        raise ValueError(
+            f"Layer {layer_name!r} has d={d} < reduction_factor={reduction_factor}, giving a bottleneck of size 0; "
+            "lower `reduction_factor`."
+        )
+    return r
 
 
 def random_bank_layer(bank_seed: int, layer_name: str, bank_size: int, d: int, r: int) -> dict[str, torch.Tensor]:
@@ -216,11 +248,12 @@ class XPeftBank(nn.Module):
         self._file_layer_names: set[str] = set()
         if source == "random":
             recipe = random_bank_recipe(bank_seed, bank_size, reduction_factor, non_linearity)
-            self.fingerprint = recipe_fingerprint(recipe)
+            # Names the generator and its settings: two random banks are the same bank exactly when this matches.
+            self.source_fingerprint = recipe_fingerprint(recipe)
             return
         self._file, metadata = read_bank_file(source)
         self._file_layer_names = {name.rsplit(".", 1)[0] for name in self._file}
-        self.fingerprint = metadata["fingerprint"]
+        self.source_fingerprint = metadata["fingerprint"]
         if int(metadata.get("bank_size", -1)) != bank_size:
             raise ValueError(
                 f"Bank file {source} holds {metadata.get('bank_size')} adapters per layer but `bank_size` is "
@@ -238,12 +271,7 @@ class XPeftBank(nn.Module):
         if key in self.parts["A"]:
             return
         if self._file is None:
-            r = d // self.reduction_factor
-            if r < 1:
-                raise ValueError(
-                    f"Layer {layer_name!r} has d={d} < reduction_factor={self.reduction_factor}, giving a bottleneck "
-                    "of size 0; lower `reduction_factor`."
-                )
+            r = bottleneck_size(layer_name, d, self.reduction_factor)
             tensors = random_bank_layer(self.bank_seed, layer_name, self.bank_size, d, r)
         else:
             if layer_name not in self._file_layer_names:
@@ -262,6 +290,25 @@ class XPeftBank(nn.Module):
         for part in PARTS:
             self.parts[part][key] = tensors[part].to(device)
 
+    @property
+    def fingerprint(self) -> str:
+        """The bank's fingerprint: its file's, or the recipe's over every layer drawn so far."""
+        return self.profile_fingerprint(self.layer_sizes())
+
+    def profile_fingerprint(self, layers: Sequence[tuple[str, int]]) -> str:
+        """The fingerprint of the part of this bank a profile adapting `layers` (`(name, d)` each) uses: a trained
+        bank's file fingerprint (its tensors fix every layer), or the random recipe over those layers."""
+        if self._file is not None:
+            return self.source_fingerprint
+        recipe = random_bank_recipe(
+            self.bank_seed, self.bank_size, self.reduction_factor, self.non_linearity, layers=layers
+        )
+        return recipe_fingerprint(recipe)
+
+    def layer_sizes(self) -> list[tuple[str, int]]:
+        """`(name, d)` of the layers created so far."""
+        return [(key.replace("/", "."), B.shape[1]) for key, B in self.parts["B"].items()]
+
     def layer(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(A, a, B, b)` of `layer_name`, on the device the bank currently lives on."""
         key = _buffer_key(layer_name)
@@ -274,6 +321,46 @@ class XPeftBank(nn.Module):
     def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """All layers created so far, as `{layer name: {part: tensor}}` (e.g. to save a random bank with `save_bank`)."""
         return {key.replace("/", "."): {part: self.parts[part][key] for part in PARTS} for key in self.parts["A"]}
+
+
+def check_bank_allocation(
+    source: str,
+    bank_size: int,
+    reduction_factor: int,
+    layers: Sequence[tuple[str, int]],
+    held: XPeftBank | None = None,
+) -> None:
+    """Refuse a bank that would exceed [`MAX_BANK_BYTES`], before any of its layers is drawn or read.
+
+    `layers` are the `(name, d)` a profile adapts; `held` is the model's bank, whose layers are counted once. A random
+    layer takes `bank_size · (2 r d + r + d)` float32 values; a bank file's layers take what its header lists.
+    """
+    held_sizes = dict(held.layer_sizes()) if held is not None else {}
+    total = sum(t.numel() * t.element_size() for part in held.parts.values() for t in part.values()) if held else 0
+    new = [(name, d) for name, d in layers if name not in held_sizes]
+    if source == "random":
+        for name, d in new:
+            r = bottleneck_size(name, d, reduction_factor)
+            total += bank_size * (2 * r * d + r + d) * 4
+    else:
+        header = read_safetensors_header(source, fix="rebuild it with `xpeft.x_peft.build_bank`")
+        for name, _ in new:
+            # A layer the file lacks is refused, with its own message, when the layer is created.
+            entries = [header.get(f"{name}.{part}") for part in PARTS]
+            total += sum(
+                math.prod(shape) * SAFETENSORS_ITEM_BYTES.get(dtype, 8) for dtype, shape in filter(None, entries)
+            )
+    if total > MAX_BANK_BYTES:
+        raise ValueError(
+            f"The X-PEFT bank would take {_in_mib(total)} ({bank_size} adapters for each of "
+            f"{len(held_sizes) + len(new)} layers), above `xpeft.x_peft.bank.MAX_BANK_BYTES` = "
+            f"{_in_mib(MAX_BANK_BYTES)}. Lower `bank_size` or raise `reduction_factor` (or adapt fewer layers); or "
+            "raise the bound if the machine has the memory: `xpeft.x_peft.bank.MAX_BANK_BYTES = ...`."
+        )
+
+
+def _in_mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
 
 
 def save_bank(bank: XPeftBank, path: str | os.PathLike) -> str:

@@ -9,9 +9,13 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
-from ..config_utils import normalize_module_selection
+from ..config_utils import check_scalar_fields, normalize_module_selection
+from ..loading import read_adapter_config
 
 NAME = "xpeft"
+# 1000x the paper's N=100. Each layer's bank and each profile's masks grow with N; the bank's memory is bounded
+# separately, from the model's layer sizes, by `xpeft.x_peft.bank.MAX_BANK_BYTES`.
+MAX_BANK_SIZE = 100_000
 
 
 @dataclass
@@ -27,7 +31,7 @@ class XPeftConfig(PeftConfig):
         exclude_modules (`Optional[Union[list[str], str]]`):
             The modules not to adapt, as a list of name suffixes or a regex.
         bank_size (`int`):
-            Number N of bottleneck adapters in the bank of every adapted layer.
+            Number N of bottleneck adapters in the bank of every adapted layer, at most 100,000 (`MAX_BANK_SIZE`).
         reduction_factor (`int`):
             Bottleneck size r = d / reduction_factor, with d the output size of the adapted layer.
         non_linearity (`Literal['relu', 'gelu', 'silu', 'tanh']`):
@@ -39,9 +43,9 @@ class XPeftConfig(PeftConfig):
         bank (`str`):
             'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`. A relative path is made absolute (against the current directory) when the config is created or attached, so that a saved profile finds its bank from any working directory; the bank itself is never saved with a profile.
         bank_seed (`int`):
-            Seed of the random bank (only used when bank is 'random').
+            Seed of the random bank (only used when bank is 'random'); an integer, never a bool or a string.
         bank_fingerprint (`Optional[str]`):
-            Fingerprint of the bank the profile was trained against; filled in automatically and checked when the profile is loaded.
+            Fingerprint of the bank the profile was trained against (of a random bank: its recipe and the adapted layers' names and sizes); filled in automatically for a new profile, required and checked when a saved profile is loaded.
         init_weights (`bool`):
             If True, soft mask logits start at zero (a uniform mix of the bank) and hard mask logits at small random values; if False, all logits are drawn from N(0, 1) (for tests).
         layers_to_transform (`Optional[Union[list[int], int]]`):
@@ -62,7 +66,10 @@ class XPeftConfig(PeftConfig):
         default=None, metadata={"help": "The modules not to adapt, as a list of name suffixes or a regex."}
     )
     bank_size: int = field(
-        default=100, metadata={"help": "Number N of bottleneck adapters in the bank of every adapted layer."}
+        default=100,
+        metadata={
+            "help": "Number N of bottleneck adapters in the bank of every adapted layer, at most 100,000 (`MAX_BANK_SIZE`)."
+        },
     )
     reduction_factor: int = field(
         default=16,
@@ -89,11 +96,16 @@ class XPeftConfig(PeftConfig):
             "help": "'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`. A relative path is made absolute (against the current directory) when the config is created or attached, so that a saved profile finds its bank from any working directory; the bank itself is never saved with a profile."
         },
     )
-    bank_seed: int = field(default=0, metadata={"help": "Seed of the random bank (only used when bank is 'random')."})
+    bank_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the random bank (only used when bank is 'random'); an integer, never a bool or a string."
+        },
+    )
     bank_fingerprint: str | None = field(
         default=None,
         metadata={
-            "help": "Fingerprint of the bank the profile was trained against; filled in automatically and checked when the profile is loaded."
+            "help": "Fingerprint of the bank the profile was trained against (of a random bank: its recipe and the adapted layers' names and sizes); filled in automatically for a new profile, required and checked when a saved profile is loaded."
         },
     )
     init_weights: bool = field(
@@ -115,15 +127,29 @@ class XPeftConfig(PeftConfig):
         },
     )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        # Checks the folder's files and notes the folder on the config (see xpeft.loading).
+        return read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type(NAME.upper())
+        if not isinstance(self.bank, (str, os.PathLike)):
+            raise ValueError(
+                f"`bank` must be 'random' or the path of a bank file, got {self.bank!r} ({type(self.bank).__name__})."
+            )
         if self.bank != "random":
             # Saved profiles record this path: make it independent of the directory the profile is later loaded from.
             self.bank = os.path.abspath(os.path.expanduser(os.fspath(self.bank)))
         normalize_module_selection(self)
         if not isinstance(self.bank_size, int) or self.bank_size < 1:
             raise ValueError(f"`bank_size` must be a positive integer, got {self.bank_size!r}.")
+        if self.bank_size > MAX_BANK_SIZE:
+            raise ValueError(
+                f"`bank_size`={self.bank_size} exceeds the limit of {MAX_BANK_SIZE:,} adapters per layer (the paper "
+                "uses 100); lower `bank_size`."
+            )
         if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
             raise ValueError(f"`reduction_factor` must be a positive integer, got {self.reduction_factor!r}.")
         if self.non_linearity not in ("relu", "gelu", "silu", "tanh"):
@@ -137,3 +163,4 @@ class XPeftConfig(PeftConfig):
                 f"`hard_k` must be an integer between 1 and bank_size={self.bank_size}, got {self.hard_k!r}; "
                 "lower `hard_k` or raise `bank_size`."
             )
+        check_scalar_fields(self)  # last: the checks above give the more specific message where they apply

@@ -12,9 +12,10 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import save_file
 from torch import nn
 
+from ..loading import forget_source, loaded_from, weights_source
 from ..serialization import read_safetensors_metadata
 from ..tuners_utils import XpeftTuner, layer_features
-from .bank import XPeftBank, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
+from .bank import XPeftBank, check_bank_allocation, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
 from .config import XPeftConfig
 from .layer import UNMERGEABLE_REASON, XPeftLayer
 from .store import ProfileStore, pack_masks, unpack_masks
@@ -36,8 +37,9 @@ DEFAULT_TARGET_MODULES = {
 }
 
 
-def bank_fingerprint_of(config: XPeftConfig) -> str:
-    """Fingerprint of the bank `config` describes: the recipe's (random) or the bank file's (trained)."""
+def bank_source_fingerprint(config: XPeftConfig) -> str:
+    """What names the bank `config` describes, whatever layers it adapts: the random recipe's generator and settings,
+    or the bank file's fingerprint. Two profiles can share a model's bank exactly when this matches."""
     if config.bank == "random":
         recipe = random_bank_recipe(config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity)
         return recipe_fingerprint(recipe)
@@ -47,6 +49,12 @@ def bank_fingerprint_of(config: XPeftConfig) -> str:
     if "fingerprint" not in metadata:
         raise ValueError(f"{config.bank} is not an X-PEFT bank file; create one with `xpeft.x_peft.build_bank`.")
     return metadata["fingerprint"]
+
+
+def _describe_bank(config: XPeftConfig) -> str:
+    if config.bank == "random":
+        return f"bank='random', bank_seed={config.bank_seed}"
+    return config.bank
 
 
 def xpeft_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, XPeftLayer]]:
@@ -103,32 +111,70 @@ class XPeftModel(XpeftTuner):
                 f"exist for {', '.join(DEFAULT_TARGET_MODULES)}). Pass `target_modules` with the name of each block's "
                 "feed-forward output projection, e.g. XPeftConfig(target_modules=['down_proj'])."
             )
-        return super()._prepare_adapter_config(peft_config, model_config)
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        self._attach_bank(peft_config)
+        return peft_config
 
-    def _check_new_adapter_config(self, config: XPeftConfig) -> None:
-        super()._check_new_adapter_config(config)
+    def _attach_bank(self, config: XPeftConfig) -> None:
+        """Check `config` against the model's bank (creating it for the first profile) and fill in or verify the
+        profile's bank fingerprint, from the layers the profile will adapt, before any bank layer is drawn or read.
+
+        A random bank's fingerprint covers those layers' names and sizes, which are known only once the target layers
+        are found; they are found here as peft's injection will find them.
+        """
         if config.bank != "random":  # e.g. set to a relative path after the config was created
             config.bank = os.path.abspath(os.path.expanduser(os.fspath(config.bank)))
-        fingerprint = bank_fingerprint_of(config)
-        described = "bank='random', bank_seed=" + str(config.bank_seed) if config.bank == "random" else config.bank
-        if config.bank_fingerprint is not None and config.bank_fingerprint != fingerprint:
-            raise ValueError(
-                f"This X-PEFT profile was trained against bank {config.bank_fingerprint}, but its config describes "
-                f"bank {fingerprint} ({described}, bank_size={config.bank_size}, reduction_factor="
-                f"{config.reduction_factor}). Load it with the bank it was trained against."
-            )
+        layers = [(name, layer_features(base, "X-PEFT")[1]) for name, base in self._planned_targets(config)]
+        if not layers:
+            return  # peft refuses target modules that match nothing, with its own message
+        source = bank_source_fingerprint(config)
         bank = self._modules.get("xpeft_bank")
-        if bank is not None and bank.fingerprint != fingerprint:
+        if bank is not None and bank.source_fingerprint != source:
             raise ValueError(
-                f"This X-PEFT profile needs bank {fingerprint} ({described}) but the model's bank is "
-                f"{bank.fingerprint}: all profiles of a model share its bank. Load the profile into a model built "
-                "with its bank, or retrain it against this one."
+                f"This X-PEFT profile needs bank {config.bank_fingerprint or source} ({_describe_bank(config)}) but "
+                f"the model's bank is {bank.fingerprint}: all profiles of a model share its bank. Load the profile "
+                "into a model built with its bank, or retrain it against this one."
             )
+        check_bank_allocation(config.bank, config.bank_size, config.reduction_factor, layers, held=bank)
         if bank is None:
-            self.xpeft_bank = XPeftBank(
+            bank = XPeftBank(
                 config.bank, config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity
             )
+        fingerprint = bank.profile_fingerprint(layers)
+        self._check_recorded_fingerprint(config, bank, fingerprint, layers)
         config.bank_fingerprint = fingerprint
+        if "xpeft_bank" not in self._modules:
+            self.xpeft_bank = bank
+
+    @staticmethod
+    def _check_recorded_fingerprint(config: XPeftConfig, bank: XPeftBank, fingerprint: str, layers: list) -> None:
+        recorded, source = config.bank_fingerprint, loaded_from(config)
+        if recorded is None:
+            if source is not None and source.weights_file() is not None:
+                # A saved profile always records its bank; without it the profile would load against any bank.
+                raise ValueError(
+                    f"{source.config_file} has no `bank_fingerprint`, so this X-PEFT profile cannot be checked "
+                    "against the bank it was trained with and could silently load against another one. Restore the "
+                    "field (`save_pretrained` writes it), or re-save the profile from the model it was trained with."
+                )
+            return
+        if recorded == fingerprint:
+            return
+        if config.bank == "random" and recorded == bank.source_fingerprint:
+            raise ValueError(
+                f"This X-PEFT profile records bank {recorded}, a random-bank fingerprint of xpeft 0.1, which does not "
+                "cover the adapted layers' names and sizes, so it cannot tell this model's bank from another "
+                f"model's. If this is the base model the profile was trained on, set its `bank_fingerprint` to "
+                f"{fingerprint} (in adapter_config.json) and load it again."
+            )
+        name, d = layers[0]
+        raise ValueError(
+            f"This X-PEFT profile was trained against bank {recorded}, but its config describes bank {fingerprint} "
+            f"({_describe_bank(config)}, bank_size={config.bank_size}, reduction_factor={config.reduction_factor}, "
+            f"non_linearity={config.non_linearity!r}, on this model's {len(layers)} adapted layers, e.g. {name!r} "
+            f"with d={d}). The config was edited after saving, or this base model is not the one the profile was "
+            "trained on (other layer names or sizes). Load it with the bank and base model it was trained against."
+        )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         if isinstance(target, XPeftLayer):
@@ -147,22 +193,26 @@ class XPeftModel(XpeftTuner):
         return {f"{prefix}{MASKS_KEY}.{adapter_name}": payload}
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+    def _decode_checkpoint(cls, model, config, adapter_name, state_dict):
+        # The masks payload becomes one checkpoint key per layer and mask, which peft's remapping then maps to the
+        # model's keys (and `check_loaded_tensors` checks, with any head).
         state_dict = dict(state_dict)
         key = next((k for k in (PEFT_PREFIX + MASKS_KEY, MASKS_KEY) if k in state_dict), None)
         if key is None:
             raise ValueError(
-                f"The checkpoint has no '{PEFT_PREFIX}{MASKS_KEY}' tensor, so it is not an X-PEFT profile (or it is "
-                "corrupted); re-save it with `save_pretrained` after `import xpeft`."
+                f"{weights_source(config)} has no '{PEFT_PREFIX}{MASKS_KEY}' tensor, so it is not an X-PEFT profile "
+                "(or it is corrupted); re-save it with `save_pretrained` after `import xpeft`."
             )
         payload = state_dict.pop(key)
         layers = xpeft_layers(model, adapter_name)
-        logits = unpack_masks(payload, config.mask_type, config.hard_k, len(layers), config.bank_size)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        try:
+            logits = unpack_masks(payload, config.mask_type, config.hard_k, len(layers), config.bank_size)
+        except ValueError as error:
+            raise ValueError(f"{weights_source(config)}: {error}") from error
         for (name, _), row in zip(layers, logits, strict=True):
             for attr, values in zip(XPeftLayer.adapter_layer_names, row, strict=True):
-                remapped[f"{name}.{attr}.{adapter_name}"] = values
-        return remapped
+                state_dict[cls._remove_adapter_name_from_key(f"{name}.{attr}.{adapter_name}", adapter_name)] = values
+        return state_dict
 
 
 # -- profiles as payloads: the store, attaching, extracting, cost ------------------------------------------------
@@ -188,11 +238,6 @@ def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | No
         raise ValueError(f"The model already has an adapter named {adapter_name!r}; pass another `adapter_name`.")
     template_name, template = next(iter(model.peft_config.items()))
     bank = model.base_model.xpeft_bank
-    if store.info["bank_fingerprint"] != bank.fingerprint:
-        raise ValueError(
-            f"Store {store.path} holds profiles of bank {store.info['bank_fingerprint']} but the model's bank is "
-            f"{bank.fingerprint}; attach them to a model built with that bank."
-        )
     # The bank lists its layers in creation order, which is module order: a few lookups instead of a model walk.
     base_model = model.get_base_model()
     layers = [(n, base_model.get_submodule(n)) for n in bank.layer_names()]
@@ -204,8 +249,15 @@ def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | No
             "`target_modules` and `layers_to_transform`), or store this model's profiles in a store created for "
             f"it: `ProfileStore.create(path, model.peft_config[name], layers={len(layers)})`."
         )
+    # The new profile adapts the template's layers, so it uses the part of the bank the template's fingerprint covers.
+    if store.info["bank_fingerprint"] != template.bank_fingerprint:
+        raise ValueError(
+            f"Store {store.path} holds profiles of bank {store.info['bank_fingerprint']} but the model's bank is "
+            f"{template.bank_fingerprint}; attach them to a model built with that bank."
+        )
     logits = store.masks(name)  # read and validated before the model changes
     config = copy.copy(template)
+    forget_source(config)  # a new adapter, whatever folder the template was read from
     config.mask_type, config.hard_k, config.inference_mode = store.info["mask_type"], store.info["hard_k"], True
     if config.modules_to_save:
         model.add_adapter(adapter_name, config)
