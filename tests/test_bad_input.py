@@ -722,6 +722,6 @@ def test_pedro_foreign_cache():
     model = _pedro_for_prompts()
     inputs = _prompt_inputs()
     with torch.no_grad():
-        cache = kv_cache_of(model.get_base_model().model(input_ids=inputs["input_ids"], use_cache=True))
+        cache = kv_cache_of(make_model("llama")(input_ids=inputs["input_ids"], use_cache=True))
         with pytest.raises(ValueError, match="no vectors for it.*not started by a prompt forward of this PEDRO model"):
             model(input_ids=inputs["input_ids"][:, :1], past_key_values=cache)
