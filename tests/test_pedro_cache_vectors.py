@@ -8,6 +8,7 @@ import copy
 import gc
 import weakref
 
+import pytest
 import torch
 
 from models import kv_cache_of, make_inputs
@@ -82,3 +83,14 @@ def test_a_kept_cache_does_not_keep_the_deleted_models_weights():
     del model
     gc.collect()
     assert cache is not None and weight() is None, "the cache keeps the model's q_proj weight alive"
+
+
+def test_edited_cache_rows_raise():
+    """Rows that match no prompt PEDRO computed vectors for (the cache's values were changed) raise, never guess."""
+    model = pedro()
+    ids, _ = prompt_and_reference(model)
+    with torch.no_grad():
+        cache = kv_cache_of(model(input_ids=ids, use_cache=True))
+    cache.layers[0].values[1] += 1.0
+    with pytest.raises(ValueError, match="rows no longer match the prompts PEDRO computed their vectors from"):
+        step(model, cache, NEXT)
