@@ -169,7 +169,9 @@ class ProfileStore:
         try:
             key = _stat_key(os.stat(self.path))
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"The X-PEFT profile store {self.path} was deleted or moved; {_CREATE}.") from error
+            raise FileNotFoundError(
+                f"The X-PEFT profile store {self.path} was deleted or moved; {_CREATE}."
+            ) from error
         if key == self._key:
             # Same inode as the file this handle keeps open: an inode number is not reused while a file is open.
             return self._fd
