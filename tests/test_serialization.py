@@ -29,7 +29,7 @@ def test_failed_write_keeps_the_existing_file(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(serialization, "save_file", fail)
+    monkeypatch.setattr(serialization, "save", fail)
     with pytest.raises(OSError, match="disk full"):
         atomic_save_file({"a": torch.zeros(3)}, path)
     assert path.read_bytes() == before

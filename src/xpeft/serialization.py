@@ -35,11 +35,12 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from filelock import FileLock
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 LOCK_SUFFIX = ".xpeft-lock"
 TEMP_INFIX = ".xpeft-tmp-"
@@ -135,8 +136,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _create_temp_file(path: Path) -> Path:
-    """Create an empty temporary file for `path`: mode `0o666 & ~umask`, or the mode of the existing `path`."""
+def _open_temp_file(path: Path) -> tuple[Path, BinaryIO]:
+    """Create and open a temporary file for `path`: mode `0o666 & ~umask`, or the mode of the existing `path`."""
     tmp = temp_path(path)
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -146,22 +147,29 @@ def _create_temp_file(path: Path) -> Path:
             pass  # a new file: the kernel applied the umask to 0o666, as for any new file
         else:
             os.chmod(fd, mode)  # as an in-place overwrite would, keep the mode of the file being replaced
-    finally:
+        return tmp, os.fdopen(fd, "wb")
+    except BaseException:
         os.close(fd)
-    return tmp
+        tmp.unlink()
+        raise
 
 
-def replace_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write a new version of the file `path` with `write(temporary_name)` and put it in place atomically.
+def replace_file(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a new version of the file `path` with `write(file)` and put it in place atomically; return `path`.
 
-    The protocol of the module docstring: under the write lock of `path`, `write` fills a fresh temporary file, which
-    is fsynced and renamed over `path`. If `write` raises, the temporary is removed and `path` is untouched.
+    The protocol of the module docstring: under the write lock of `path`, `write` fills a fresh temporary file (open
+    for binary writing), which is fsynced and renamed over `path`. If `write` raises, the temporary is removed and
+    `path` is untouched. `write` must write through the file it is given: a library that writes a path itself may
+    put its own temporary file next to it, which a killed write would leave behind under a name no one cleans up
+    (safetensors' `save_file` does: `.tmpXXXXXX`).
     """
     with write_lock(path) as target:
-        tmp = _create_temp_file(target)
+        tmp, file = _open_temp_file(target)
         try:
-            write(str(tmp))
-            fsync_file(tmp)
+            with file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -173,10 +181,14 @@ def replace_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 def atomic_save_file(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Write `tensors` (and string `metadata`) to the safetensors file `path` atomically; return the path."""
+    """Write `tensors` (and string `metadata`) to the safetensors file `path` atomically; return the path.
+
+    The file is serialized in memory first (it needs as much memory again as the tensors), then written through the
+    temporary file of [`replace_file`].
+    """
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    # `save_file` is looked up at call time, so that tests can make it fail.
-    return replace_file(path, lambda name: save_file(contiguous, name, metadata=dict(metadata) if metadata else None))
+    # `save` is looked up at call time, so that tests can make it fail.
+    return replace_file(path, lambda file: file.write(save(contiguous, metadata=dict(metadata) if metadata else None)))
 
 
 def _parse_header(path: Path, file_size: int, read_at: Callable[[int, int], bytes]) -> dict:
