@@ -142,6 +142,8 @@ def _swap_in(new: Path, folder: Path) -> None:
 
 
 def _can_swap(folder: Path) -> bool:
+    if not folder.parent.exists():
+        return True  # the lock creates it
     return not os.path.ismount(folder) and os.access(folder.parent, os.W_OK | os.X_OK)
 
 
