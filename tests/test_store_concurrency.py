@@ -1,12 +1,11 @@
 """ProfileStore under many writers and readers: handles and processes, locking, fresh reads, create's refusals.
 
-Child processes come from a "forkserver" context whose server imported xpeft once, so each child starts in
-milliseconds and the pytest process (which runs torch ops) is never forked.
+Child processes come from a "forkserver" context (`test_crash_safety.forkserver_context`) whose server imported xpeft
+once, so each child starts in milliseconds and the pytest process (which runs torch ops) is never forked.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import pickle
 import re
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from test_crash_safety import forkserver_context
 from xpeft import ProfileStore
 from xpeft.x_peft.store import STORE_FORMAT
 
@@ -38,12 +38,6 @@ def payload(code: int) -> torch.Tensor:
 def code_of(name: str) -> int:
     writer, index = re.fullmatch(r"w(\d+)-(\d+)", name).groups()
     return int(writer) * ADDS + int(index)
-
-
-def context():
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["xpeft", __name__])
-    return ctx
 
 
 def writer(path: str, writer_id: int, start) -> None:
@@ -85,7 +79,7 @@ def reader(path: str, stop, results) -> None:
 def test_four_writer_processes_and_a_reader_lose_nothing(tmp_path):
     path = tmp_path / "store.safetensors"
     ProfileStore.create(path, store_config(), layers=LAYERS)
-    ctx = context()
+    ctx = forkserver_context()
     start, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     writers = [ctx.Process(target=writer, args=(str(path), w, start)) for w in range(WRITERS)]
     watcher = ctx.Process(target=reader, args=(str(path), stop, results))
