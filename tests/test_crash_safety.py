@@ -500,6 +500,11 @@ def test_saving_into_the_working_folder_keeps_the_process_in_it(tmp_path, monkey
     Path("note.txt").write_text("here")  # in the old, deleted tree this would fail
     assert (tmp_path / "adapter" / "note.txt").read_text() == "here"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    (tmp_path / "gone").mkdir()
+    os.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()
+    model.save_pretrained(tmp_path / "elsewhere")  # a deleted working folder does not stop a save
+    assert (tmp_path / "elsewhere" / "adapter_model.safetensors").is_file()
 
 
 def test_a_mount_point_is_saved_in_place_with_a_warning(tmp_path, monkeypatch):

@@ -163,14 +163,21 @@ def save_folder(save, save_directory: str | os.PathLike) -> None:
             if folder.is_dir():
                 _link_missing(folder, new)
             _fsync_tree(new)
-            cwd = os.getcwd()
+            cwd = _working_folder()
             _swap_in(new, folder)
         except BaseException:
             if os.path.lexists(new):
                 remove_path(new)
             raise
-        if cwd == str(folder) or cwd.startswith(str(folder) + os.sep):
+        if cwd is not None and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)):
             os.chdir(cwd)  # the process's working folder was in the old tree: move it to the same place in the new one
+
+
+def _working_folder() -> str | None:
+    try:
+        return os.getcwd()
+    except FileNotFoundError:  # the working folder was deleted: nothing to move
+        return None
 
 
 def _saves_xpeft(model: PeftModel, selected_adapters) -> bool:
