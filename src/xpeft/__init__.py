@@ -4,6 +4,7 @@
 `PeftModel.from_pretrained`, `save_pretrained`, ...) handles them like built-in methods.
 """
 
+from . import saving  # noqa: F401  (makes `PeftModel.save_pretrained` crash-safe for xpeft adapters)
 from ._registry import ensure_peft_type, register_method
 from .ether import EtherConfig, EtherModel
 from .pedro import PedroConfig, PedroModel

@@ -6,9 +6,9 @@ A profile's payload is what `save_pretrained` writes and what the store keeps pe
 - hard masks: only which adapters are selected, bit-packed: `ceil(2·L·N / 8)` bytes of uint8 (300 bytes for L=12,
   N=100). Unpacked, the selected logits are 1 and the others 0, which selects the same top-k.
 
-The store is one safetensors file: a `[P, payload bytes]` uint8 tensor, one fixed-size record per profile, with the
-names, bank fingerprint and geometry in the header metadata. [`ProfileStore.get`] reads one record through
-one seek and one read, without reading the others.
+The store is one safetensors file: a `[P, payload bytes]` uint8 tensor (float32 `[P, L, 2, N]` for soft masks), one
+fixed-size record per profile, with the names, bank fingerprint and geometry in the header metadata.
+[`ProfileStore.get`] reads one record with one positioned read, without reading the others.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from ..serialization import atomic_save_file, read_safetensors_metadata
+from ..serialization import atomic_save_file, read_safetensors_header, write_lock
 
 STORE_FORMAT = "xpeft-profile-store/v1"
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -70,6 +70,37 @@ def unpack_masks(payload: torch.Tensor, mask_type: str, hard_k: int, layers: int
     return bits.float()
 
 
+_CREATE = (
+    "create one with `ProfileStore.create(path, peft_model.peft_config[adapter_name], layers=...)`, `layers` being the "
+    "number of adapted layers, then fill it with `store.add(...)`"
+)
+
+
+def _record_shape(info: dict) -> tuple[int, ...]:
+    if info["mask_type"] == "hard":
+        return (math.ceil(2 * info["layers"] * info["bank_size"] / 8),)
+    return (info["layers"], 2, info["bank_size"])
+
+
+def _record_dtype(info: dict) -> torch.dtype:
+    return torch.uint8 if info["mask_type"] == "hard" else torch.float32
+
+
+def _stat_key(result: os.stat_result) -> tuple[int, ...]:
+    return (result.st_dev, result.st_ino, result.st_size, result.st_mtime_ns)
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)  # Linux returns at most ~2 GB per call
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size, offset = size - len(chunk), offset + len(chunk)
+    return b"".join(chunks)
+
+
 class ProfileStore:
     """Thousands of profiles of one bank in one safetensors file (fixed-size records + a name index).
 
@@ -79,39 +110,37 @@ class ProfileStore:
     payload = store.get("alice")                           # reads one record only
     attach_profile(peft_model, store, "alice")             # a new adapter "alice" on the model
     ```
+
+    Many handles, threads and processes may read and add to one store at once (POSIX file systems). `add` holds an
+    OS file lock (`xpeft.serialization.write_lock`) around its whole read-modify-write, reads names and records from
+    the file under that lock, and replaces the file atomically. Readers never lock: a handle keeps the version of the
+    file it last indexed open, and before each `get`, `list`, `len` or `in` compares it with the file now at `path`
+    (device, inode, size, modification time); if they differ it re-reads the index from the new file, then reads the
+    record from that same open file. A reader thus sees one version or the next, never a mix. `close()` releases the
+    kept file (the next access opens it again).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        create = (
-            "create one with `ProfileStore.create(path, peft_model.peft_config[adapter_name], layers=...)`, `layers` "
-            "being the number of adapted layers, then fill it with `store.add(...)`"
-        )
+        self._lock = threading.RLock()
+        self._fd: int | None = None
+        self._key: tuple[int, ...] | None = None
         if not self.path.is_file():
-            raise FileNotFoundError(f"No X-PEFT profile store at {self.path}; {create}.")
-        metadata = read_safetensors_metadata(self.path)
-        if metadata.get("format") != STORE_FORMAT:
-            raise ValueError(
-                f"{self.path} is not an X-PEFT profile store (format {metadata.get('format')!r}, expected "
-                f"{STORE_FORMAT!r}); open a file written by `ProfileStore.create`, or {create}."
-            )
-        self.info = json.loads(metadata["info"])
-        self._names: list[str] = json.loads(metadata["names"])
-        self._index = {name: i for i, name in enumerate(self._names)}
-        # Locate the records once, so that `get` is one seek and one read of a single record.
-        with open(self.path, "rb") as file:
-            header_size = int.from_bytes(file.read(8), "little")
-            entry = json.loads(file.read(header_size))["records"]
-        self._dtype = torch.uint8 if self.info["mask_type"] == "hard" else torch.float32
-        self._shape = self._record_shape(self.info)
-        self._record_bytes = math.prod(self._shape) * self._dtype.itemsize
-        self._data_start = 8 + header_size + entry["data_offsets"][0]
-        if self.path.stat().st_size < 8 + header_size + entry["data_offsets"][1]:
-            raise ValueError(f"{self.path} is truncated: its header lists more records than the file holds.")
+            raise FileNotFoundError(f"No X-PEFT profile store at {self.path}; {_CREATE}.")
+        self._sync()
 
     @classmethod
-    def create(cls, path: str | os.PathLike, config, layers: int) -> ProfileStore:
-        """An empty store for profiles of `config`'s bank, mask type and geometry (`layers` adapted layers)."""
+    def create(cls, path: str | os.PathLike, config, layers: int, overwrite: bool = False) -> ProfileStore:
+        """An empty store for profiles of `config`'s bank, mask type and geometry (`layers` adapted layers).
+
+        An existing file at `path` is never replaced silently: pass `overwrite=True` to replace it with an empty
+        store (its profiles are lost); to add profiles to an existing store, open it with `ProfileStore(path)`.
+        """
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(
+                f"`layers` must be a positive int, the number of layers the profiles adapt (as many as the model has "
+                f"X-PEFT layers), got {layers!r}."
+            )
         if config.bank_fingerprint is None:
             raise ValueError("The config has no bank fingerprint yet; create the store from an attached config.")
         info = {
@@ -121,76 +150,169 @@ class ProfileStore:
             "bank_size": config.bank_size,
             "layers": layers,
         }
-        shape = (0, *cls._record_shape(info))
-        dtype = torch.uint8 if info["mask_type"] == "hard" else torch.float32
-        cls._write(Path(path), torch.empty(shape, dtype=dtype), [], info)
+        with write_lock(path):
+            if not overwrite and os.path.lexists(path):
+                raise FileExistsError(
+                    f"{path} already exists; open it with `ProfileStore(path)` to add profiles to it, or pass "
+                    "`overwrite=True` to replace it with an empty store (its profiles are lost)."
+                )
+            cls._write(Path(path), torch.empty(0, *_record_shape(info), dtype=_record_dtype(info)), [], info)
         return cls(path)
-
-    @staticmethod
-    def _record_shape(info: dict) -> tuple[int, ...]:
-        if info["mask_type"] == "hard":
-            return (math.ceil(2 * info["layers"] * info["bank_size"] / 8),)
-        return (info["layers"], 2, info["bank_size"])
 
     @staticmethod
     def _write(path: Path, records: torch.Tensor, names: list[str], info: dict) -> None:
         metadata = {"format": STORE_FORMAT, "info": json.dumps(info), "names": json.dumps(names)}
         atomic_save_file({"records": records}, path, metadata)
 
+    def _sync(self) -> int:
+        """Index the file now at `path` unless it is the version indexed last; return that version's open file."""
+        try:
+            key = _stat_key(os.stat(self.path))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"The X-PEFT profile store {self.path} was deleted or moved; {_CREATE}."
+            ) from error
+        if key == self._key:
+            # Same inode as the file this handle keeps open: an inode number is not reused while a file is open.
+            return self._fd
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._index_file(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._key = fd, _stat_key(os.fstat(fd))
+        return fd
+
+    def _index_file(self, fd: int) -> None:
+        header = read_safetensors_header(self.path, fd)
+        metadata = header.get("__metadata__") or {}
+        if metadata.get("format") != STORE_FORMAT:
+            raise ValueError(
+                f"{self.path} is not an X-PEFT profile store (format {metadata.get('format')!r}, expected "
+                f"{STORE_FORMAT!r}); open a file written by `ProfileStore.create`, or {_CREATE}."
+            )
+        try:
+            info, names, entry = json.loads(metadata["info"]), json.loads(metadata["names"]), header["records"]
+            shape, dtype = _record_shape(info), _record_dtype(info)
+            record_bytes = math.prod(shape) * dtype.itemsize
+            expected = {"dtype": "U8" if dtype == torch.uint8 else "F32", "shape": [len(names), *shape]}
+            found = {"dtype": entry["dtype"], "shape": entry["shape"]}
+            if found != expected or entry["data_offsets"][1] - entry["data_offsets"][0] != len(names) * record_bytes:
+                raise ValueError(f"its records are {found}, its index needs {expected}")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{self.path} is a corrupted X-PEFT profile store ({error}); re-create it and add the profiles again."
+            ) from error
+        self._info, self._names = info, names
+        self._index = {name: i for i, name in enumerate(names)}
+        self._shape, self._dtype, self._record_bytes = shape, dtype, record_bytes
+        self._data_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little") + entry["data_offsets"][0]
+
+    def close(self) -> None:
+        """Release the open file this handle keeps; the next access opens the store again."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._key = None, None
+
+    def __enter__(self) -> ProfileStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __reduce__(self):
+        return type(self), (self.path,)  # another process opens the file itself
+
+    @property
+    def info(self) -> dict:
+        """The store's bank fingerprint, mask type, `hard_k`, bank size and number of layers."""
+        with self._lock:
+            self._sync()
+            return dict(self._info)
+
     def list(self) -> list[str]:
         """Names of the stored profiles, in insertion order."""
-        return list(self._names)
+        with self._lock:
+            self._sync()
+            return list(self._names)
 
     def __len__(self) -> int:
-        return len(self._names)
+        with self._lock:
+            self._sync()
+            return len(self._names)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._index
+        with self._lock:
+            self._sync()
+            return name in self._index
+
+    def _records(self, fd: int) -> torch.Tensor:
+        size = len(self._names) * self._record_bytes
+        raw = _pread_exact(fd, size, self._data_start)
+        if len(raw) != size:
+            raise ValueError(f"{self.path} is truncated: its records are incomplete; re-create it.")
+        if not raw:
+            return torch.empty(0, *self._shape, dtype=self._dtype)
+        return torch.frombuffer(bytearray(raw), dtype=self._dtype).view(-1, *self._shape)
 
     def add(self, payloads: dict[str, torch.Tensor], bank_fingerprint: str | None = None) -> None:
-        """Add (or replace) profiles by name and rewrite the file atomically; refuse profiles of another bank."""
-        if bank_fingerprint is not None and bank_fingerprint != self.info["bank_fingerprint"]:
-            raise ValueError(
-                f"These profiles were trained against bank {bank_fingerprint} but the store {self.path} holds "
-                f"profiles of bank {self.info['bank_fingerprint']}; use a store created for that bank."
-            )
-        shape = self._record_shape(self.info)
-        for name, payload in payloads.items():
-            if tuple(payload.shape) != shape or payload.dtype != self._dtype:
+        """Add (or replace) profiles by name and rewrite the file atomically; refuse profiles of another bank.
+
+        The file is read and rewritten under its write lock, so concurrent `add` calls from any handle or process
+        all take effect, one after the other.
+        """
+        with write_lock(self.path), self._lock:
+            fd = self._sync()  # under the lock nobody else writes: this is the file the new version builds on
+            info = self._info
+            if bank_fingerprint is not None and bank_fingerprint != info["bank_fingerprint"]:
                 raise ValueError(
-                    f"Profile {name!r} has payload {payload.dtype} {list(payload.shape)}, the store expects "
-                    f"{self._dtype} {list(shape)}."
+                    f"These profiles were trained against bank {bank_fingerprint} but the store {self.path} holds "
+                    f"profiles of bank {info['bank_fingerprint']}; use a store created for that bank."
                 )
-        stacked = torch.stack(list(payloads.values())) if payloads else torch.empty(0, *shape, dtype=self._dtype)
-        info = self.info
-        for start in range(0, len(stacked), 4096):  # decoding validates them (e.g. k selected adapters per layer)
-            unpack_masks(
-                stacked[start : start + 4096], info["mask_type"], info["hard_k"], info["layers"], info["bank_size"]
-            )
-        with safe_open(self.path, framework="pt") as file:
-            records = file.get_tensor("records")
-        order = list(payloads)
-        replaced = [i for i, name in enumerate(order) if name in self._index]
-        added = [i for i, name in enumerate(order) if name not in self._index]
-        if replaced:
-            records[[self._index[order[i]] for i in replaced]] = stacked[replaced]
-        records = torch.cat([records, stacked[added]])
-        names = self._names + [order[i] for i in added]
-        self._write(self.path, records, names, self.info)
-        self.__init__(self.path)  # the header (names) changed size, so the records moved: re-read their offsets
+            for name, payload in payloads.items():
+                if tuple(payload.shape) != self._shape or payload.dtype != self._dtype:
+                    raise ValueError(
+                        f"Profile {name!r} has payload {payload.dtype} {list(payload.shape)}, the store expects "
+                        f"{self._dtype} {list(self._shape)}."
+                    )
+            empty = torch.empty(0, *self._shape, dtype=self._dtype)
+            stacked = torch.stack([p.detach().cpu() for p in payloads.values()]) if payloads else empty
+            for start in range(0, len(stacked), 4096):  # decoding validates them (e.g. k selected adapters per layer)
+                chunk = stacked[start : start + 4096]
+                unpack_masks(chunk, info["mask_type"], info["hard_k"], info["layers"], info["bank_size"])
+            records = self._records(fd)
+            order = list(payloads)
+            replaced = [i for i, name in enumerate(order) if name in self._index]
+            added = [i for i, name in enumerate(order) if name not in self._index]
+            if replaced:
+                records[[self._index[order[i]] for i in replaced]] = stacked[replaced]
+            records = torch.cat([records, stacked[added]])
+            self._write(self.path, records, self._names + [order[i] for i in added], info)
+            self._sync()
 
     def get(self, name: str) -> torch.Tensor:
-        """The payload of profile `name`, read alone (one slice of the records tensor)."""
-        if name not in self._index:
-            raise KeyError(f"No profile {name!r} in {self.path}; `store.list()` gives the {len(self)} stored names.")
-        with open(self.path, "rb") as file:
-            file.seek(self._data_start + self._index[name] * self._record_bytes)
-            raw = file.read(self._record_bytes)
+        """The payload of profile `name`, read alone (one record of the current file)."""
+        with self._lock:
+            fd = self._sync()
+            if name not in self._index:
+                raise KeyError(
+                    f"No profile {name!r} in {self.path}; `store.list()` gives the {len(self._names)} stored names."
+                )
+            raw = _pread_exact(fd, self._record_bytes, self._data_start + self._index[name] * self._record_bytes)
         if len(raw) != self._record_bytes:
-            raise ValueError(f"{self.path} is truncated: the record of profile {name!r} is incomplete.")
+            raise ValueError(f"{self.path} is truncated: the record of profile {name!r} is incomplete; re-create it.")
         return torch.frombuffer(bytearray(raw), dtype=self._dtype).view(self._shape)
 
     def masks(self, name: str) -> torch.Tensor:
         """Mask logits `[layers, 2, bank_size]` of profile `name`."""
-        info = self.info
-        return unpack_masks(self.get(name), info["mask_type"], info["hard_k"], info["layers"], info["bank_size"])
+        with self._lock:
+            payload, info = self.get(name), self._info  # the info of the version the record was read from
+        return unpack_masks(payload, info["mask_type"], info["hard_k"], info["layers"], info["bank_size"])
