@@ -398,7 +398,7 @@ LOAD_CASES = [
         llama,
         ValueError,
         rf"deserializing header of .*{WEIGHTS}: the header lists \d+ bytes of tensor data, but the file holds \d+\. "
-        "The file is truncated or corrupted; re-save the adapter with `save_pretrained`",
+        "The file is truncated or corrupted\\. Re-save the adapter with `save_pretrained`",
     ),
     (
         "weights-garbage",
@@ -406,7 +406,7 @@ LOAD_CASES = [
         write_bytes(lambda data: bytes(range(256)) * 4),
         llama,
         ValueError,
-        rf"deserializing header of .*{WEIGHTS}: the header length \d+ exceeds the 1016 bytes after it.*re-save the "
+        rf"deserializing header of .*{WEIGHTS}: the header length \d+ exceeds the 1016 bytes after it.*Re-save the "
         "adapter",
     ),
     (
@@ -415,7 +415,7 @@ LOAD_CASES = [
         write_bytes(lambda data: b""),
         llama,
         ValueError,
-        rf"deserializing header of .*{WEIGHTS}: the file has 0 bytes, fewer than the 8.*re-save the adapter",
+        rf"deserializing header of .*{WEIGHTS}: the file has 0 bytes, fewer than the 8.*Re-save the adapter",
     ),
     (
         "weights-header-not-json",
@@ -423,7 +423,7 @@ LOAD_CASES = [
         write_bytes(lambda data: struct.pack("<Q", 4) + b"\xff\xfe{[" + data[12:]),
         llama,
         ValueError,
-        rf"deserializing header of .*{WEIGHTS}: the header is not JSON.*re-save the adapter",
+        rf"deserializing header of .*{WEIGHTS}: the header is not JSON.*Re-save the adapter",
     ),
     (
         "weights-tensor-size-lies",
@@ -431,7 +431,7 @@ LOAD_CASES = [
         write_bytes(lambda data: header_with({"a": {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 64]}}, data)),
         llama,
         ValueError,
-        rf"deserializing header of .*{WEIGHTS}: tensor 'a' \(F32 \[4, 8\]\) spans 64 bytes.*re-save the adapter",
+        rf"deserializing header of .*{WEIGHTS}: tensor 'a' \(F32 \[4, 8\]\) spans 64 bytes.*Re-save the adapter",
     ),
     (
         "weights-tensors-overlap",
@@ -447,7 +447,7 @@ LOAD_CASES = [
         ),
         llama,
         ValueError,
-        rf"deserializing header of .*{WEIGHTS}: the data of tensor 'b' starts at byte 4, expected 8.*re-save",
+        rf"deserializing header of .*{WEIGHTS}: the data of tensor 'b' starts at byte 4, expected 8.*Re-save",
     ),
     (
         "weights-missing",

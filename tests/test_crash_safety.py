@@ -212,7 +212,7 @@ def kill_rounds(target, make_args, after_kill, clean, max_delay: float, seed: in
         while conn.poll():
             try:
                 last = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # the killed child's end: closed, or reset with a message half-written
                 break
         outcome, leftovers = after_kill(last)
         outcomes[outcome] += 1

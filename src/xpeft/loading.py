@@ -18,7 +18,6 @@ adapter fails with an error that names the file, the problem and the fix instead
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,28 +31,20 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper
-from safetensors import SafetensorError
 from torch import nn
+
+from . import serialization
+from .serialization import CorruptFileError  # noqa: F401  (raised through read_safetensors_header)
 
 PEFT_PREFIX = "base_model.model."
 # Non-field attributes on a config instance (dataclass fields are what peft saves; these never are).
 _LOADED_FROM = "_xpeft_loaded_from"
 _PENDING_LOAD = "_xpeft_pending_load"
-# Bytes per element of the safetensors dtypes; an unknown (newer) dtype only skips its own size check.
-SAFETENSORS_ITEM_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
 _LIKELY_CAUSE = (
     "Likely cause: adapter_config.json was edited after saving, or the adapter was saved from another base model "
     "(other layer sizes or number of layers). Load it with the config and base model it was saved with, or re-save it "
     "from that model with `save_pretrained`."
 )
-
-
-class CorruptFileError(ValueError, SafetensorError):
-    """A file that cannot be a valid safetensors file. Also a `SafetensorError`, the error safetensors itself raises
-    for such files, so that code catching that keeps working."""
 
 
 @dataclass(frozen=True)
@@ -75,59 +66,16 @@ class LoadedFrom:
 
 
 def read_safetensors_header(
-    path: str | os.PathLike, fix: str = "re-save the adapter with `save_pretrained` (or copy the file again)"
+    path: str | os.PathLike, fix: str = "Re-save the adapter with `save_pretrained` (or copy the file again)."
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """`{tensor name: (dtype, shape)}` from the header of a safetensors file, after checking that the header is
-    well-formed and that its tensors tile the data that follows it exactly (what a truncated file fails).
+    """`{tensor name: (dtype, shape)}` from the checked header of a safetensors file (see
+    [`serialization.read_safetensors_header`]).
 
     Raises:
         CorruptFileError: naming the file, what is wrong with it and `fix`.
     """
-    path = Path(path)
-
-    def corrupt(reason: str) -> CorruptFileError:
-        return CorruptFileError(
-            f"Error while deserializing header of {path}: {reason}. The file is truncated or corrupted; {fix}."
-        )
-
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise corrupt(f"the file has {size} bytes, fewer than the 8 that give the header's length")
-        header_size = int.from_bytes(prefix, "little")
-        if header_size > size - 8:
-            raise corrupt(f"the header length {header_size} exceeds the {size - 8} bytes after it")
-        raw = file.read(header_size)
-    try:
-        header = json.loads(raw)
-    except ValueError as error:  # includes UnicodeDecodeError
-        raise corrupt(f"the header is not JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise corrupt("the header is not a JSON object")
-    tensors, spans = {}, []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not all(isinstance(n, int) and n >= 0 for n in (*shape, start, end)) or start > end:
-                raise ValueError
-        except (TypeError, KeyError, ValueError) as error:
-            raise corrupt(f"the entry of tensor {name!r} is malformed ({entry!r})") from error
-        item_bytes = SAFETENSORS_ITEM_BYTES.get(dtype)
-        if item_bytes is not None and end - start != math.prod(shape) * item_bytes:
-            raise corrupt(f"tensor {name!r} ({dtype} {list(shape)}) spans {end - start} bytes")
-        tensors[name] = (dtype, shape)
-        spans.append((start, end, name))
-    position, data_bytes = 0, size - 8 - header_size
-    for start, end, name in sorted(spans):
-        if start != position:
-            raise corrupt(f"the data of tensor {name!r} starts at byte {start}, expected {position}")
-        position = end
-    if position != data_bytes:
-        raise corrupt(f"the header lists {position} bytes of tensor data, but the file holds {data_bytes}")
-    return tensors
+    header = serialization.read_safetensors_header(path, fix=fix)
+    return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items() if name != "__metadata__"}
 
 
 def _read_config_json(config_file: Path) -> dict[str, Any]:

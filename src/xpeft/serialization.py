@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -44,7 +45,7 @@ from safetensors.torch import load_file, save
 
 LOCK_SUFFIX = ".xpeft-lock"
 TEMP_INFIX = ".xpeft-tmp-"
-_RECREATE = "it may be truncated or corrupted. Re-create it from its source (re-save the profile or bank)."
+_RECREATE = "Re-create it from its source (re-save the profile or bank)."
 
 # Paths whose write lock the current thread holds (canonical paths), for re-entrance.
 _held = threading.local()
@@ -191,27 +192,64 @@ def atomic_save_file(
     return replace_file(path, lambda file: file.write(save(contiguous, metadata=dict(metadata) if metadata else None)))
 
 
-def _parse_header(path: Path, file_size: int, read_at: Callable[[int, int], bytes]) -> dict:
+class CorruptFileError(ValueError, SafetensorError):
+    """A file that cannot be a valid safetensors file. Also a `SafetensorError`, the error safetensors itself raises
+    for such files, so that code catching that keeps working."""
+
+
+# Bytes per element of the safetensors dtypes; an unknown (newer) dtype only skips its own size check.
+SAFETENSORS_ITEM_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _parse_header(path: Path, file_size: int, read_at: Callable[[int, int], bytes], fix: str) -> dict:
+    """The JSON header of a safetensors file, after checking that it is well-formed and that its tensors tile the data
+    that follows it exactly (what a truncated file fails)."""
+
+    def corrupt(reason: str) -> CorruptFileError:
+        return CorruptFileError(
+            f"Error while deserializing header of {path}: {reason}. The file is truncated or corrupted. {fix}"
+        )
+
+    prefix = read_at(0, 8)
+    if len(prefix) < 8:
+        raise corrupt(f"the file has {file_size} bytes, fewer than the 8 that give the header's length")
+    header_size = int.from_bytes(prefix, "little")
+    if header_size > file_size - 8:
+        raise corrupt(f"the header length {header_size} exceeds the {file_size - 8} bytes after it")
     try:
-        prefix = read_at(0, 8)
-        if len(prefix) < 8:
-            raise ValueError(f"the file is {file_size} bytes long, shorter than the 8-byte header size")
-        header_size = int.from_bytes(prefix, "little")
-        if not 0 < header_size <= file_size - 8:
-            raise ValueError(f"header size {header_size} out of range for a file of {file_size} bytes")
         header = json.loads(read_at(8, header_size))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        data_size = file_size - 8 - header_size
-        for name, entry in header.items():
-            if name != "__metadata__" and entry["data_offsets"][1] > data_size:
-                raise ValueError(f"tensor {name!r} ends past the end of the file")
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as error:
-        raise ValueError(f"{path} is not a valid safetensors file ({error}); {_RECREATE}") from error
+    except ValueError as error:  # includes UnicodeDecodeError
+        raise corrupt(f"the header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(n, int) and n >= 0 for n in (*shape, start, end)) or start > end:
+                raise ValueError
+        except (TypeError, KeyError, ValueError) as error:
+            raise corrupt(f"the entry of tensor {name!r} is malformed ({entry!r})") from error
+        item_bytes = SAFETENSORS_ITEM_BYTES.get(dtype)
+        if item_bytes is not None and end - start != math.prod(shape) * item_bytes:
+            raise corrupt(f"tensor {name!r} ({dtype} {list(shape)}) spans {end - start} bytes")
+        spans.append((start, end, name))
+    position, data_bytes = 0, file_size - 8 - header_size
+    for start, end, name in sorted(spans):
+        if start != position:
+            raise corrupt(f"the data of tensor {name!r} starts at byte {start}, expected {position}")
+        position = end
+    if position != data_bytes:
+        raise corrupt(f"the header lists {position} bytes of tensor data, but the file holds {data_bytes}")
     return header
 
 
-def read_safetensors_header(path: str | os.PathLike, fd: int | None = None) -> dict:
+def read_safetensors_header(path: str | os.PathLike, fd: int | None = None, fix: str = _RECREATE) -> dict:
     """The whole JSON header of a safetensors file (tensor entries and `__metadata__`), checked against its size.
 
     With `fd` (an open descriptor of the file; POSIX only) the header is read from that descriptor with positioned
@@ -219,7 +257,7 @@ def read_safetensors_header(path: str | os.PathLike, fd: int | None = None) -> d
     """
     path = Path(path)
     if fd is not None:
-        return _parse_header(path, os.fstat(fd).st_size, lambda offset, size: os.pread(fd, size, offset))
+        return _parse_header(path, os.fstat(fd).st_size, lambda offset, size: os.pread(fd, size, offset), fix)
     if not path.is_file():
         raise FileNotFoundError(f"No safetensors file at {path}.")
     with open(path, "rb") as file:
@@ -228,7 +266,7 @@ def read_safetensors_header(path: str | os.PathLike, fd: int | None = None) -> d
             file.seek(offset)
             return file.read(size)
 
-        return _parse_header(path, os.fstat(file.fileno()).st_size, read_at)
+        return _parse_header(path, os.fstat(file.fileno()).st_size, read_at, fix)
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -28,8 +28,8 @@ from peft.tuners._buffer_dict import BufferDict
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..loading import SAFETENSORS_ITEM_BYTES, read_safetensors_header
-from ..serialization import atomic_save_file, read_safetensors_metadata, recipe_fingerprint
+from ..loading import read_safetensors_header
+from ..serialization import SAFETENSORS_ITEM_BYTES, atomic_save_file, read_safetensors_metadata, recipe_fingerprint
 from ..serialization import tensor_fingerprint as _tensor_fingerprint
 
 BANK_FORMAT = "xpeft-bank/v1"
@@ -343,7 +343,7 @@ def check_bank_allocation(
             r = bottleneck_size(name, d, reduction_factor)
             total += bank_size * (2 * r * d + r + d) * 4
     else:
-        header = read_safetensors_header(source, fix="rebuild it with `xpeft.x_peft.build_bank`")
+        header = read_safetensors_header(source, fix="Rebuild it with `xpeft.x_peft.build_bank`.")
         for name, _ in new:
             # A layer the file lacks is refused, with its own message, when the layer is created.
             entries = [header.get(f"{name}.{part}") for part in PARTS]
