@@ -111,7 +111,7 @@ def save_lora(path: Path, quick: bool) -> None:
 # -- serving, in a child process per method ------------------------------------------------------------------------
 
 
-def serve(model, stream, resident: int, attach, requests: int | None, mark: int) -> dict:
+def serve(model, stream, resident: int, attach, requests: int | None, mark: int, label: str) -> dict:
     """Run the stream through `model`, attaching missing profiles and deleting the least recently used ones.
 
     Stops after `requests` requests (None: the whole stream); also reports the rate over the first `mark` requests.
@@ -142,6 +142,9 @@ def serve(model, stream, resident: int, attach, requests: int | None, mark: int)
             served += len(names)
             if at_mark is None and served >= mark:
                 at_mark = {"requests": served, "seconds": time.perf_counter() - start}
+            if served % 1000 < len(names):
+                rate = served / (time.perf_counter() - start)
+                print(f"   {label}: {served} requests, {rate:.2f}/s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     return {
         "requests": served,
@@ -160,6 +163,7 @@ def serve(model, stream, resident: int, attach, requests: int | None, mark: int)
 
 def run_child(method: str, setup: dict) -> dict:
     quick, tmp = setup["quick"], Path(setup["tmp"])
+    torch.set_num_threads(setup["threads"])
     geo = geometry(quick)
     stream = request_stream(setup["profiles"], setup["batch"], setup["seq"], geo.vocab_size)
     if method.endswith("_one"):  # the same batches, every sample for one profile
@@ -181,7 +185,7 @@ def run_child(method: str, setup: dict) -> dict:
     with torch.no_grad(), model.disable_adapter():  # one-time costs (kernel selection, allocations) before timing
         model(input_ids=stream[0][1], attention_mask=torch.ones_like(stream[0][1]))
     rss_setup = memory_mb("VmRSS")
-    result = serve(model, stream, setup["resident"], attach, requests, mark=setup["lora_requests"])
+    result = serve(model, stream, setup["resident"], attach, requests, setup["lora_requests"], method)
     result["rss_after_setup_mb"] = rss_setup
     result["peak_rss_mb"] = memory_mb("VmHWM")
     result["final_rss_mb"] = memory_mb("VmRSS")
@@ -199,9 +203,9 @@ def spawn(method: str, setup: dict) -> dict:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
     }
     start, load_before = time.perf_counter(), os.getloadavg()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env)  # its progress and errors go to this process's stderr
     if proc.returncode != 0:
-        raise RuntimeError(f"child {method} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"child {method} failed with exit code {proc.returncode}; its error is printed above")
     result = json.loads(out.read_text())
     result["process_seconds"] = time.perf_counter() - start
     result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()
@@ -224,7 +228,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads_default": torch.get_num_threads(),
         "memory_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -264,6 +268,8 @@ def main() -> None:
                         "--quick)")  # fmt: skip
     parser.add_argument("--single-requests", type=int, default=None, help="requests of the one-profile runs, a prefix "
                         "of the same stream (default 2000; 48 with --quick)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each child (default 1: on "
+                        "a shared machine, 2 OpenMP threads on 2 busy cores ran a BERT-base forward 5x slower than 1)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny BERT (2 layers, d=64) and few profiles: seconds")
     parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {RESULTS}; not written "
                         "with --quick unless given)")  # fmt: skip
@@ -283,6 +289,7 @@ def main() -> None:
         "quick": quick,
         "profiles": pick(args.profiles, 10_000, 96),
         "batch": args.batch,
+        "threads": args.threads,
         "seq": pick(args.seq, 32, 8),
         "resident": pick(args.resident, 64, 16),
         "lora_requests": pick(args.lora_profiles, 800, 48),

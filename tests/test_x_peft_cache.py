@@ -72,8 +72,25 @@ def cache_size(monkeypatch):
 # -- the LRU bound --------------------------------------------------------------------------------------------------
 
 
-def test_default_size_holds_a_mixed_batch_of_32_profiles():
-    assert layer_module.COMPOSED_CACHE_SIZE == 32
+@pytest.mark.parametrize(("profiles", "recomposed"), [(32, 0), (33, 33)])
+def test_by_default_a_mixed_batch_of_32_profiles_is_served_from_the_cache(monkeypatch, profiles, recomposed):
+    names = [f"q{i}" for i in range(profiles)]
+    model = build(names)
+    inputs = make_inputs("llama", batch=profiles)
+    calls = []
+    original = layer_module.compose_adapter
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(layer_module, "compose_adapter", counting)
+    with torch.no_grad():
+        model(**inputs, adapter_names=names)
+        calls.clear()
+        model(**inputs, adapter_names=names)
+    layers = len(xpeft_layers(model, "q0"))
+    assert len(calls) == recomposed * layers  # with 33, each profile in turn evicts the one needed next (LRU)
 
 
 def test_entries_never_exceed_the_size_and_least_recently_used_go_first(cache_size):

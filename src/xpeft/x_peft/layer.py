@@ -103,15 +103,16 @@ class _BankState(NamedTuple):
 
     @staticmethod
     def of(bank: Composed) -> _BankState:
+        return _BankState(tuple(weakref.ref(t) for t in bank), _BankState._storage(bank))
+
+    @staticmethod
+    def _storage(bank: Composed) -> tuple[tuple[int, int], ...]:
         # Inference tensors (e.g. a bank moved inside `torch.inference_mode()`) have no version counter.
-        storage = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in bank)
-        return _BankState(tuple(weakref.ref(t) for t in bank), storage)
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in bank)
 
     def matches(self, bank: Composed) -> bool:
-        return (
-            all(ref() is t for ref, t in zip(self.refs, bank, strict=True))
-            and self.storage == _BankState.of(bank).storage
-        )
+        same_tensors = all(ref() is t for ref, t in zip(self.refs, bank, strict=True))
+        return same_tensors and self.storage == _BankState._storage(bank)
 
 
 class _CacheEntry(NamedTuple):
