@@ -26,10 +26,11 @@ COMPOSED_CACHE_SIZE = 32
 
 Read at every use, so `xpeft.x_peft.layer.COMPOSED_CACHE_SIZE = n` takes effect on the next call. One entry is one
 profile's `(A*, a*, B*, b*)` for one layer, `2rd + r + d` floats: 298 KB on BERT-base (d=768, r=48), so the default
-holds at most 32 x 3.6 MB = 115 MB over BERT-base's 12 layers. A mixed batch of B distinct profiles needs B entries
-to be served from the cache on its next call; with fewer, each call recomposes the missing ones (about 0.8 ms per
-profile and layer on BERT-base, against 15 ms for the layer's share of an 8 x 32 forward). The last mixed batch's
-stacked adapters are kept in addition (`_batch_cache`, B entries).
+holds at most 32 x 3.6 MB = 115 MB over BERT-base's 12 layers (32/N of the bank's own memory, whatever the model).
+A mixed batch of B distinct profiles needs B entries to be served from the cache on its next call; with fewer, each
+call recomposes the missing ones, which reads the layer's whole bank per profile (0.8 ms per profile and layer on
+BERT-base on the 2-core development machine, about 5% of the layer's share of an 8 x 32 forward). The last mixed
+batch's stacked adapters, one per sample, are kept in addition (`_batch_cache`).
 """
 
 
@@ -251,7 +252,8 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         result = compose_adapter(bank, mask_weights(saved_A, mask_type, k), mask_weights(saved_B, mask_type, k))
         with self._cache_lock:
             # A profile deleted (or replaced) while it was being composed gets no entry: it would never be used again.
-            if self.xpeft_mask_A._parameters.get(name) is not mask_A:
+            current = self.xpeft_mask_A._parameters.get(name), self.xpeft_mask_B._parameters.get(name)
+            if current[0] is not mask_A or current[1] is not mask_B:
                 return None, result
             self._generations += 1
             self._composed_cache[name] = _CacheEntry(saved_A, saved_B, state, self._generations, result)
