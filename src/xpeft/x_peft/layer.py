@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,18 @@ from .bank import XPeftBank
 UNMERGEABLE_REASON = "the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it."
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 Composed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+COMPOSED_CACHE_SIZE = 32
+"""Composed adapters each X-PEFT layer keeps, least recently used evicted first; 0 disables caching.
+
+Read at every use, so `xpeft.x_peft.layer.COMPOSED_CACHE_SIZE = n` takes effect on the next call. One entry is one
+profile's `(A*, a*, B*, b*)` for one layer, `2rd + r + d` floats: 298 KB on BERT-base (d=768, r=48), so the default
+holds at most 32 x 3.6 MB = 115 MB over BERT-base's 12 layers (32/N of the bank's own memory, whatever the model).
+A mixed batch of B distinct profiles needs B entries to be served from the cache on its next call; with fewer, each
+call recomposes the missing ones, which reads the layer's whole bank per profile (0.8 ms per profile and layer on
+BERT-base on the 2-core development machine, about 5% of the layer's share of an 8 x 32 forward). The last mixed
+batch's stacked adapters, one per sample, are kept in addition (`_batch_cache`).
+"""
 
 
 def mask_weights(logits: torch.Tensor, mask_type: str, hard_k: int) -> torch.Tensor:
@@ -64,6 +80,50 @@ def bottleneck_delta(h: torch.Tensor, composed: Composed, activation) -> torch.T
     return torch.baddbmm(b.unsqueeze(1), activation(z), B.mT)
 
 
+def composed_cache_size() -> int:
+    """The current [`COMPOSED_CACHE_SIZE`], refused with the fix if it is not a non-negative int."""
+    size = COMPOSED_CACHE_SIZE
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(
+            f"xpeft.x_peft.layer.COMPOSED_CACHE_SIZE must be a non-negative int (composed adapters kept per X-PEFT "
+            f"layer), got {size!r}; set it to e.g. 32, or to 0 to disable caching."
+        )
+    return size
+
+
+class _BankState(NamedTuple):
+    """What a cached adapter was composed from: the bank tensors' identities, storages and in-place versions.
+
+    A data_ptr alone is not enough: after `model.half(); model.float()` a new bank can be allocated at the old address
+    (CUDA's caching allocator readily does so) with rounded values. A weak reference to each tensor tells a new tensor
+    at an old address apart without keeping an old bank alive.
+    """
+
+    refs: tuple[weakref.ref, ...]
+    storage: tuple[tuple[int, int], ...]  # (data_ptr, _version) per part
+
+    @staticmethod
+    def of(bank: Composed) -> _BankState:
+        return _BankState(tuple(weakref.ref(t) for t in bank), _BankState._storage(bank))
+
+    @staticmethod
+    def _storage(bank: Composed) -> tuple[tuple[int, int], ...]:
+        # Inference tensors (e.g. a bank moved inside `torch.inference_mode()`) have no version counter.
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in bank)
+
+    def matches(self, bank: Composed) -> bool:
+        same_tensors = all(ref() is t for ref, t in zip(self.refs, bank, strict=True))
+        return same_tensors and self.storage == _BankState._storage(bank)
+
+
+class _CacheEntry(NamedTuple):
+    mask_A: torch.Tensor  # exact copies of the logits the adapter was composed from
+    mask_B: torch.Tensor
+    bank: _BankState
+    generation: int  # unique per layer and never reused: identifies this entry in `_batch_cache`'s key
+    composed: Composed
+
+
 class XPeftLayer(nn.Module, BaseTunerLayer):
     """X-PEFT (arXiv 2401.16137, https://arxiv.org/abs/2401.16137) on a feed-forward output projection.
 
@@ -96,10 +156,7 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         # A plain reference, not a submodule: the bank is registered once, on the tuner model.
         self.__dict__["xpeft_bank"] = bank
         self.layer_name = layer_name
-        # name -> (copy of S_A, copy of S_B, bank data_ptr, composed adapter); see `_cache_hit`.
-        self._composed_cache: dict[str, tuple[torch.Tensor, torch.Tensor, int, Composed]] = {}
-        # ((adapter_names, per-profile composed tuples), stacked per-sample adapters); see `_batched`.
-        self._batch_cache: tuple[tuple, Composed] | None = None
+        self._reset_caches()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -126,64 +183,120 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
             container[adapter_name].requires_grad_(adapter_name in self.active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._composed_cache.pop(adapter_name, None)
-        self._batch_cache = None
+        with self._cache_lock:
+            self._composed_cache.pop(adapter_name, None)
+            self._batch_cache = None
         super().delete_adapter(adapter_name)
 
     # -- composition with caching ----------------------------------------------------------------------------
+    #
+    # Many threads may serve one model at once, so every read-modify-write of the caches holds `_cache_lock`; the
+    # composing and stacking themselves run outside it. An entry is only ever returned for the profile name it was
+    # stored under, after its mask copies and bank state are checked against the profile's current ones.
 
-    def _cache_hit(self, entry: tuple, mask_A: torch.Tensor, mask_B: torch.Tensor, bank_ptr: int) -> bool:
+    def _reset_caches(self) -> None:
+        self._cache_lock = threading.Lock()
+        # name -> _CacheEntry, least recently used first; bounded by COMPOSED_CACHE_SIZE.
+        self._composed_cache: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._generations = 0
+        # (key, stacked per-sample adapters) of the last mixed batch; see `_batched`.
+        self._batch_cache: tuple[tuple, Composed] | None = None
+
+    def __getstate__(self) -> dict:
+        # A lock cannot be copied or pickled, and cached tensors are not worth saving: a copy starts with empty caches.
+        state = super().__getstate__()
+        for key in ("_cache_lock", "_composed_cache", "_generations", "_batch_cache"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._reset_caches()
+
+    def _cache_hit(self, entry: _CacheEntry, mask_A: torch.Tensor, mask_B: torch.Tensor, bank: Composed) -> bool:
         # Keyed on a copy of the 2·N logits themselves, compared exactly: writes through `param.data` (or any other
-        # path that does not bump `_version`) change the values and so miss. The bank's data_ptr changes on a move
-        # or cast of the bank.
-        saved_A, saved_B, saved_ptr, _ = entry
-        if saved_ptr != bank_ptr or saved_A.device != mask_A.device or saved_A.dtype != mask_A.dtype:
+        # path that does not bump `_version`) change the values and so miss. The bank state changes on a move or
+        # cast of the bank (see `_BankState`).
+        if entry.mask_A.device != mask_A.device or entry.mask_A.dtype != mask_A.dtype or not entry.bank.matches(bank):
             return False
-        return torch.equal(saved_A, mask_A) and torch.equal(saved_B, mask_B)
+        return torch.equal(entry.mask_A, mask_A) and torch.equal(entry.mask_B, mask_B)
 
-    def composed(self, name: str) -> Composed:
-        """The composed adapter `(A*, a*, B*, b*)` of profile `name`, cached while its masks are unchanged."""
+    def _trim(self, size: int) -> None:
+        """Evict least recently used entries down to `size` (the caller holds `_cache_lock`)."""
+        while len(self._composed_cache) > size:
+            self._composed_cache.popitem(last=False)
+        if size == 0:
+            self._batch_cache = None
+
+    def _composed_entry(self, name: str) -> tuple[int | None, Composed]:
+        """`(generation, composed adapter)` of profile `name`; generation None when the result is not cached."""
         # Read through `_parameters` directly: this runs once per profile per layer on every mixed-batch call.
         mask_A, mask_B = self.xpeft_mask_A._parameters[name], self.xpeft_mask_B._parameters[name]
-        needs_grad = torch.is_grad_enabled() and (mask_A.requires_grad or mask_B.requires_grad)
-        bank = self.xpeft_bank.layer(self.layer_name)
-        bank_ptr = bank[0].data_ptr()
-        cached = self._composed_cache.get(name)
-        if not needs_grad and cached is not None and self._cache_hit(cached, mask_A, mask_B, bank_ptr):
-            return cached[3]
         mask_type, k = self.xpeft_mask_type[name], self.xpeft_hard_k[name]
-        result = compose_adapter(bank, mask_weights(mask_A, mask_type, k), mask_weights(mask_B, mask_type, k))
-        if not needs_grad:
-            self._composed_cache[name] = (mask_A.detach().clone(), mask_B.detach().clone(), bank_ptr, result)
-        return result
+        bank = self.xpeft_bank.layer(self.layer_name)
+        size = composed_cache_size()
+        if size == 0 or (torch.is_grad_enabled() and (mask_A.requires_grad or mask_B.requires_grad)):
+            with self._cache_lock:
+                self._trim(size)
+            return None, compose_adapter(bank, mask_weights(mask_A, mask_type, k), mask_weights(mask_B, mask_type, k))
+        with self._cache_lock:
+            entry = self._composed_cache.get(name)
+            if entry is not None and self._cache_hit(entry, mask_A, mask_B, bank):
+                self._composed_cache.move_to_end(name)
+                self._trim(size)
+                return entry.generation, entry.composed
+        # Composed from the copies, not the live parameters, so that the entry's key is exactly what it was composed
+        # from even if another thread writes the masks meanwhile. The values (and so the bits) are the same.
+        saved_A, saved_B = mask_A.detach().clone(), mask_B.detach().clone()
+        state = _BankState.of(bank)
+        result = compose_adapter(bank, mask_weights(saved_A, mask_type, k), mask_weights(saved_B, mask_type, k))
+        with self._cache_lock:
+            # A profile deleted (or replaced) while it was being composed gets no entry: it would never be used again.
+            current = self.xpeft_mask_A._parameters.get(name), self.xpeft_mask_B._parameters.get(name)
+            if current[0] is not mask_A or current[1] is not mask_B:
+                return None, result
+            self._generations += 1
+            self._composed_cache[name] = _CacheEntry(saved_A, saved_B, state, self._generations, result)
+            self._composed_cache.move_to_end(name)
+            self._trim(size)
+            return self._generations, result
+
+    def composed(self, name: str) -> Composed:
+        """The composed adapter `(A*, a*, B*, b*)` of profile `name`, cached while its masks and the bank are unchanged.
+
+        The cache keeps the [`COMPOSED_CACHE_SIZE`] most recently used profiles; it is bypassed while the masks are
+        trained (their gradient needs the graph).
+        """
+        return self._composed_entry(name)[1]
 
     def _batched(self, adapter_names: Sequence[str]) -> Composed:
         """Per-sample composed adapters `[S, ...]`; `"__base__"` samples get a zero adapter (an exact no-op)."""
         unique = [name for name in dict.fromkeys(adapter_names) if name != BASE_ADAPTER_NAME]
-        table = [self.composed(name) for name in unique]
-        # `composed` returns the very same cached tuple while a profile's masks and the bank are unchanged, so the
-        # stacked batch is still valid when the names and every per-profile object are identical.
-        names, bank_ptr = tuple(adapter_names), self.xpeft_bank.layer(self.layer_name)[0].data_ptr()
-        if self._batch_cache is not None and not torch.is_grad_enabled():
-            (cached_names, cached_ptr, cached_table), cached_result = self._batch_cache
-            if (cached_names, cached_ptr) == (names, bank_ptr) and all(
-                a is b for a, b in zip(cached_table, table, strict=True)
-            ):
-                return cached_result
-        zero = tuple(torch.zeros_like(part) for part in table[0]) if unique else None
-        if zero is None:  # only "__base__" samples: shapes come from the bank
-            A, a, B, b = self.xpeft_bank.layer(self.layer_name)
-            zero = (
-                A.new_zeros(A.shape[1:]),
-                a.new_zeros(a.shape[1:]),
-                B.new_zeros(B.shape[1:]),
-                b.new_zeros(b.shape[1:]),
-            )
+        # Each profile is composed (or found) once; a batch with more profiles than the cache holds still gets every
+        # one, the earlier ones just are not kept for the next call.
+        entries = [self._composed_entry(name) for name in unique]
+        generations, table = tuple(g for g, _ in entries), [c for _, c in entries]
+        bank = self.xpeft_bank.layer(self.layer_name)
+        # A generation names one cache entry for good, so equal generations mean the very adapters stacked last time.
+        # The zero adapter of "__base__" samples depends only on the bank's dtype and device.
+        key = (tuple(adapter_names), generations, tuple((t.dtype, t.device) for t in bank))
+        # With grad on, the entry would keep the autograd graph alive and never hit.
+        cacheable = not torch.is_grad_enabled() and None not in generations and composed_cache_size() > 0
+        if cacheable:
+            with self._cache_lock:
+                cached = self._batch_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        if table:
+            zero = tuple(torch.zeros_like(part) for part in table[0])
+        else:  # only "__base__" samples: shapes come from the bank
+            zero = tuple(part.new_zeros(part.shape[1:]) for part in bank)
         slot = {name: i for i, name in enumerate(unique)}
         index = torch.tensor([slot.get(name, len(unique)) for name in adapter_names], device=zero[0].device)
         result = tuple(torch.stack(parts)[index] for parts in zip(*table, zero, strict=True))
-        if not torch.is_grad_enabled():  # with grad on, the entry would keep the autograd graph alive and never hit
-            self._batch_cache = ((names, bank_ptr, tuple(table)), result)
+        if cacheable:
+            with self._cache_lock:
+                self._batch_cache = (key, result)
         return result
 
     # -- forward -----------------------------------------------------------------------------------------------
