@@ -35,7 +35,6 @@ import xpeft
 from xpeft import ProfileStore, XPeftConfig, attach_profile
 from xpeft.x_peft import layer as xpeft_layer
 from xpeft.x_peft import pack_masks
-from xpeft.x_peft.model import bank_fingerprint_of
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "serving.json"
@@ -85,15 +84,14 @@ def memory_mb(field: str) -> float:
 # -- setup, in the parent -------------------------------------------------------------------------------------------
 
 
-def xpeft_config() -> XPeftConfig:
-    config = XPeftConfig(**XPEFT)
-    config.bank_fingerprint = bank_fingerprint_of(config)
-    return config
+def xpeft_config(quick: bool) -> XPeftConfig:
+    """The profiles' config, with the fingerprint of the bank on this geometry (it covers every adapted layer)."""
+    return get_peft_model(base_model(quick), XPeftConfig(**XPEFT)).peft_config["default"]
 
 
-def build_store(path: Path, profiles: int, layers: int) -> None:
+def build_store(path: Path, profiles: int, layers: int, quick: bool) -> None:
     """A store of `profiles` seeded random hard-mask profiles (one bit-packed record each) for `layers` layers."""
-    config = xpeft_config()
+    config = xpeft_config(quick)
     store = ProfileStore.create(path, config, layers=layers)
     generator = torch.Generator().manual_seed(SEED)
     logits = torch.randn(profiles, layers, 2, config.bank_size, generator=generator)
@@ -322,7 +320,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         setup["tmp"] = tmp_dir
         start = time.perf_counter()
-        build_store(Path(tmp_dir) / "store.safetensors", setup["profiles"], geo.num_hidden_layers)
+        build_store(Path(tmp_dir) / "store.safetensors", setup["profiles"], geo.num_hidden_layers, quick)
         save_lora(Path(tmp_dir) / "lora", quick)
         report["setup_seconds"] = time.perf_counter() - start
         results = {}

@@ -220,10 +220,12 @@ def kill_rounds(target, make_args, after_kill, clean, max_delay: float, seed: in
     return outcomes, with_leftovers
 
 
-def leftovers_of(folder: Path, name: str) -> int:
-    """Check that everything next to `name` besides its lock file is a temporary of `name`; count them."""
+def leftovers_of(folder: Path, name: str, backup_allowed: bool = False) -> int:
+    """Check that everything next to `name` besides its lock file is a temporary of `name` (or, with
+    `backup_allowed`, the backup of an interrupted commit); count them."""
     others = listing(folder) - {name, f".{name}.xpeft-lock"}
-    for other in others:
+    backup = {f".{name}.xpeft-old"} & others if backup_allowed else set()
+    for other in others - backup:
         match = TEMP.fullmatch(other)
         assert match and match["name"] == name, f"unexpected file {other}"
     return len(others)
@@ -246,14 +248,16 @@ def test_killed_save_pretrained_leaves_the_old_or_the_new_adapter(tmp_path):
     expected_files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt"}
 
     def after_kill(_):
-        left = leftovers_of(parent, "adapter")
+        # A kill during the commit leaves its backup (.adapter.xpeft-old); loading rolls the folder back first.
+        left = leftovers_of(parent, "adapter", backup_allowed=True)
+        loaded = get_peft_model_state_dict(PeftModel.from_pretrained(make_model("llama"), folder))
+        assert not (parent / ".adapter.xpeft-old").exists()
         assert listing(folder) == expected_files
         assert (folder / "optimizer.pt").read_bytes() == b"foreign"
         version = int(json.loads((folder / "adapter_config.json").read_text())["revision"][-1])
         saved = load_file(folder / "adapter_model.safetensors")
         assert saved.keys() == references[version].keys()
         assert all(torch.equal(saved[k], references[version][k]) for k in saved), "tensors of another version"
-        loaded = get_peft_model_state_dict(PeftModel.from_pretrained(make_model("llama"), folder))
         assert all(torch.equal(loaded[k], references[version][k]) for k in references[version])
         return f"version {version}", left > 0
 
@@ -462,33 +466,76 @@ def test_only_xpeft_adapters_take_the_crash_safe_path(tmp_path, monkeypatch):
     assert calls == [(tmp_path / "ether").resolve()]
 
 
-def test_fallback_without_exchange_is_recovered_by_the_next_load_or_save(tmp_path, monkeypatch):
-    monkeypatch.setattr(saving, "exchange_paths", lambda first, second: False)
+def test_an_interrupted_commit_is_rolled_back_by_the_next_load_or_save(tmp_path, monkeypatch):
+    """A process that dies in the middle of the commit (some files replaced, its backup still there) leaves an old
+    adapter that the next load or save puts back, whole."""
     model = ether_model()
     folder = tmp_path / "adapter"
-    aside = tmp_path / ".adapter.xpeft-old"
-    for version in (0, 1):
-        set_version(model, version)
-        model.save_pretrained(folder)
-    assert listing(tmp_path) == {"adapter", ".adapter.xpeft-lock"}
+    set_version(model, 0)
+    model.save_pretrained(folder)
 
     def loaded_version(peft_model, name="default"):
         return int(peft_model.peft_config[name].revision[-1])
 
-    folder.rename(aside)  # a crash between the two renames: no folder, the old one aside
-    assert loaded_version(PeftModel.from_pretrained(make_model("llama"), folder)) == 1
-    assert listing(tmp_path) == {"adapter", ".adapter.xpeft-lock"}
-    folder.rename(aside)
-    model.load_adapter(folder, adapter_name="again")
-    assert loaded_version(model, "again") == 1 and not aside.exists()
-    folder.rename(aside)
-    set_version(model, 0)
-    model.save_pretrained(folder)
+    def die_in_the_commit():
+        replace, calls = os.replace, []
+
+        def replace_once(source, target):
+            calls.append(target)
+            if len(calls) > 1:
+                raise SystemExit("killed")  # the weights are replaced, the config is not
+            return replace(source, target)
+
+        monkeypatch.setattr(saving.os, "replace", replace_once)
+        monkeypatch.setattr(saving, "recover_folder", lambda folder: None)  # a dead process cleans nothing up
+        set_version(model, 1)
+        with pytest.raises(SystemExit):
+            model.save_pretrained(folder)
+        monkeypatch.undo()
+        assert (tmp_path / ".adapter.xpeft-old").is_dir()
+        assert json.loads((folder / "adapter_config.json").read_text())["revision"] == "version-0"
+
+    die_in_the_commit()
     assert loaded_version(PeftModel.from_pretrained(make_model("llama"), folder)) == 0
     assert listing(tmp_path) == {"adapter", ".adapter.xpeft-lock"}
-    (aside / "sub").mkdir(parents=True)  # a crash after both renames: the old tree is garbage
+    die_in_the_commit()
+    model.load_adapter(folder, adapter_name="again")
+    assert loaded_version(model, "again") == 0
+    die_in_the_commit()
+    set_version(model, 1)
     model.save_pretrained(folder)
+    assert loaded_version(PeftModel.from_pretrained(make_model("llama"), folder)) == 1
     assert listing(tmp_path) == {"adapter", ".adapter.xpeft-lock"}
+
+
+def test_files_written_into_the_folder_during_a_save_survive(tmp_path, monkeypatch):
+    """Other processes write into a checkpoint folder while rank 0 saves the adapter there (Trainer's
+    `rng_state_<rank>.pth`, DeepSpeed shards): the save replaces only its own files."""
+    model = ether_model()
+    folder = tmp_path / "checkpoint-5"
+    commit = saving._commit
+
+    def commit_while_another_rank_writes(staged, target):
+        (target / "rng_state_1.pth").write_bytes(b"rank 1")
+        return commit(staged, target)
+
+    monkeypatch.setattr(saving, "_commit", commit_while_another_rank_writes)
+    model.save_pretrained(folder)
+    model.save_pretrained(folder)
+    assert (folder / "rng_state_1.pth").read_bytes() == b"rank 1"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= listing(folder)
+
+
+def test_a_new_weights_format_removes_the_stale_one(tmp_path):
+    """Saving `.bin` weights over a folder with `.safetensors` ones removes the latter (peft would load it first)."""
+    model = ether_model()
+    folder = tmp_path / "adapter"
+    set_version(model, 0)
+    model.save_pretrained(folder)
+    set_version(model, 1)
+    model.save_pretrained(folder, safe_serialization=False)
+    assert not (folder / "adapter_model.safetensors").exists() and (folder / "adapter_model.bin").is_file()
+    assert PeftModel.from_pretrained(make_model("llama"), folder).peft_config["default"].revision == "version-1"
 
 
 def test_saving_into_the_working_folder_keeps_the_process_in_it(tmp_path, monkeypatch):
@@ -505,16 +552,6 @@ def test_saving_into_the_working_folder_keeps_the_process_in_it(tmp_path, monkey
     (tmp_path / "gone").rmdir()
     model.save_pretrained(tmp_path / "elsewhere")  # a deleted working folder does not stop a save
     assert (tmp_path / "elsewhere" / "adapter_model.safetensors").is_file()
-
-
-def test_a_mount_point_is_saved_in_place_with_a_warning(tmp_path, monkeypatch):
-    folder = (tmp_path / "mounted").resolve()
-    is_mount = os.path.ismount
-    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == folder or is_mount(path))
-    with pytest.warns(UserWarning, match=r"mount point .* cannot replace it in one step.*Save into a sub-folder"):
-        ether_model().save_pretrained(folder)
-    assert (folder / "adapter_model.safetensors").is_file()
-    assert listing(tmp_path) == {"mounted"}
 
 
 # -- corrupt files are named ------------------------------------------------------------------------------------

@@ -6,39 +6,32 @@ wraps `peft.PeftModel.save_pretrained` once; when any adapter being saved is an 
 call goes through [`save_folder`], otherwise peft's own method runs untouched. Users keep calling
 `peft_model.save_pretrained(folder)`.
 
-For a folder `parent/name`, with the names of `xpeft.serialization`:
+For a folder `parent/name`, with the names of `xpeft.serialization`, under the write lock `parent/.{name}.xpeft-lock`:
 
-1. Under the write lock `parent/.{name}.xpeft-lock`, leftovers of killed saves to the same folder are removed
-   (`parent/.{name}.xpeft-tmp-<hex>`), and a folder left aside by the fallback below is put back.
-2. peft's own `save_pretrained` writes into a fresh `parent/.{name}.xpeft-tmp-<hex>` (with a copy of an existing
-   `README.md`, the model card peft updates). Every entry of the existing folder that the new save does not write
-   (say the optimizer state of a Trainer checkpoint, or another adapter's sub-folder) is added to it as a hard link
-   (a copy where links are impossible). Nothing ever writes into a linked file.
-3. Everything is fsynced, then the two folders are exchanged in one step (Linux `renameat2(RENAME_EXCHANGE)`), the
-   parent is fsynced and the old tree, now at the temporary name, is deleted.
+1. An interrupted earlier save of the folder is rolled back ([`recover_folder`]), and leftovers of killed saves
+   (`parent/.{name}.xpeft-tmp-<hex>`) are removed.
+2. peft's own `save_pretrained` writes the complete new adapter into a fresh `parent/.{name}.xpeft-tmp-<hex>` (with a
+   copy of an existing `README.md`, the model card peft updates), and its files are fsynced.
+3. Commit: every file of the folder that the save replaces (or makes stale: the other weights format) is hard-linked
+   into a backup folder, with a manifest of the files the commit touches; the backup is renamed to
+   `parent/.{name}.xpeft-old` in one step. Then each new file is renamed over its old one (configs last), stale ones
+   are removed, and renaming the backup away is the commit point.
 
-Where the exchange is unavailable (another OS, or a file system without `RENAME_EXCHANGE`) the swap is two renames:
-folder -> `parent/.{name}.xpeft-old`, temporary -> folder. A crash between the two leaves no folder at `parent/name`;
-the next `save_pretrained`, `PeftModel.from_pretrained` or `load_adapter` of that folder renames
-`.{name}.xpeft-old` back first (under the lock).
-
-After a kill at any moment the folder holds the complete old adapter or the complete new one. What may remain: the
-lock file, and until the next save to the same folder a temporary folder or `.{name}.xpeft-old`. A folder that is a
-mount point, or whose parent is not writable, cannot be swapped: peft saves it in place and a warning says so.
+Only the files the save writes are touched: whatever else is in the folder (a Trainer checkpoint's optimizer state,
+files other ranks write into it at the same time, other adapters' sub-folders, mount points) stays as it is. A crash
+before the commit point leaves `.{name}.xpeft-old`, and the next `save_pretrained`, `PeftModel.from_pretrained` or
+`load_adapter` of the folder puts the old files back first: the old adapter loads. What may remain: the lock file and,
+until the next save to the same folder, temporaries.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import functools
 import inspect
+import json
 import os
 import shutil
-import stat
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 from peft import PeftModel
@@ -49,135 +42,126 @@ XPEFT_PEFT_TYPES = frozenset({"XPEFT", "ETHER", "PEDRO"})
 OLD_SUFFIX = ".xpeft-old"
 _ORIGINAL = "__xpeft_original__"  # marks a wrapper and holds peft's original function
 
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-_renameat2 = None
+MANIFEST = ".xpeft-manifest"  # in the backup folder: the files a commit touches, as paths relative to the folder
+# Weights files peft writes; saving one makes the other format stale (peft would load the stale safetensors first).
+WEIGHTS_FORMATS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def old_path(folder: Path) -> Path:
-    """Where the fallback swap puts the old folder between its two renames: `.{name}.xpeft-old` next to it."""
+    """The backup of the files an unfinished commit replaces: `.{name}.xpeft-old` next to the folder."""
     return folder.with_name(f".{folder.name}{OLD_SUFFIX}")
 
 
-def exchange_paths(first: Path, second: Path) -> bool:
-    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); `False` where the system cannot."""
-    global _renameat2
-    if _renameat2 is None:
-        function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
-        if function is not None:
-            function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            function.restype = ctypes.c_int
-        _renameat2 = function or False
-    if not _renameat2:
-        return False
-    if _renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the kernel or the file system cannot exchange
-        return False
-    raise OSError(code, os.strerror(code), str(first), None, str(second))
-
-
 def recover_folder(folder: Path) -> None:
-    """Put back a folder that a crash between the two renames of the fallback swap left aside; call under the lock."""
-    old = old_path(folder)
-    if not os.path.lexists(old):
+    """Roll back a commit that a crash interrupted (its backup is still there): put back every file it replaced and
+    remove every file it added. Idempotent, so a crash during the rollback is rolled back again. Call under the
+    folder's write lock."""
+    backup = old_path(folder)
+    if not os.path.lexists(backup):
         return
-    if os.path.lexists(folder):
-        remove_path(old)  # the swap completed: the old tree is garbage
-    else:
-        os.rename(old, folder)
-        fsync_dir(folder.parent)
+    touched = json.loads((backup / MANIFEST).read_text())
+    for relative in touched:
+        saved, current = backup / relative, folder / relative
+        if os.path.lexists(saved):
+            # A new link of the saved file moves into place; the backup keeps its own until it is dropped.
+            restoring = saved.with_name(saved.name + ".restoring")
+            if os.path.lexists(restoring):
+                os.unlink(restoring)
+            os.link(saved, restoring)
+            current.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(restoring, current)
+        elif os.path.lexists(current):
+            os.unlink(current)
+    _fsync_folders(folder, touched)
+    _drop(backup, folder)
 
 
-def _link_missing(old: Path, new: Path) -> None:
-    """Add to folder `new` every entry of folder `old` it does not have, recursing into folders both have."""
-    for entry in os.scandir(old):
-        source, target = Path(entry.path), new / entry.name
-        if entry.is_dir(follow_symlinks=False):
-            if not os.path.lexists(target):
-                target.mkdir()
-                os.chmod(target, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode))
-            if target.is_dir() and not target.is_symlink():
-                _link_missing(source, target)
-        elif os.path.lexists(target):
-            continue  # the new save wrote it
-        elif entry.is_symlink():
-            os.symlink(os.readlink(source), target)
-        else:
-            try:
-                os.link(source, target)
-            except OSError:  # e.g. a file system without hard links
-                shutil.copy2(source, target)
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and not os.path.islink(path):
-                fsync_file(path)
-        fsync_dir(folder)
-
-
-def _swap_in(new: Path, folder: Path) -> None:
-    """Put folder `new` at `folder` in one step and delete the folder it replaces."""
-    if not os.path.lexists(folder):
-        os.rename(new, folder)
-        fsync_dir(folder.parent)
-        return
-    if exchange_paths(new, folder):
-        fsync_dir(folder.parent)
-        remove_path(new)  # the old tree, now at the temporary name
-        return
-    old = old_path(folder)
-    os.rename(folder, old)
-    try:
-        os.rename(new, folder)
-    except BaseException:
-        os.rename(old, folder)
-        raise
+def _drop(path: Path, folder: Path) -> None:
+    """Remove `path` by first renaming it to a temporary of `folder` (one step), so that a crash never leaves half of
+    it under its own name."""
+    doomed = temp_path(folder)
+    os.rename(path, doomed)
     fsync_dir(folder.parent)
-    remove_path(old)
+    remove_path(doomed)
 
 
-def _can_swap(folder: Path) -> bool:
-    if not folder.parent.exists():
-        return True  # the lock creates it
-    return not os.path.ismount(folder) and os.access(folder.parent, os.W_OK | os.X_OK)
+def _files(root: Path) -> list[str]:
+    """The files under `root`, relative, each folder's `adapter_config.json` last (it names what the weights are)."""
+    found = [str(Path(top, name).relative_to(root)) for top, _, names in os.walk(root) for name in names]
+    return sorted(found, key=lambda relative: (Path(relative).name == "adapter_config.json", relative))
+
+
+def _stale_formats(folder: Path, written: list[str]) -> list[str]:
+    """Files of `folder` in the other weights format than one the save wrote next to them."""
+    stale = []
+    for relative in written:
+        path = Path(relative)
+        if path.name in WEIGHTS_FORMATS:
+            for other in WEIGHTS_FORMATS:
+                candidate = str(path.with_name(other))
+                if other != path.name and candidate not in written and os.path.isfile(folder / candidate):
+                    stale.append(candidate)
+    return stale
+
+
+def _fsync_folders(folder: Path, relatives: list[str]) -> None:
+    for parent in {(folder / relative).parent for relative in relatives}:
+        if parent.is_dir():
+            fsync_dir(parent)
+
+
+def _commit(staged: Path, folder: Path) -> None:
+    """Move the files of `staged` into `folder` as one change (module docstring, step 3)."""
+    written = _files(staged)
+    stale = _stale_formats(folder, written)
+    touched = [*stale, *written]
+    backup = temp_path(folder)
+    backup.mkdir()
+    for relative in touched:
+        source = folder / relative
+        if os.path.isfile(source) and not os.path.islink(source):
+            (backup / relative).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, backup / relative)
+            except OSError:  # e.g. a file system without hard links
+                shutil.copy2(source, backup / relative)
+    (backup / MANIFEST).write_text(json.dumps(touched))
+    for path in (*(backup / relative for relative in touched if os.path.lexists(backup / relative)), backup / MANIFEST):
+        fsync_file(path)
+    _fsync_folders(backup, [*touched, MANIFEST])
+    os.rename(backup, old_path(folder))  # from here on, a crash rolls the folder back
+    fsync_dir(folder.parent)
+    for relative in stale:
+        os.unlink(folder / relative)
+    for relative in written:
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / relative, folder / relative)
+    _fsync_folders(folder, touched)
+    _drop(old_path(folder), folder)  # the commit point
 
 
 def save_folder(save, save_directory: str | os.PathLike) -> None:
-    """Run `save(directory)` (which writes a folder) so that `save_directory` changes in one step (module docstring)."""
+    """Run `save(directory)` (which writes an adapter folder) so that `save_directory` changes as one step (module
+    docstring)."""
     folder = canonical_path(save_directory)
     with write_lock(folder):
         recover_folder(folder)
-        new = temp_path(folder)
+        staged = temp_path(folder)
         try:
-            new.mkdir()
-            if folder.is_dir():
-                os.chmod(new, stat.S_IMODE(folder.stat().st_mode))
-                if (folder / "README.md").is_file():  # peft updates an existing model card in place: give it a copy
-                    shutil.copy2(folder / "README.md", new / "README.md")
-            save(str(new))
-            if folder.is_dir():
-                _link_missing(folder, new)
-            _fsync_tree(new)
-            cwd = _working_folder()
-            _swap_in(new, folder)
+            staged.mkdir()
+            if (folder / "README.md").is_file():  # peft updates an existing model card: give it a copy
+                shutil.copy2(folder / "README.md", staged / "README.md")
+            save(str(staged))
+            for relative in _files(staged):
+                fsync_file(staged / relative)
+            folder.mkdir(parents=True, exist_ok=True)
+            _commit(staged, folder)
         except BaseException:
-            if os.path.lexists(new):
-                remove_path(new)
+            recover_folder(folder)  # a commit that failed half-way (e.g. disk full) is undone at once
             raise
-        if cwd is not None and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)):
-            os.chdir(cwd)  # the process's working folder was in the old tree: move it to the same place in the new one
-
-
-def _working_folder() -> str | None:
-    try:
-        return os.getcwd()
-    except FileNotFoundError:  # the working folder was deleted: nothing to move
-        return None
+        finally:
+            if os.path.lexists(staged):
+                remove_path(staged)
 
 
 def _saves_xpeft(model: PeftModel, selected_adapters) -> bool:
@@ -213,14 +197,6 @@ def _wrap_save_pretrained(original):
             with tempfile.TemporaryDirectory() as scratch:
                 return save(os.path.join(scratch, "adapter"))
         folder = canonical_path(save_directory)
-        if not _can_swap(folder):
-            warnings.warn(
-                f"{folder} is a mount point or its parent folder is not writable, so xpeft cannot replace it in one "
-                "step: peft saves it in place, and a crash during the save can leave it unloadable. Save into a "
-                "sub-folder (e.g. `save_pretrained(folder / 'adapter')`) to make the save crash-safe.",
-                stacklevel=2,
-            )
-            return save(str(save_directory))
         return save_folder(save, folder)
 
     setattr(save_pretrained, _ORIGINAL, original)
@@ -231,7 +207,7 @@ def _recover_before_load(model_id) -> None:
     if not isinstance(model_id, (str, os.PathLike)):
         return
     folder = canonical_path(model_id)
-    if os.path.lexists(old_path(folder)) and not os.path.lexists(folder):
+    if os.path.lexists(old_path(folder)):  # a save was interrupted (or is committing: the lock waits for it)
         with write_lock(folder):
             recover_folder(folder)
 

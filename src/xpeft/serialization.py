@@ -10,7 +10,7 @@ target `parent/name`:
 2. Under the lock, delete what earlier killed writes to the same path left behind: temporary files or folders named
    `parent/.{name}.xpeft-tmp-<32 hex digits>`. Only the lock holder creates them, so any found there are stale.
 3. Write the new version to a fresh temporary `parent/.{name}.xpeft-tmp-<hex>` and fsync it.
-4. Put it in place in one step (a rename for files; an exchange for folders, see `xpeft.saving`), then fsync `parent`.
+4. Put it in place in one step (a rename; adapter folders are committed file by file with a rollback, see `xpeft.saving`), then fsync `parent`.
 
 Readers never lock: they see the old version or the new one, never a mix, and a process killed at any moment leaves
 the old version (or the new one) in place. After a crash two kinds of files may remain: the lock file (empty; kept on
