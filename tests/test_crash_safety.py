@@ -575,3 +575,18 @@ def test_corrupt_bank_errors_name_the_file_and_say_to_rebuild_it(tmp_path):
     config = XPeftConfig(bank=str(path), bank_size=2, reduction_factor=4, task_type=task_type("llama"))
     with pytest.raises(ValueError, match=named + r".*truncated or corrupted"):
         get_peft_model(make_model("llama"), config)
+
+
+def test_a_load_overlapping_a_save_of_the_same_folder_is_refused(tmp_path):
+    """peft reads a folder's config and its weights separately: a save between the two reads would pair one version's
+    config with the other's weights, silently. The load is refused and says to load again."""
+    model = ether_model()
+    folder = tmp_path / "adapter"
+    set_version(model, 0)
+    model.save_pretrained(folder)
+    config = EtherConfig.from_pretrained(folder)  # the config of version 0 is read ...
+    set_version(model, 1)
+    model.save_pretrained(folder)  # ... a save replaces the folder's files ...
+    with pytest.raises(ValueError, match=r"changed while it was being loaded.*Load it again"):
+        PeftModel.from_pretrained(make_model("llama"), folder, config=config)  # ... before its weights are read
+    assert PeftModel.from_pretrained(make_model("llama"), folder).peft_config["default"].revision == "version-1"

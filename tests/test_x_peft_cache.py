@@ -346,3 +346,18 @@ def test_eight_threads_get_their_own_profiles_exactly_while_entries_are_evicted(
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads), "a thread hung (deadlock?)"
     assert not failures, failures[:5]
+
+
+def test_results_composed_in_inference_mode_are_not_kept():
+    """A request served under `torch.inference_mode()` must not leave inference tensors in the cache: a later forward
+    with gradients (e.g. input saliency with the profile frozen) would fail inside torch."""
+    model = build()
+    inputs = make_inputs("llama")
+    with torch.inference_mode():
+        model(input_ids=inputs["input_ids"], adapter_names=PROFILES[:3])
+    layer = first_layer(model)
+    assert not any(entry.composed[0].is_inference() for entry in layer._composed_cache.values())
+    assert layer._batch_cache is None or not layer._batch_cache[1][0].is_inference()
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_(True)
+    model(inputs_embeds=embeds, adapter_names=PROFILES[:3]).logits.sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0

@@ -49,9 +49,11 @@ _LIKELY_CAUSE = (
 
 @dataclass(frozen=True)
 class LoadedFrom:
-    """Where a config was read from: `config_file` is the folder's `adapter_config.json`."""
+    """Where a config was read from: `config_file` is the folder's `adapter_config.json`, and `state` the identity of
+    the folder's files when it was read ([`folder_state`])."""
 
     config_file: Path
+    state: tuple = ()
 
     @property
     def folder(self) -> Path:
@@ -63,6 +65,30 @@ class LoadedFrom:
             if (self.folder / name).is_file():
                 return self.folder / name
         return None
+
+
+def folder_state(folder: Path) -> tuple:
+    """The identity of an adapter folder's files (inode and modification time of the config and of each weights
+    format) and whether a save is committing into it (its backup `.{name}.xpeft-old` exists, see `xpeft.saving`).
+    A save replaces files by renames, so any save between two calls changes it."""
+    files = []
+    for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        try:
+            info = os.stat(folder / name)
+        except FileNotFoundError:
+            files.append(None)
+        else:
+            files.append((info.st_ino, info.st_mtime_ns))
+    return (*files, os.path.lexists(folder.with_name(f".{folder.name}.xpeft-old")))
+
+
+def check_folder_unchanged(source: LoadedFrom) -> None:
+    """Refuse a load during which the folder was saved again: its config and weights may be of two versions."""
+    if source.state and folder_state(source.folder) != source.state or source.state and source.state[-1]:
+        raise ValueError(
+            f"{source.folder} changed while it was being loaded: a `save_pretrained` to it ran at the same time, so "
+            "its config and its weights may belong to different versions. Load it again."
+        )
 
 
 def read_safetensors_header(
@@ -112,8 +138,9 @@ def read_adapter_config(
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         return load(path, subfolder, **kwargs)
+    state = folder_state(folder)
     _read_config_json(config_file)
-    source = LoadedFrom(config_file)
+    source = LoadedFrom(config_file, state)
     weights_file = source.weights_file()
     if weights_file is not None and weights_file.name == SAFETENSORS_WEIGHTS_NAME:
         read_safetensors_header(weights_file)
@@ -210,6 +237,8 @@ def check_loaded_tensors(
             model that the file lacks, a shape other than the model's, an integer tensor where the model has a
             floating-point one (or the reverse), or NaN/inf values.
     """
+    if loaded_from(config) is not None:
+        check_folder_unchanged(loaded_from(config))
     source = weights_source(config)
     method = getattr(config.peft_type, "value", config.peft_type)
     model_state = model.state_dict()

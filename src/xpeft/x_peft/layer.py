@@ -245,6 +245,9 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
                 self._composed_cache.move_to_end(name)
                 self._trim(size)
                 return entry.generation, entry.composed
+        if torch.is_inference_mode_enabled():
+            # An inference tensor cannot be saved for a later backward, so a result composed here is not kept.
+            return None, compose_adapter(bank, mask_weights(mask_A, mask_type, k), mask_weights(mask_B, mask_type, k))
         # Composed from the copies, not the live parameters, so that the entry's key is exactly what it was composed
         # from even if another thread writes the masks meanwhile. The values (and so the bits) are the same.
         saved_A, saved_B = mask_A.detach().clone(), mask_B.detach().clone()
