@@ -79,7 +79,7 @@ def folder_state(folder: Path) -> tuple:
             files.append(None)
         else:
             files.append((info.st_ino, info.st_mtime_ns))
-    return (*files, os.path.lexists(folder.with_name(f".{folder.name}.xpeft-old")))
+    return (*files, os.path.lexists(serialization.backup_path(folder)))
 
 
 def check_folder_unchanged(source: LoadedFrom) -> None:

@@ -36,10 +36,9 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from .serialization import canonical_path, fsync_dir, fsync_file, remove_path, temp_path, write_lock
+from .serialization import backup_path, canonical_path, fsync_dir, fsync_file, remove_path, temp_path, write_lock
 
 XPEFT_PEFT_TYPES = frozenset({"XPEFT", "ETHER", "PEDRO"})
-OLD_SUFFIX = ".xpeft-old"
 _ORIGINAL = "__xpeft_original__"  # marks a wrapper and holds peft's original function
 
 MANIFEST = ".xpeft-manifest"  # in the backup folder: the files a commit touches, as paths relative to the folder
@@ -47,16 +46,11 @@ MANIFEST = ".xpeft-manifest"  # in the backup folder: the files a commit touches
 WEIGHTS_FORMATS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def old_path(folder: Path) -> Path:
-    """The backup of the files an unfinished commit replaces: `.{name}.xpeft-old` next to the folder."""
-    return folder.with_name(f".{folder.name}{OLD_SUFFIX}")
-
-
 def recover_folder(folder: Path) -> None:
     """Roll back a commit that a crash interrupted (its backup is still there): put back every file it replaced and
     remove every file it added. Idempotent, so a crash during the rollback is rolled back again. Call under the
     folder's write lock."""
-    backup = old_path(folder)
+    backup = backup_path(folder)
     if not os.path.lexists(backup):
         return
     touched = json.loads((backup / MANIFEST).read_text())
@@ -129,7 +123,7 @@ def _commit(staged: Path, folder: Path) -> None:
     for path in (*(backup / relative for relative in touched if os.path.lexists(backup / relative)), backup / MANIFEST):
         fsync_file(path)
     _fsync_folders(backup, [*touched, MANIFEST])
-    os.rename(backup, old_path(folder))  # from here on, a crash rolls the folder back
+    os.rename(backup, backup_path(folder))  # from here on, a crash rolls the folder back
     fsync_dir(folder.parent)
     for relative in stale:
         os.unlink(folder / relative)
@@ -137,7 +131,7 @@ def _commit(staged: Path, folder: Path) -> None:
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged / relative, folder / relative)
     _fsync_folders(folder, touched)
-    _drop(old_path(folder), folder)  # the commit point
+    _drop(backup_path(folder), folder)  # the commit point
 
 
 def save_folder(save, save_directory: str | os.PathLike) -> None:
@@ -207,7 +201,7 @@ def _recover_before_load(model_id) -> None:
     if not isinstance(model_id, (str, os.PathLike)):
         return
     folder = canonical_path(model_id)
-    if os.path.lexists(old_path(folder)):  # a save was interrupted (or is committing: the lock waits for it)
+    if os.path.lexists(backup_path(folder)):  # a save was interrupted (or is committing: the lock waits for it)
         with write_lock(folder):
             recover_folder(folder)
 

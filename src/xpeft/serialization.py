@@ -71,6 +71,12 @@ def lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{LOCK_SUFFIX}")
 
 
+def backup_path(path: Path) -> Path:
+    """Where an unfinished adapter-folder commit keeps the files it replaces: `.{name}.xpeft-old` next to `path`
+    (see `xpeft.saving`)."""
+    return path.with_name(f".{path.name}.xpeft-old")
+
+
 def temp_path(path: Path) -> Path:
     """A fresh temporary name for a new version of `path`: `.{name}.xpeft-tmp-<32 hex digits>` next to it."""
     return path.with_name(f".{path.name}{TEMP_INFIX}{secrets.token_hex(16)}")

@@ -128,10 +128,13 @@ class _BankFile(Mapping):
         try:
             return safe_open(self.path, framework="pt")
         except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"Could not read bank file {self.path}: {error}. It is truncated or corrupted; rebuild it with "
-                "`xpeft.x_peft.build_bank`."
-            ) from error
+            raise self._unreadable(error) from error
+
+    def _unreadable(self, error: Exception) -> ValueError:
+        return ValueError(
+            f"Could not read bank file {self.path}: {error}. It is truncated or corrupted; rebuild it with "
+            "`xpeft.x_peft.build_bank`."
+        )
 
     def get(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Read the tensors `names` (only those) from the file."""
@@ -139,10 +142,7 @@ class _BankFile(Mapping):
             try:
                 tensors = {name: file.get_tensor(name) for name in names}
             except (SafetensorError, OSError) as error:
-                raise ValueError(
-                    f"Could not read bank file {self.path}: {error}. It is truncated or corrupted; rebuild it with "
-                    "`xpeft.x_peft.build_bank`."
-                ) from error
+                raise self._unreadable(error) from error
         for name, tensor in tensors.items():
             digest = _tensor_fingerprint({name: tensor})
             if self._digests.setdefault(name, digest) != digest:
