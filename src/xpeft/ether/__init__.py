@@ -2,9 +2,10 @@
 
 from .._registry import register_method
 from .config import EtherConfig
+from .export import to_lora
 from .layer import EtherConv, EtherLayer, EtherLinear
 from .model import EtherModel
 
-__all__ = ["EtherConfig", "EtherConv", "EtherLayer", "EtherLinear", "EtherModel"]
+__all__ = ["EtherConfig", "EtherConv", "EtherLayer", "EtherLinear", "EtherModel", "to_lora"]
 
 register_method("ether", EtherConfig, EtherModel)
