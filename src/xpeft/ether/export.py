@@ -177,8 +177,12 @@ def to_lora(
 
     `B` contains the base weights (`W_{:,b} û_b`): the export equals the ETHER model **on the base weights `model`
     holds now**, and must be loaded onto the same base model (same checkpoint and revision, not quantized
-    differently). The folder is written crash-safely (`xpeft.saving.save_folder`): a crash leaves the previous
-    contents of `out_dir` or the complete export, never a mix.
+    differently). It equals the ETHER model with this adapter alone active: several LoRA adapters active at once add
+    their changes, where stacked ETHER adapters compose (`H_b H_a W`). The folder is written crash-safely
+    (`xpeft.saving.save_folder`): a crash leaves the previous contents of `out_dir` or the complete export; a commit
+    cut short is rolled back by the next `to_lora`, `save_pretrained`, `PeftModel.from_pretrained` or `load_adapter`
+    of the folder in a process that imported xpeft. Engines that load without xpeft should get a new folder per
+    export.
 
     Args:
         model (`PeftModel`): The peft model holding the ETHER adapter, unmerged.
@@ -190,6 +194,7 @@ def to_lora(
         The `LoraConfig` written to `out_dir`.
 
     Raises:
+        TypeError: `model` is not a `PeftModel`.
         ValueError: `adapter_name` is not an ETHER adapter of `model`, a layer has adapters merged into its weight,
             or a layer is one peft's LoRA would not compute the same way (grouped, dilated or non-zero-padded
             convolutions, layer subclasses with their own forward).
