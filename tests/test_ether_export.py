@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -24,6 +28,7 @@ from xpeft.ether import EtherLayer, to_lora
 from xpeft.ether import export as ether_export
 
 VARIANTS = ("ether", "ether_plus", "ether_plus_one_sided")
+TESTS_DIR = Path(__file__).resolve().parent
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 # Random ETHER+ vectors (init_weights=False) are nearly singular for unmerging; merging them warns, as it should.
 pytestmark = pytest.mark.filterwarnings(r"ignore:ETHER\+ adapter '\w+' is nearly singular")
@@ -246,6 +251,32 @@ def test_two_exports_mixed_per_sample_equal_each_ether_adapter(tmp_path, model_n
     mixed = logits(lora, inputs, adapter_names=names)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], expected[name][row], **TOLERANCE)
+
+
+def test_exports_load_in_a_process_without_xpeft(tmp_path):
+    """A plain peft install reads the export: a fresh process that imports only peft (not xpeft) loads both adapters."""
+    config = dict(task_type="CAUSAL_LM", target_modules="all-linear", n_blocks=4)
+    model = get_peft_model(make_model("llama"), EtherConfig(**config, variant="ether_plus"))
+    model.add_adapter("other", EtherConfig(**config, variant="ether"))
+    randomize(model, "default", seed=1)
+    randomize(model, "other", seed=2)
+    model.eval()
+    inputs = make_inputs("llama")
+    expected = {"default": logits(model, inputs)}
+    model.set_adapter("other")
+    expected["other"] = logits(model, inputs)
+    to_lora(model, tmp_path / "adapter")
+    to_lora(model, tmp_path / "adapter" / "other", adapter_name="other")
+
+    output_file = tmp_path / "outputs.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(TESTS_DIR / "_fresh_process.py"), "peft", "llama"]
+    command += [str(tmp_path / "adapter"), str(output_file), "other"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = load_file(output_file)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(loaded[name], tensor, **TOLERANCE, msg=f"adapter {name!r} differs")
 
 
 def test_half_precision_export_and_explicit_dtype(tmp_path):
