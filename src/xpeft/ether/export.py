@@ -47,10 +47,6 @@ class Side:
     basis: torch.Tensor
     mix: torch.Tensor
 
-    @property
-    def rank(self) -> int:
-        return self.basis.shape[0] * self.basis.shape[1]
-
     def placement(self) -> torch.Tensor:
         """`P`, `[n·j, d]`: the basis vectors of block `b` in block `b`'s columns, zeros elsewhere."""
         return torch.block_diag(*self.basis)
@@ -210,8 +206,6 @@ def to_lora(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"`dtype` must be a floating-point torch.dtype or None, got {dtype!r}.")
     layers = _adapted_layers(model, adapter_name)
-    if not layers:
-        raise ValueError(f"ETHER adapter {adapter_name!r} adapts no layer of the model: there is nothing to export.")
     for module_name, layer in layers.items():
         _check_layer(layer, module_name, adapter_name)
     tensors, ranks = {}, {}
