@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 import xpeft
 
 from . import data
+from .training import f1_accuracy, saved_profile_bytes, train_loop
 
 MIN_TRAIN_PAIRS, MIN_TEST_PAIRS = 10, 3
 
@@ -144,8 +145,6 @@ def safetensors_bytes(tensors: dict) -> int:
 def task_profiles(budget, seed: int) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .evaluate import f1_accuracy, train_loop
-
     if not hasattr(xpeft, "XPeftConfig"):
         return {
             "setting": "not run",
@@ -229,8 +228,6 @@ def task_profiles(budget, seed: int) -> dict:
             )
             train_loop(model, enc[t][0], budget.profile_steps, budget.cls_batch, lr_lora, seed, f"LoRA {t}")
             results["LoRA r=8"].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
-            from .evaluate import saved_profile_bytes
-
             costs["LoRA r=8"] = {
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 **saved_profile_bytes(model),

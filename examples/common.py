@@ -37,16 +37,20 @@ TINY_VOCAB = 128
 
 
 def base_parser(description: str, default_lr: float, default_steps: int) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random model + synthetic data (no asset needed)")
-    parser.add_argument("--output-dir", default=None, help="where the adapter and train_record.json go")
-    parser.add_argument("--max-steps", type=int, default=default_steps)
-    parser.add_argument("--lr", type=float, default=default_lr)
-    parser.add_argument("--batch-size", type=int, default=16, help="per device")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where the adapter and train_record.json go (default: a new outputs/<method>[-tiny]/<time> per run)",
+    )
+    parser.add_argument("--max-steps", type=int, default=default_steps, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=default_lr, help="learning rate (AdamW, constant schedule)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step and per process")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example (real data)")
-    parser.add_argument("--n-train", type=int, default=None, help="cap on training examples (real data)")
+    parser.add_argument("--n-train", type=int, default=None, help="cap on training examples (real data; default all)")
     parser.add_argument("--n-eval", type=int, default=200, help="cap on evaluation examples (real data)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model head, the data order and the split")
     parser.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is present")
     parser.add_argument(
         "--baseline",
@@ -222,15 +226,15 @@ def accuracy_metrics(eval_pred):
 def train(args, model, peft_config, train_ds, eval_ds, name: str, classification: bool):
     """Wrap ``model`` with ``peft_config``, train it with transformers ``Trainer``, save it, record the run.
 
-    Returns ``(record, peft_model)``.
+    The evaluation metrics are taken before and after training, so the record shows what training changed. Returns
+    ``(record, peft_model)``.
     """
-    output_dir = Path(args.output_dir or f"outputs/{name}{'-tiny' if args.tiny else ''}")
     model = get_peft_model(model, peft_config)
     # A multi-process launch (accelerate --multi_gpu / torchrun) on a machine without CUDA must run DDP over gloo on
     # CPU; without use_cpu=True, transformers would leave every process training alone on its own data copy.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     targs = TrainingArguments(
-        output_dir=str(output_dir),
+        output_dir=args.output_dir or "outputs",  # replaced by this run's folder below, once ranks can agree
         use_cpu=args.cpu or (distributed and not torch.cuda.is_available()),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -245,7 +249,14 @@ def train(args, model, peft_config, train_ds, eval_ds, name: str, classification
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         disable_tqdm=bool(os.environ.get("XPEFT_QUIET")),
+        # With the default (True), transformers multiplies each rank's loss by the number of processes (so that DDP's
+        # gradient average gives the global token mean) and logs that product: the logged loss doubles on 2 ranks.
+        # Each rank's own token mean, averaged by DDP, logs the true loss and equals the global mean when ranks hold
+        # equally many target tokens (these scripts pad to a fixed length).
+        average_tokens_across_devices=False,
     )
+    output_dir = run_folder(args.output_dir, f"{name}{'-tiny' if args.tiny else ''}")
+    targs.output_dir = str(output_dir)
     trainer = Trainer(
         model=model,
         args=targs,
@@ -253,15 +264,19 @@ def train(args, model, peft_config, train_ds, eval_ds, name: str, classification
         eval_dataset=eval_ds,
         compute_metrics=accuracy_metrics if classification else None,
     )
-    if trainer.args.process_index == 0:
+    rank = trainer.args.process_index
+    if rank == 0:
         model.print_trainable_parameters()
+    # Trainer.evaluate() before train() leaves the DDP ranks training apart (their adapters differ afterwards), so
+    # the before/after comparison uses a plain loop on each rank's full copy of the held-out set.
+    before = held_out_metrics(model, eval_ds, classification)
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
     metrics = trainer.evaluate()
+    after = held_out_metrics(model, eval_ds, classification)
     trainer.save_model(str(output_dir))  # PeftModel.save_pretrained on the main process
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    rank = trainer.args.process_index
     record = {
         "method": name,
         "tiny": args.tiny,
@@ -269,10 +284,13 @@ def train(args, model, peft_config, train_ds, eval_ds, name: str, classification
         "max_steps": args.max_steps,
         "lr": args.lr,
         "losses": losses,
+        "held_out_before": before,
+        "held_out_after": after,
         "eval": metrics,
         "train_seconds": train_seconds,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "adapter_sha256": adapter_checksum(model),
+        "output_dir": str(output_dir),
     }
     if not classification and "eval_loss" in metrics:
         record["eval_perplexity"] = float(torch.exp(torch.tensor(metrics["eval_loss"])))
@@ -280,10 +298,83 @@ def train(args, model, peft_config, train_ds, eval_ds, name: str, classification
     (output_dir / f"train_record.rank{rank}.json").write_text(json.dumps(record, indent=1))
     if rank == 0:
         (output_dir / "train_record.json").write_text(json.dumps(record, indent=1))
-        print(json.dumps({k: record[k] for k in ("method", "losses", "eval", "train_seconds", "trainable_params")}))
+        print(summary(record, classification, baseline=args.baseline is not None))
     if torch.distributed.is_initialized():
         _release_process_group(trainer)
     return record, model
+
+
+@torch.no_grad()
+def held_out_metrics(model, eval_ds, classification: bool, batch_size: int = 32) -> dict:
+    """Loss (mean over examples, or over answer tokens for a causal LM) and, for classification, accuracy."""
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    loss_sum, weight, correct = 0.0, 0, 0
+    for start in range(0, len(eval_ds), batch_size):
+        rows = [eval_ds[i] for i in range(start, min(start + batch_size, len(eval_ds)))]
+        batch = {k: torch.stack([row[k] for row in rows]).to(device) for k in rows[0]}
+        out = model(**batch)
+        if classification:
+            n = len(rows)
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        else:
+            n = int((batch["labels"][:, 1:] != -100).sum())  # the shifted targets the loss averages over
+        loss_sum += float(out.loss) * n
+        weight += n
+    model.train(was_training)
+    metrics = {"loss": loss_sum / weight}
+    if classification:
+        metrics["accuracy"] = correct / len(eval_ds)
+    return metrics
+
+
+def run_folder(requested: str | None, name: str) -> Path:
+    """The folder this run saves into: ``requested``, or a new ``outputs/<name>/<UTC time>`` that no run used before.
+
+    Under DDP, rank 0 picks the folder and the other ranks take its choice, so all ranks write into one folder.
+    """
+    if requested is not None:
+        return Path(requested)
+    folder = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        folder = Path("outputs") / name / stamp
+        suffix = 1
+        while folder.exists():
+            suffix += 1
+            folder = Path("outputs") / name / f"{stamp}-{suffix}"
+        folder.mkdir(parents=True)
+    if torch.distributed.is_initialized():
+        chosen = [folder]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        folder = chosen[0]
+    return Path(folder)
+
+
+TINY_NOTE = (
+    "--tiny trains on a randomly initialised model, which holds no features for {method} to re-use (reflections,\n"
+    "masks over a bank, scaling vectors), so its metric stays near chance; `--tiny --baseline lora` shows the task\n"
+    "itself is learnable. --tiny checks the plumbing (train, save, reload, DDP); drop it to see {method} learn on\n"
+    "the bundled MiniLM / SmolLM2."
+)
+
+
+def summary(record: dict, classification: bool, baseline: bool) -> str:
+    """What the run changed, where it saved, and (for --tiny xpeft runs) why the metric may not move."""
+    key = "accuracy" if classification else "loss"
+    before, after = record["held_out_before"][key], record["held_out_after"][key]
+    lines = [
+        f"{record['method']}: {record['max_steps']} steps, {record['trainable_params']:,} trainable parameters, "
+        f"{record['train_seconds']:.1f} s",
+        f"  held-out {key}: {before:.3f} before training -> {after:.3f} after",
+        f"  training loss (logged every {max(1, record['max_steps'] // 10)} steps): "
+        + " ".join(f"{loss:.3f}" for loss in record["losses"]),
+        f"  adapter saved to {record['output_dir']} (reload: PeftModel.from_pretrained(base_model, that folder))",
+    ]
+    if record["tiny"] and not baseline:
+        lines.append(TINY_NOTE.format(method=record["method"]))
+    return "\n".join(lines)
 
 
 def _release_process_group(trainer) -> None:

@@ -4,7 +4,7 @@ python examples/train_ether.py                       # all-MiniLM-L6-v2 on SpamA
 python examples/train_ether.py --variant ether_plus --lr 1e-2
 python examples/train_ether.py --tiny                # tiny random BERT, synthetic data, seconds
 python examples/train_ether.py --baseline lora       # same run with peft LoRA r=8 for comparison
-accelerate launch --num_processes 2 --cpu examples/train_ether.py --tiny   # DDP, same script (GPUs: drop --cpu)
+accelerate launch --multi_gpu --num_processes 2 examples/train_ether.py --tiny   # DDP: 2 processes (gloo on a CPU-only machine)
 """
 
 from common import base_parser, baseline_config, classification_setup, train
@@ -12,7 +12,12 @@ from common import base_parser, baseline_config, classification_setup, train
 
 def main(argv=None):
     parser = base_parser(__doc__.splitlines()[0], default_lr=1e-2, default_steps=30)
-    parser.add_argument("--variant", choices=["ether", "ether_plus", "ether_plus_one_sided"], default="ether")
+    parser.add_argument(
+        "--variant",
+        choices=["ether", "ether_plus", "ether_plus_one_sided"],
+        default="ether",
+        help="ETHER: one Householder reflection per block; ETHER+: two-sided, relaxed (see docs/ether.md)",
+    )
     parser.add_argument("--n-blocks", type=int, default=None, help="diagonal blocks (default: 32, 4 with --tiny)")
     parser.add_argument("--targets", nargs="+", default=["query", "value"], help="modules to adapt")
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ Loss on the answer only: labels are -100 on the prompt, which is also how PEDRO 
     python examples/train_pedro.py                       # SmolLM2-135M-Instruct on chatterbot-corpus pairs
     python examples/train_pedro.py --tiny                # tiny random Llama, synthetic pairs, seconds
     python examples/train_pedro.py --baseline ia3        # same run with peft IA3 for comparison
-    accelerate launch --num_processes 2 --cpu examples/train_pedro.py --tiny   # DDP, same script (GPUs: drop --cpu)
+    accelerate launch --multi_gpu --num_processes 2 examples/train_pedro.py --tiny   # DDP: 2 processes (gloo on a CPU-only machine)
 """
 
 from common import base_parser, baseline_config, causal_setup, train
@@ -15,7 +15,12 @@ def main(argv=None):
     parser = base_parser(__doc__.splitlines()[0], default_lr=3e-3, default_steps=10)
     parser.set_defaults(batch_size=4, max_length=80, n_eval=48)
     parser.add_argument("--vg-rank", type=int, default=12, help="bottleneck of the vector generator")
-    parser.add_argument("--pooler", choices=["attention", "mean", "last"], default="attention")
+    parser.add_argument(
+        "--pooler",
+        choices=["attention", "mean", "last"],
+        default="attention",
+        help="how the prompt's hidden states are pooled into one vector per layer",
+    )
     args = parser.parse_args(argv)
     model, train_ds, eval_ds, _ = causal_setup(args)
     if args.baseline:

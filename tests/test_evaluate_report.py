@@ -6,16 +6,16 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from benchmarks import evaluate
+from benchmarks import evaluate, training
 
 
 def test_batches_are_deterministic_epochs():
-    first = torch.cat(list(evaluate.batches(10, 4, 5, seed=0)))
-    again = torch.cat(list(evaluate.batches(10, 4, 5, seed=0)))
+    first = torch.cat(list(training.batches(10, 4, 5, seed=0)))
+    again = torch.cat(list(training.batches(10, 4, 5, seed=0)))
     assert torch.equal(first, again)
     # 20 indices = two full epochs: each index exactly twice
     assert torch.bincount(first, minlength=10).tolist() == [2] * 10
-    assert not torch.equal(first, torch.cat(list(evaluate.batches(10, 4, 5, seed=1))))
+    assert not torch.equal(first, torch.cat(list(training.batches(10, 4, 5, seed=1))))
 
 
 def test_test_subset_keeps_the_spam_ratio():
@@ -28,7 +28,7 @@ def test_test_subset_keeps_the_spam_ratio():
 def test_f1_accuracy_against_hand_counts():
     pred = torch.tensor([1, 1, 0, 0, 1])
     labels = torch.tensor([1, 0, 0, 1, 1])
-    out = evaluate.f1_accuracy(pred, labels)
+    out = training.f1_accuracy(pred, labels)
     assert out["accuracy"] == pytest.approx(3 / 5)
     assert out["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # tp=2, fp=1, fn=1
 

@@ -56,6 +56,7 @@ def test_example_trains_saves_and_reloads(method, tmp_path, monkeypatch):
     losses = record["losses"]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     assert json.loads((out / "train_record.json").read_text())["adapter_sha256"] == record["adapter_sha256"]
+    assert record["output_dir"] == str(out) and set(record["held_out_before"]) == set(record["held_out_after"])
     # a fresh base model (same seed) + the saved adapter reproduces the trained model exactly
     args = importlib.import_module(script).__dict__["base_parser"]("", 0.0, 0).parse_args(["--tiny"])
     loaded = PeftModel.from_pretrained(_base_model(classification, args), out).eval()
@@ -95,7 +96,60 @@ def test_two_process_ddp_keeps_ranks_identical(method, tmp_path):
     assert records[0]["adapter_sha256"] == records[1]["adapter_sha256"]
     losses = records[0]["losses"]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    # the logged loss is the loss, not the loss times the number of processes (transformers' default doubles it):
+    # a 1-process run over the same 16 examples a step (2 x 8 above) logs the same level (dropout differs per rank)
+    single, _ = importlib.import_module(script).main(
+        ["--tiny", "--max-steps", "60", "--batch-size", "16", "--output-dir", str(tmp_path / "one"), *extra]
+    )
+    ratio = (sum(losses) / len(losses)) / (sum(single["losses"]) / len(single["losses"]))
+    assert 0.9 < ratio < 1.1, (losses, single["losses"])
     # the saved adapter holds exactly the tensors both ranks trained
     args = common.base_parser("", 0.0, 0).parse_args(["--tiny"])
     loaded = PeftModel.from_pretrained(_base_model(classification, args), out, is_trainable=True)
     assert common.adapter_checksum(loaded) == records[0]["adapter_sha256"]
+
+
+def test_runs_without_output_dir_get_their_own_folder_and_say_where(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XPEFT_QUIET", "1")
+    train_ether = importlib.import_module("train_ether")
+    argv = ["--tiny", "--max-steps", "2", "--baseline", "lora"]
+    first, _ = train_ether.main(argv)
+    second, _ = train_ether.main(argv)
+    assert first["output_dir"] != second["output_dir"]
+    printed = capsys.readouterr().out
+    for record in (first, second):
+        assert (tmp_path / record["output_dir"] / "adapter_model.safetensors").is_file()
+        assert f"adapter saved to {record['output_dir']}" in printed
+    assert "before training ->" in printed
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    for script in ("train_ether", "train_x_peft", "train_pedro"):
+        parser = _parser_of(script)
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{script} {action.option_strings} has no help text"
+        assert "(default:" in parser.format_help()
+
+
+def _parser_of(script):
+    """The script's argparse parser, caught as main() builds it (main parses `--help`, which exits)."""
+    import argparse
+
+    seen = []
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        seen.append(self)
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        importlib.import_module(script).main(["--help"])
+    except SystemExit:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return seen[0]
