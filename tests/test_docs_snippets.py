@@ -78,7 +78,7 @@ def test_parser_reads_languages_skips_and_indented_fences():
         "````markdown\n```python\nnot a block\n```\n````\n"
     )
     blocks = parse_blocks(text)
-    assert [(b.line, b.lang) for b in blocks] == [(2, "python"), (5, "bash"), (8, "python"), (12, "py"), (18, "markdown")]
+    assert [(b.line, b.lang) for b in blocks] == [(2, "python"), (5, "bash"), (8, "python"), (12, "py"), (17, "markdown")]
     assert blocks[2].attrs == {"skip": "needs a GPU"} and blocks[0].attrs == {}
     assert blocks[3].code == "y = x + 1\nif y:\n    y += 1\n"
     assert "```python" in blocks[4].code  # a longer fence holds shorter ones
@@ -147,3 +147,28 @@ def test_results_tables_quote_the_json():
     serving = json.loads((ROOT / "benchmarks" / "results" / "serving.json").read_text())
     page = (ROOT / "docs" / "results" / "serving.md").read_text()
     assert f"{serving['results']['xpeft']['peak_rss_mb']:,.0f} MB" in page
+
+
+class _CharTokenizer:
+    """One id per character; the chat template wraps the user turn in <...>."""
+
+    eos_token, pad_token_id = "$", 0
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        return "<" + messages[0]["content"] + ">"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_chat_batch_supervises_the_answers_only():
+    from xpeft.datasets import chat_batch
+
+    batch = chat_batch(_CharTokenizer(), [("ab", "c"), ("d", "efg")])
+    ids = [[ord(c) for c in "<ab>c$"] + [0], [ord(c) for c in "<d>efg$"]]
+    assert batch["input_ids"].tolist() == ids
+    assert batch["attention_mask"].tolist() == [[1] * 6 + [0], [1] * 7]
+    assert batch["labels"].tolist() == [[-100] * 4 + [ord("c"), ord("$"), -100], [-100] * 3 + [ord(c) for c in "efg$"]]
+    truncated = chat_batch(_CharTokenizer(), [("ab", "cde")], max_length=5)
+    assert truncated["labels"].tolist() == [[-100] * 4 + [ord("c")]]
