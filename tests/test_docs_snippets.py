@@ -172,3 +172,29 @@ def test_chat_batch_supervises_the_answers_only():
     assert batch["labels"].tolist() == [[-100] * 4 + [ord("c"), ord("$"), -100], [-100] * 3 + [ord(c) for c in "efg$"]]
     truncated = chat_batch(_CharTokenizer(), [("ab", "cde")], max_length=5)
     assert truncated["labels"].tolist() == [[-100] * 4 + [ord("c")]]
+
+
+@pytest.mark.parametrize(
+    ("page", "config_name"),
+    [("docs/methods/ether.md", "EtherConfig"), ("docs/methods/x-peft.md", "XPeftConfig"), ("docs/methods/pedro.md", "PedroConfig")],
+)
+def test_guide_tables_list_every_config_field_with_its_default(page, config_name):
+    """A field added to (or a default changed in) a config must show in its guide's table."""
+    import dataclasses
+
+    from peft.config import PeftConfig
+
+    import xpeft
+
+    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+    fields = {f.name: f.default for f in dataclasses.fields(getattr(xpeft, config_name)) if f.name not in inherited}
+    documented = {}
+    for line in (ROOT / page).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 3:
+            for name in re.findall(r"`(\w+)`", cells[0]):
+                documented[name] = cells[1].strip("`")
+    assert set(documented) == set(fields), f"{page}: document {set(fields) - set(documented)}, drop {set(documented) - set(fields)}"
+    for name, default in fields.items():
+        expected = f'"{default}"' if isinstance(default, str) else str(default)
+        assert documented[name] == expected, f"{page}: `{name}` defaults to {expected}, the table says {documented[name]}"
