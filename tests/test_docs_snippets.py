@@ -198,3 +198,17 @@ def test_guide_tables_list_every_config_field_with_its_default(page, config_name
     for name, default in fields.items():
         expected = f'"{default}"' if isinstance(default, str) else str(default)
         assert documented[name] == expected, f"{page}: `{name}` defaults to {expected}, the table says {documented[name]}"
+
+
+def test_datasets_imports_gguf_and_yaml_only_when_loading():
+    """`import xpeft.datasets` must work without the `eval` extra: gguf and pyyaml are imported inside the loaders."""
+    import ast
+
+    tree = ast.parse((ROOT / "src" / "xpeft" / "datasets.py").read_text())
+    top_level = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top_level.add(node.module.split(".")[0])
+    assert not top_level & {"gguf", "yaml", "transformers", "torch"}, top_level
