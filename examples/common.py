@@ -4,7 +4,7 @@ Two scales, same code path:
 
 * ``--tiny``: a randomly initialised tiny BERT / Llama built from a config class and synthetic data. No asset needed;
   used by the tests (a 2-process ``accelerate launch`` run included).
-* default: the real assets of the evaluation suite, loaded offline by ``benchmarks/data.py`` (all-MiniLM-L6-v2 on
+* default: the real assets of the evaluation suite, loaded offline by ``xpeft.datasets`` (all-MiniLM-L6-v2 on
   SpamAssassin for classification, SmolLM2-135M-Instruct on chatterbot-corpus pairs for instruction tuning).
 
 Every script writes ``<output_dir>/train_record.json`` (loss history, eval metrics, adapter checksum per rank) and
@@ -18,7 +18,6 @@ import gc
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +28,7 @@ import torch  # noqa: E402
 from peft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # benchmarks/ (the asset loaders) lives next to examples/
-    sys.path.insert(0, str(REPO))
+from xpeft import datasets  # noqa: E402
 
 TINY_VOCAB = 128
 
@@ -159,13 +156,8 @@ def classification_setup(args):
             max_position_embeddings=64, num_labels=2,
         )  # fmt: skip
         return BertForSequenceClassification(cfg), tiny_classification(512, seed=1), tiny_classification(128, seed=2)
-    from benchmarks import data
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = data.minilm_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    splits = data.spam_assassin()
+    model, tok = datasets.load_minilm(num_labels=2)
+    splits = datasets.spam_assassin()
     train = splits["train"][: args.n_train] if args.n_train else splits["train"]
     test = _shuffled(splits["test"], args.seed)[: args.n_eval]  # the split is ordered by mail path (ham first)
     return model, encode_classification(tok, train, args.max_length), encode_classification(tok, test, args.max_length)
@@ -182,13 +174,8 @@ def causal_setup(args):
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
         )  # fmt: skip
         return LlamaForCausalLM(cfg), tiny_instructions(512, seed=1), tiny_instructions(128, seed=2), None
-    from benchmarks import data
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = data.smollm2_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    topics = data.chatterbot()
+    model, tok = datasets.load_smollm2()
+    topics = datasets.chatterbot()
     train = [pa for t in sorted(topics) for pa in topics[t]["train"]]
     test = [pa for t in sorted(topics) for pa in topics[t]["test"]]
     train = _shuffled(train, args.seed)

@@ -1,6 +1,6 @@
 """Fine-tune a classifier with ETHER / ETHER+ (arXiv 2405.20271) through transformers ``Trainer``, offline.
 
-python examples/train_ether.py                       # all-MiniLM-L6-v2 on SpamAssassin (assets: benchmarks/data.py)
+python examples/train_ether.py                       # all-MiniLM-L6-v2 on SpamAssassin (assets: xpeft.datasets)
 python examples/train_ether.py --variant ether_plus --lr 1e-2
 python examples/train_ether.py --tiny                # tiny random BERT, synthetic data, seconds
 python examples/train_ether.py --baseline lora       # same run with peft LoRA r=8 for comparison
