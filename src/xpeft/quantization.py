@@ -96,7 +96,14 @@ def merge_weight(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight
     kind = _bnb_kind(layer)
     if kind == "4bit":
-        return sys.modules["bitsandbytes"].functional.dequantize_4bit(weight.data, weight.quant_state)
+        functional = sys.modules["bitsandbytes"].functional
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # An inference forward on CPU repacks the weight for bitsandbytes' CPU kernel (bfloat16 scales, another
+            # layout) that `dequantize_4bit` misreads; undo it first, as bitsandbytes does before moving the weight.
+            weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+        return functional.dequantize_4bit(weight.data, weight.quant_state)
     if kind == "8bit":
         scale = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
         return sys.modules["bitsandbytes"].functional.int8_vectorwise_dequant(weight.data, scale.to(weight.device))
