@@ -15,7 +15,12 @@ Tolerances, relative to the largest entry (measured, then given ~10x room):
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +292,19 @@ def test_torch_ao_dynamic_quantized_layers_are_refused_by_full_class_name(method
         torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
     with pytest.raises(TypeError, match=r"torch\.ao\.nn\.quantized\.dynamic\.modules\.linear\.Linear.*float model"):
         build(model, method)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_quick(tmp_path):
+    """benchmarks/bench_quantized.py end to end in --quick mode, so that it cannot rot (the figures are not checked)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e '.[quant]')")
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "quantized.json"
+    cmd = [sys.executable, str(repo / "benchmarks" / "bench_quantized.py"), "--quick", "--cycles", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+    proc = subprocess.run([*cmd, "--alone-steps", "1", "--out", str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"lora_r8", "ether", "ether_plus"}
+    assert all(r["step_s_median"] > 0 and r["trainable_params"] > 0 for r in report["results"].values())
+    assert set(report["ratios"]) == {"ether / lora_r8", "ether_plus / lora_r8"}
