@@ -308,3 +308,12 @@ def test_benchmark_runs_quick(tmp_path):
     assert set(report["results"]) == {"lora_r8", "ether", "ether_plus"}
     assert all(r["step_s_median"] > 0 and r["trainable_params"] > 0 for r in report["results"].values())
     assert set(report["ratios"]) == {"ether / lora_r8", "ether_plus / lora_r8"}
+
+
+def test_ether_refuses_a_quantized_convolution():
+    quanto = _library("quanto")
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(128, 2))
+    quanto.quantize(model, weights=quanto.qint8, include=["0"])
+    quanto.freeze(model)
+    with pytest.raises(TypeError, match=r"convolution '0'.*qconv2d\.QConv2d.*quantize again.*exclude_modules"):
+        get_peft_model(model, EtherConfig(target_modules=["0"], n_blocks=4))

@@ -8,7 +8,7 @@ forward dequantizes. Only three things need to know about quantization, and they
 - merging ([`merge_weight`], [`write_merged_weight`]): dequantize, merge in float, requantize with the layer's own
   quantization settings, as peft does for bitsandbytes LoRA. The requantized weight rounds the merged one again, so a
   merged quantized model equals the unmerged one only within the quantization error (a warning says so);
-- refusing what cannot be adapted ([`check_not_torch_ao_quantized`]).
+- refusing what cannot be adapted ([`check_not_torch_ao_quantized`], [`check_conv_not_quantized`]).
 
 Supported: bitsandbytes `Linear8bitLt` (int8 weights) and `Linear4bit` (nf4/fp4), torchao `Int8Tensor` weights without
 activation quantization (`quantize_(model, Int8WeightOnlyConfig())`), and optimum-quanto `QLinear` with frozen integer
@@ -88,6 +88,19 @@ def check_not_torch_ao_quantized(layer: nn.Module, method: str) -> None:
         "`Linear4bit`), torchao (`quantize_(model, Int8WeightOnlyConfig())`) or optimum-quanto (qint8 `QLinear`), "
         "which xpeft supports."
     )
+
+
+def check_conv_not_quantized(layer: nn.Module, module_name: str) -> None:
+    """Refuse a quantized convolution for ETHER, which transforms a convolution's filters (not its activations) at
+    every forward: the layer would quantize the transformed filters again on each call, so the unmerged adapter
+    would silently compute its merged, rounded form."""
+    if is_quantized(layer):
+        raise TypeError(
+            f"ETHER cannot adapt the convolution {module_name!r}: its weight is quantized "
+            f"(`{type(layer).__module__}.{type(layer).__qualname__}`), and ETHER transforms a convolution's filters "
+            "at every forward, which such a layer would quantize again on each call. Leave the module out with "
+            "`exclude_modules`, or quantize only the linear layers (e.g. optimum-quanto's `include=`)."
+        )
 
 
 def merge_weight(layer: nn.Module) -> torch.Tensor:

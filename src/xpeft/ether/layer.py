@@ -17,7 +17,7 @@ from torch.func import functional_call
 from torch.nn.modules import module as module_hooks
 from transformers.pytorch_utils import Conv1D
 
-from ..quantization import input_dtype, merge_weight, write_merged_weight
+from ..quantization import check_conv_not_quantized, input_dtype, merge_weight, write_merged_weight
 from ..tuners_utils import (
     CONV_LAYER_TYPES,
     SUPPORTED_LAYER_TYPES,
@@ -718,6 +718,7 @@ class EtherConv(_EtherModule):
     """
 
     def _check_layer(self, config: EtherConfig, module_name: str) -> None:
+        check_conv_not_quantized(self.get_base_layer(), module_name)
         if _weight_is_computed(self.get_base_layer()):
             raise ValueError(
                 f"ETHER cannot adapt the convolution {module_name!r}: its weight is computed by a parametrization "
