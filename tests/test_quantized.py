@@ -234,6 +234,7 @@ def test_merge_requantizes_within_quantization_error(library, method):
         for name in merged_names:
             expected = quantize_linear(library, _linear_with(float_merged.get_submodule(name).weight))
             assert torch.equal(merge_weight(layers[name]), merge_weight(expected)), name
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "ether_" not in n)  # still frozen
         merged = model(**inputs).logits
         assert relative_error(merged, unmerged) <= MERGE_ERROR_FACTOR * base_error
         with pytest.warns(UserWarning, match="quantized base weights"):

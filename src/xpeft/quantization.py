@@ -143,6 +143,7 @@ def write_merged_weight(layer: nn.Module, new_weight: torch.Tensor) -> None:
     else:  # optimum-quanto: `freeze` quantizes a float weight with the layer's own qtype and optimizer
         layer.weight = nn.Parameter(new_weight.to(weight.dtype), requires_grad=False)
         layer.freeze()
+        layer.weight.requires_grad_(False)  # `freeze` makes a new parameter, which would require grad
 
 
 def _write_bnb(layer: nn.Module, kind: str, new_weight: torch.Tensor) -> None:
