@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,9 +29,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ether import (  # noqa: E402
     RESULTS,
+    _status_mb,
     build_model,
     machine_info,
-    run_one,
+    reset_peak_rss,
     same_cycle_ratio,
     same_cycle_ratio_interval,
     write_report,
@@ -118,15 +120,18 @@ def alone(method: str, shape: dict, args) -> dict:
 
 
 def run_one_4bit(method: str, shape: dict, warmup: int, steps: int, threads: int) -> dict:
-    # bench_ether.run_one builds through its own make_step; this module's builds on the 4-bit base.
-    import bench_ether
-
-    original = bench_ether.make_step
-    bench_ether.make_step = make_step
-    try:
-        return run_one(method, shape, warmup, steps, threads)
-    finally:
-        bench_ether.make_step = original
+    """`method` alone: peak memory during its steps (as `bench_ether.run_one`, on the 4-bit base)."""
+    torch.set_num_threads(threads)
+    step, n_params = make_step(method, shape)
+    rss_before = reset_peak_rss()
+    times = [step() for _ in range(warmup + steps)][warmup:]
+    peak = _status_mb("VmHWM")
+    return {
+        "step_s_median": statistics.median(times),
+        "trainable_params": n_params,
+        "peak_rss_mb": peak,
+        "peak_rss_increase_mb": peak - rss_before,
+    }
 
 
 def _ratio(value: float, baseline: float) -> float | None:
@@ -159,7 +164,7 @@ def main() -> None:
         memory = alone(method, shape, args)
         results[method] = {
             "trainable_params": params[method],
-            "step_s_median": sorted(times[method])[len(times[method]) // 2],
+            "step_s_median": statistics.median(times[method]),
             "step_s_all": times[method],
             "peak_rss_mb": memory["peak_rss_mb"],
             "peak_rss_increase_mb": memory["peak_rss_increase_mb"],
