@@ -23,6 +23,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
 from .loading import check_loaded_config, check_loaded_tensors, discard_failed_load, finish_load
+from .quantization import check_not_torch_ao_quantized
 
 BASE_ADAPTER_NAME = "__base__"
 """Sentinel in `adapter_names` for samples that should see the base model only (as in peft's LoRA)."""
@@ -46,6 +47,7 @@ def layer_features(
         TypeError: for any other layer type, listing the supported ones, and for the output projection of an
             `nn.MultiheadAttention`, which never calls it.
     """
+    check_not_torch_ao_quantized(base_layer, method)
     if not isinstance(base_layer, supported):
         names = ", ".join(f"`{cls.__module__}.{cls.__qualname__}`" for cls in supported)
         raise TypeError(

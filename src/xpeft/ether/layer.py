@@ -17,6 +17,7 @@ from torch.func import functional_call
 from torch.nn.modules import module as module_hooks
 from transformers.pytorch_utils import Conv1D
 
+from ..quantization import check_conv_not_quantized, input_dtype, merge_weight, write_merged_weight
 from ..tuners_utils import (
     CONV_LAYER_TYPES,
     SUPPORTED_LAYER_TYPES,
@@ -560,7 +561,7 @@ class _EtherModule(nn.Module, EtherLayer):
         if adapter_names is None and (self.merged or not self._active_names()):
             return self.base_layer(x, *args, **kwargs)
         previous_dtype = x.dtype
-        x = self._cast_input_dtype(x, self.get_base_layer().weight.dtype)
+        x = self._cast_input_dtype(x, input_dtype(self.get_base_layer(), x.dtype))
         if adapter_names is not None:
             result = self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         else:
@@ -587,7 +588,7 @@ class _EtherModule(nn.Module, EtherLayer):
                 "the parametrization first (`torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')`)."
             )
         for name in names:
-            new_weight = self._merged_weight(base.weight.data, name, inverse=False)
+            new_weight = self._merged_weight(merge_weight(base), name, inverse=False)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights of adapter {name!r}; not merging it.")
             if name in self.ether_v and self._min_alignment(name) < MIN_UNMERGE_ALIGNMENT:
@@ -596,8 +597,7 @@ class _EtherModule(nn.Module, EtherLayer):
                     "but cannot be unmerged accurately later. Keep a copy of the base weights if you need them back.",
                     stacklevel=2,
                 )
-            # In place: the weight stays the same (normal) tensor even when merging under torch.inference_mode.
-            base.weight.data.copy_(new_weight)
+            write_merged_weight(base, new_weight)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -622,7 +622,7 @@ class _EtherModule(nn.Module, EtherLayer):
                         "restore the base weights. Reload the base model instead, or use `merge_and_unload()` on a "
                         "copy when you need both the merged and the unmerged model."
                     )
-            base.weight.data.copy_(self._merged_weight(base.weight.data, name, inverse=True))
+            write_merged_weight(base, self._merged_weight(merge_weight(base), name, inverse=True))
             self.merged_adapters.pop()
 
     def _min_alignment(self, name: str) -> float:
@@ -718,6 +718,7 @@ class EtherConv(_EtherModule):
     """
 
     def _check_layer(self, config: EtherConfig, module_name: str) -> None:
+        check_conv_not_quantized(self.get_base_layer(), module_name)
         if _weight_is_computed(self.get_base_layer()):
             raise ValueError(
                 f"ETHER cannot adapt the convolution {module_name!r}: its weight is computed by a parametrization "
