@@ -4,18 +4,15 @@ activations of linear layers and to the filters of convolutions."""
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Sequence
-from functools import reduce
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
-from torch.nn.modules import module as module_hooks
-from transformers.pytorch_utils import Conv1D
 
 from ..tuners_utils import (
     CONV_LAYER_TYPES,
@@ -26,7 +23,9 @@ from ..tuners_utils import (
     layer_features,
     weight_as_out_in,
 )
+from . import fused
 from .config import EtherConfig
+from .fused import Mix, mixed_basis
 
 ETHER_LAYER_TYPES = SUPPORTED_LAYER_TYPES + CONV_LAYER_TYPES
 
@@ -57,220 +56,20 @@ def normalize_blocks(u: torch.Tensor) -> torch.Tensor:
 # ETHER is A = [û], M = [−2]. ETHER+ is I − ûûᵀ + v̂v̂ᵀ written on A = [û, ŵ] with ŵ = û + v̂ and M = [[0, −1], [−1, 1]]
 # (expand (ŵ − û)(ŵ − û)ᵀ): at the init v̂ = −û, so ŵ = 0 and every update term is exactly zero, so the adapter is
 # exactly the identity (the direct form −ûp + v̂q leaves rounding residues with fused multiply-adds).
-Mix = tuple[tuple[float, ...], ...]
 REFLECTION_MIX: Mix = ((-2.0,),)
 ETHER_PLUS_MIX: Mix = ((0.0, -1.0), (-1.0, 1.0))
 
 
-def _mixed_basis(basis: torch.Tensor, mix: Mix) -> torch.Tensor:
-    """`M Aᵀ` as rows, `[n, k, d/n]` (row `i` = `Σ_j M_ij a_j`). `M` is applied with Python scalars, skipping its
-    zeros, so that a zero basis vector gives exactly zero coefficients."""
-    return torch.stack([reduce(operator.add, (w * basis[:, j] for j, w in enumerate(row) if w)) for row in mix], dim=1)
-
-
-def _mixed_projections(
-    rows: torch.Tensor, mixed_basis: torch.Tensor, shift: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`M Aᵀ (x_b − s_b)` for every row and block: `rows` `[R, n, d/n]`, `mixed_basis` (`M Aᵀ`, see [`_mixed_basis`])
-    `[n, k, d/n]`, optional `shift` `s` (a vector of the full width) → `[n, k, R]`.
-
-    One batched matmul over the blocks reads `rows` once, through a strided view, with no full-size temporary
-    (`A · rowsᵀ` rather than `rows · A`: MKL runs it ~25% faster on CPU).
-    """
-    coefficients = torch.bmm(mixed_basis, rows.permute(1, 2, 0))
-    if shift is not None:
-        coefficients = coefficients - torch.bmm(mixed_basis, shift.reshape(*mixed_basis.shape[::2], 1))
-    return coefficients
-
-
-def _add_update(
-    rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`x_b + Σ_j c_j a_j` per block, written into `out` (shaped like `x`, through a `rows`-shaped view; may be `x`
-    itself) or, without `out`, into a new `rows`-shaped tensor (differentiable: no `out=`)."""
-    per_row = coefficients.permute(2, 0, 1).unsqueeze(-1)  # [R, n, k, 1]
-    blocks = torch.addcmul(rows, per_row[:, :, 0], basis[:, 0], out=None if out is None else out.view(rows.shape))
-    for j in range(1, basis.shape[1]):
-        blocks.addcmul_(per_row[:, :, j], basis[:, j])
-    return blocks if out is None else out
-
-
-def _basis_grad(
-    coefficients: torch.Tensor,
-    grad_rows: torch.Tensor,
-    grad_coefficients: torch.Tensor,
-    rows: torch.Tensor,
-    shift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`∂L/∂A = Σ_rows (M Aᵀ(x − s)) gᵀ + (M Aᵀg) (x − s)ᵀ` for `x ↦ x + A M Aᵀ (x − s)` per block (`M` symmetric):
-    two batched matmuls that reduce over the rows."""
-    grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
-    grad_basis = grad_basis.baddbmm(grad_coefficients, rows.transpose(0, 1))
-    if shift is not None:
-        grad_basis = grad_basis - grad_coefficients.sum(-1, keepdim=True) * shift.reshape(-1, 1, rows.shape[2])
-    return grad_basis
-
-
-def _new_like(x: torch.Tensor) -> torch.Tensor:
-    """An empty tensor shaped like `x` that reshapes to blocks as a view. It is a tensor of its own, not a view, so the
-    model may modify a Function output made of it in place (autograd forbids that on a view). A matrix keeps the
-    layout of `x` (a convolution's transposed filter matrix stays a plain transposition, which `conv2d` reads fast)."""
-    return torch.empty_like(x) if x.dim() == 2 else x.new_empty(x.shape)
-
-
-class _BlockUpdate(torch.autograd.Function):
-    """`x_b ↦ (I + A M Aᵀ) x_b` per block of the last axis, with a hand-written backward; with a `shift` `s` (a bias),
-    `x ↦ s + H (x − s)`. `H` is symmetric, so `∂L/∂x = H g`, `∂L/∂s = g − H g` summed over the rows, and `∂L/∂A` is
-    [`_basis_grad`]. Saves `x` and the `[n, k, R]` coefficients only when `A` needs a gradient. Runs in the dtype of
-    `x` even under autocast (its matmuls would otherwise return another dtype than the backward's gradients).
-
-    Under `create_graph=True` the backward runs the same formulas as differentiable ops, with the coefficients
-    recomputed from `x`, so that second derivatives (gradient penalties, Hessian-vector products) are exact."""
-
-    @staticmethod
-    def forward(ctx, x, basis, mix, shift=None):
-        with torch.autocast(x.device.type, enabled=False):
-            rows = x.reshape(-1, basis.shape[0], basis.shape[2])
-            coefficients = _mixed_projections(rows, _mixed_basis(basis, mix), shift)
-            out = _add_update(rows, coefficients, basis, out=_new_like(x))
-        basis_needs_grad = ctx.needs_input_grad[1]
-        saved_x, saved_coefficients = (x, coefficients) if basis_needs_grad else (None, None)
-        ctx.save_for_backward(saved_x, basis, saved_coefficients, shift)
-        ctx.mix, ctx.rows_shape = mix, rows.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, basis, coefficients, shift = ctx.saved_tensors
-        create_graph = torch.is_grad_enabled()  # grad mode is on in backward only under create_graph=True
-        grad_x = grad_basis = grad_shift = None
-        with torch.autocast(grad.device.type, enabled=False):
-            mixed_basis = _mixed_basis(basis, ctx.mix)
-            grad_rows = grad.reshape(ctx.rows_shape)
-            grad_coefficients = _mixed_projections(grad_rows, mixed_basis)
-            if ctx.needs_input_grad[0]:
-                out = None if create_graph else _new_like(grad)  # `out=` ops are not differentiable
-                grad_x = _add_update(grad_rows, grad_coefficients, basis, out=out).reshape(grad.shape)
-            if ctx.needs_input_grad[1]:
-                rows = x.reshape(ctx.rows_shape)
-                if create_graph:  # the saved coefficients carry no graph
-                    coefficients = _mixed_projections(rows, mixed_basis, shift)
-                grad_basis = _basis_grad(coefficients, grad_rows, grad_coefficients, rows, shift)
-            if shift is not None and ctx.needs_input_grad[3]:
-                # −Σ_rows A M Aᵀ g: the update's part of g, with the opposite sign
-                grad_shift = -(grad_coefficients.sum(-1, keepdim=True) * basis).sum(1).reshape(shift.shape)
-        return grad_x, grad_basis, None, grad_shift
-
-
-def _two_sided_composed(x, basis_in, basis_out, weight, bias):
-    """`H⁺_out (W H⁺_in x) + b` (`weight` `[out, in]`) from `_BlockUpdate`s: what [`_TwoSidedLinear`] computes in one
-    Function."""
-    x_in = _BlockUpdate.apply(x, basis_in, ETHER_PLUS_MIX)
-    y = torch.nn.functional.linear(x_in, weight, bias)
-    return _BlockUpdate.apply(y, basis_out, ETHER_PLUS_MIX, bias)
-
-
-def _linear_into_own_tensor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x Wᵀ + b` (`weight` `[out, in]`) in a tensor that is not a view, as `F.linear` may return on 3-D inputs."""
-    out = x.new_empty(*x.shape[:-1], len(weight))
-    rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, len(weight))
-    if bias is None:
-        torch.mm(rows, weight.T, out=out_rows)
-    else:
-        torch.addmm(bias, rows, weight.T, out=out_rows)
-    return out
-
-
-def _projected_input(
-    grad_coefficients: torch.Tensor, rows: torch.Tensor, coefficients_in: torch.Tensor, basis_in: torch.Tensor
-) -> torch.Tensor:
-    """`Σ_rows (M Aᵀg) x'ᵀ` for every output basis row (`grad_coefficients` `[n_out, k, R]`) against the transformed
-    input `x' = H_in x`, `[n_out·k, in]`, from `x` itself (`rows` `[R, n_in, in/n_in]`) without building `x'`: per input
-    block `x' = x + A_in c` (`c` = `coefficients_in`, `[n_in, k, R]`), so the product is
-    `Σ_rows (M Aᵀg) xᵀ + K A_in` with the small `K = Σ_rows (M Aᵀg) cᵀ`, `[n_out·k, n_in·k]`."""
-    grad_flat = grad_coefficients.flatten(0, 1)
-    projected = grad_flat @ rows.flatten(1)
-    k_matrix = (grad_flat @ coefficients_in.flatten(0, 1).T).view(len(grad_flat), *basis_in.shape[:2])
-    projected.view(len(grad_flat), *basis_in.shape[::2]).add_(
-        torch.bmm(k_matrix.transpose(0, 1), basis_in).transpose(0, 1)
-    )
-    return projected
-
-
-class _TwoSidedLinear(torch.autograd.Function):
-    """`y = H⁺_out (W H⁺_in x) + b` for one two-sided ETHER+ adapter on a plain linear layer (frozen `W`, `b`), in one
-    Function that keeps `x` and `[n, 2, rows]` coefficients per side for the backward instead of an output-sized
-    activation: the output update is written into the matmul's own output, and the backward gets `W x'`
-    (`x' = H⁺_in x`) through `W` instead of saving it:
-
-    `Σ_rows (M Aᵀg) (W_b x')ᵀ = (Σ_rows (M Aᵀg) x'ᵀ) W_bᵀ` for output block `b`, with the middle product taken from the
-    saved `x` (see [`_projected_input`]). Saves nothing of the activations when only `x` needs a gradient (a frozen
-    adapter).
-
-    Under `create_graph=True` the backward differentiates [`_two_sided_composed`] instead (or, when only `x` needs a
-    gradient, the transposed chain `H_in Wᵀ H_out g`), for exact second derivatives.
-    """
-
-    @staticmethod
-    def forward(ctx, x, basis_in, basis_out, weight, bias, fan_in_fan_out):
-        rows = x.reshape(-1, basis_in.shape[0], basis_in.shape[2])
-        mixed_in, mixed_out = _mixed_basis(basis_in, ETHER_PLUS_MIX), _mixed_basis(basis_out, ETHER_PLUS_MIX)
-        coefficients_in = _mixed_projections(rows, mixed_in)
-        x_in = _add_update(rows, coefficients_in, basis_in, out=_new_like(x))
-        y = _linear_into_own_tensor(x_in, weight_as_out_in(weight, fan_in_fan_out), bias)
-        rows_out = y.view(-1, basis_out.shape[0], basis_out.shape[2])
-        coefficients_out = _mixed_projections(rows_out, mixed_out, bias)
-        _add_update(rows_out, coefficients_out, basis_out, out=y)  # in place: y is ours alone
-        needs_in, needs_out = ctx.needs_input_grad[1:3]
-        saved_x, saved_in = (x, coefficients_in) if needs_in or needs_out else (None, None)
-        saved_out = coefficients_out if needs_out else None
-        ctx.save_for_backward(saved_x, basis_in, basis_out, mixed_in, mixed_out, saved_in, saved_out, weight, bias)
-        ctx.fan_in_fan_out = fan_in_fan_out
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, basis_in, basis_out, mixed_in, mixed_out, coefficients_in, coefficients_out, weight, bias = (
-            ctx.saved_tensors
-        )
-        weight = weight_as_out_in(weight, ctx.fan_in_fan_out)
-        if torch.is_grad_enabled():  # create_graph=True
-            return _TwoSidedLinear._differentiable_backward(ctx, grad, x, basis_in, basis_out, weight, bias)
-        needs_x, needs_in, needs_out = ctx.needs_input_grad[:3]
-        (out_features, in_features), n_rows = weight.shape, grad.numel() // grad.shape[-1]
-        grad_rows_out = grad.reshape(n_rows, *basis_out.shape[::2])
-        grad_coefficients_out = _mixed_projections(grad_rows_out, mixed_out)
-        rows = None if x is None else x.reshape(n_rows, *basis_in.shape[::2])
-        grad_basis_in = grad_basis_out = grad_x = None
-        if needs_out:
-            projected = _projected_input(grad_coefficients_out, rows, coefficients_in, basis_in)
-            weight_blocks = weight.view(basis_out.shape[0], -1, in_features)
-            grad_basis_out = torch.bmm(projected.view(*basis_out.shape[:2], in_features), weight_blocks.mT)
-            grad_basis_out.baddbmm_(coefficients_out, grad_rows_out.transpose(0, 1))
-        if needs_x or needs_in:
-            grad_y = _add_update(grad_rows_out, grad_coefficients_out, basis_out, out=_new_like(grad))
-            grad_y = grad_y.reshape(n_rows, out_features)
-            grad_x_in = grad_y @ weight
-            grad_rows_in = grad_x_in.view(n_rows, *basis_in.shape[::2])
-            grad_coefficients_in = _mixed_projections(grad_rows_in, mixed_in)
-            if needs_in:
-                grad_basis_in = _basis_grad(coefficients_in, grad_rows_in, grad_coefficients_in, rows)
-            if needs_x:  # in place: grad_x_in is ours alone
-                grad_x = _add_update(grad_rows_in, grad_coefficients_in, basis_in, out=grad_x_in)
-                grad_x = grad_x.view(*grad.shape[:-1], in_features)
-        return grad_x, grad_basis_in, grad_basis_out, None, None, None
-
-    @staticmethod
-    def _differentiable_backward(ctx, grad, x, basis_in, basis_out, weight, bias):
-        needed = ctx.needs_input_grad[:3]
-        if x is None:  # only x needs a gradient: H_in Wᵀ H_out g (both H symmetric), differentiable in g
-            grad_y = _BlockUpdate.apply(grad, basis_out, ETHER_PLUS_MIX)
-            return (_BlockUpdate.apply(grad_y @ weight, basis_in, ETHER_PLUS_MIX), *[None] * 5)
-        with torch.enable_grad():
-            y = _two_sided_composed(x, basis_in, basis_out, weight, bias)
-        wanted = [t for t, need in zip((x, basis_in, basis_out), needed, strict=True) if need]
-        grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
-        return (*[next(grads) if need else None for need in needed], None, None, None)
+def block_update(x: torch.Tensor, basis: torch.Tensor, mix: Mix, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """`x_b ↦ x_b + A_b M A_bᵀ (x_b − s_b)` for each block `b` of the last axis of `x`, i.e. `x ↦ s + H (x − s)` with
+    `H = diag(I + A_b M A_bᵀ)` (`s` = 0 without `shift`); `basis` is `[n, k, d/n]`. Runs as [`fused.BlockUpdate`]
+    unless that path is switched off."""
+    if fused.ENABLED["block_update"]:
+        return fused.BlockUpdate.apply(x, basis, mix, shift)
+    blocks = x.unflatten(-1, basis.shape[::2])
+    centered = blocks if shift is None else blocks - shift.view(basis.shape[::2])
+    coefficients = torch.einsum("nkd,...nd->...nk", mixed_basis(basis, mix), centered)
+    return (blocks + torch.einsum("...nk,nkd->...nd", coefficients, basis)).flatten(-2)
 
 
 def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
@@ -279,7 +78,7 @@ def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
     This is `x ↦ H x` with `H = diag(I − 2 û_b û_bᵀ)`, never built. `u_hat` is `[n, d/n]` in the dtype of `x`.
     `H` is symmetric and orthogonal, so it is its own inverse, and applied to the rows of `W` it gives `W H`.
     """
-    return _BlockUpdate.apply(x, u_hat.unsqueeze(1), REFLECTION_MIX)
+    return block_update(x, u_hat.unsqueeze(1), REFLECTION_MIX)
 
 
 def ether_plus_transform(
@@ -290,7 +89,7 @@ def ether_plus_transform(
 
     `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` is symmetric, so applied to the rows of `W` it gives `W H⁺`.
     """
-    return _BlockUpdate.apply(x, ether_plus_basis(u_hat, v_hat), ETHER_PLUS_MIX, shift)
+    return block_update(x, ether_plus_basis(u_hat, v_hat), ETHER_PLUS_MIX, shift)
 
 
 def ether_plus_linear(
@@ -305,7 +104,8 @@ def ether_plus_linear(
     `H⁺_in` and `hat_out` of `H⁺_out` (`[n, d/n]` each, in the dtype of `x`), `weight` `[out, in]` (`[in, out]` with
     `fan_in_fan_out`, as transformers' `Conv1D`). Gradients flow to `x` and the vectors, not to `weight` or `bias`.
 
-    Keeps `x` for the backward, not an output-sized activation (see [`_TwoSidedLinear`]).
+    Runs as [`fused.TwoSidedLinear`], which keeps `x` for the backward, not an output-sized activation, unless that
+    path is switched off.
     """
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (weight, bias)):
         raise ValueError(
@@ -319,8 +119,11 @@ def ether_plus_linear(
                 f"`{side}` must be two `[n, {size} // n]` tensors for a layer with in_features={in_features} and "
                 f"out_features={out_features}, got shapes {tuple(u_hat.shape)} and {tuple(v_hat.shape)}."
             )
-    basis_in, basis_out = ether_plus_basis(*hat_in), ether_plus_basis(*hat_out)
-    return _TwoSidedLinear.apply(x, basis_in, basis_out, weight, bias, fan_in_fan_out)
+    if fused.ENABLED["two_sided_linear"]:
+        basis_in, basis_out = ether_plus_basis(*hat_in), ether_plus_basis(*hat_out)
+        return fused.TwoSidedLinear.apply(x, basis_in, basis_out, ETHER_PLUS_MIX, weight, bias, fan_in_fan_out)
+    y = F.linear(ether_plus_transform(x, *hat_in), weight_as_out_in(weight, fan_in_fan_out), bias)
+    return ether_plus_transform(y, *hat_out, shift=bias)
 
 
 def ether_plus_basis(u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -358,36 +161,6 @@ def _weight_is_computed(layer: nn.Module) -> bool:
     """Whether `layer.weight` is recomputed at each access (weight_norm and other parametrizations) rather than stored
     as a parameter: nothing written to it would last."""
     return "weight" not in layer._parameters
-
-
-# The hooks a module's own call runs, and those that every module's call runs (`torch.nn.modules.module`).
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOK_DICTS = tuple("_global" + name for name in _HOOK_DICTS)
-
-
-def _runs_only_its_forward(module: nn.Module) -> bool:
-    """Whether calling `module` runs its class's `forward` and nothing else: neither `__call__` nor (on the instance)
-    `forward` overridden, as accelerate's hooks do, and no hooks of its own."""
-    plain_call = type(module).__call__ is nn.Module.__call__ and "forward" not in vars(module)
-    return plain_call and not any(getattr(module, name) for name in _HOOK_DICTS)
-
-
-def _is_own_forward(forward: Any, cls: type) -> bool:
-    """Whether `forward` is the one `cls`'s library defines (also when inherited by a subclass), not a patch or a
-    wrapper put on the class since."""
-    defined_there = getattr(forward, "__module__", None) == cls.__module__
-    named_so = getattr(forward, "__qualname__", None) == f"{cls.__qualname__}.forward"
-    return defined_there and named_so and not hasattr(forward, "__wrapped__")
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    """Whether calling `module` would run just `nn.Linear`'s or `Conv1D`'s own forward: the exact class, unpatched,
-    without wrapper, parametrization or hooks, its own or global (those see the base layer's call, so it must
-    happen)."""
-    cls = type(module)
-    unpatched = cls in (nn.Linear, Conv1D) and _is_own_forward(cls.forward, cls)
-    no_global_hooks = not any(getattr(module_hooks, name) for name in _GLOBAL_HOOK_DICTS)
-    return unpatched and no_global_hooks and _runs_only_its_forward(module)
 
 
 def _listed(counts: list[int]) -> str:
@@ -672,17 +445,9 @@ class EtherLinear(_EtherModule):
         return self._output_chain(self.base_layer(x, *args, **kwargs), names)
 
     def _runs_as_one_function(self, x: torch.Tensor, names: list[str]) -> bool:
-        """Whether `names` is one two-sided ETHER+ adapter on a layer that [`_TwoSidedLinear`] can run: calling the
-        base layer would run just `nn.Linear`'s or `Conv1D`'s forward (see [`_is_plain_linear`]), with frozen plain
-        (not subclassed: quantized, distributed) parameters on the device of `x`, outside autocast."""
-        base = self.base_layer
-        if len(names) != 1 or names[0] not in self.ether_u_out or not _is_plain_linear(base):
-            return False
-        if base.weight.device != x.device or not torch.amp.is_autocast_available(x.device.type):
-            return False  # e.g. meta tensors, which autocast does not know
-        parameters = [p for p in (base.weight, base.bias) if p is not None]
-        plain_tensors = all(type(p) in (nn.Parameter, torch.Tensor) and not p.requires_grad for p in parameters)
-        return plain_tensors and not torch.is_autocast_enabled(x.device.type)
+        """Whether `names` is one two-sided ETHER+ adapter on a layer that [`fused.TwoSidedLinear`] can run (see
+        [`fused.two_sided_linear_applies`])."""
+        return len(names) == 1 and names[0] in self.ether_u_out and fused.two_sided_linear_applies(self.base_layer, x)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -762,18 +527,9 @@ class EtherConv(_EtherModule):
         for name in names:
             matrix = self._transformed_matrix(matrix, name)
         adapted = self._weight_from_matrix(matrix, weight).to(weight.dtype)
-        if self._runs_plain_conv(base):
+        if fused.runs_plain_conv(base):
             return base._conv_forward(x, adapted, base.bias)
         return functional_call(base, {"weight": adapted}, (x, *args), kwargs)
-
-    @staticmethod
-    def _runs_plain_conv(base: nn.Module) -> bool:
-        """Whether calling `base` would run just torch's own `Conv*d.forward`: neither `forward` nor `__call__`
-        overridden, and no hooks of its own, forward or backward (calling `_conv_forward` would skip them). Global
-        module hooks (`register_module_forward_hook`, used by e.g. `FlopCounterMode`) do not count: they do not see
-        the base convolution, which keeps plain convolutions thread-safe."""
-        plain = any(_is_own_forward(type(base).forward, cls) for cls in CONV_LAYER_TYPES)
-        return plain and _runs_only_its_forward(base)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
