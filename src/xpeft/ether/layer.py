@@ -31,11 +31,10 @@ ETHER_LAYER_TYPES = SUPPORTED_LAYER_TYPES + CONV_LAYER_TYPES
 
 # A zero vector has no direction; clamping its norm makes û = 0, i.e. H = I for that block, instead of NaN.
 NORM_EPS = 1e-12
-# Unmerging ETHER+ inverts H⁺, whose determinant is (û·v̂)² per block: its smallest eigenvalue is 1 - sqrt(1 - c²)
-# ≈ c²/2 for c = û·v̂. Below |c| = 0.2 the inverse amplifies the merged weight's rounding error by more than 50 per
-# side (2500 for two-sided ETHER+; measured: 8e-6 relative error on a float32 weight at |c| = 0.22), and the error
-# grows as 1/c⁴, so unmerge refuses rather than hand back visibly wrong "base" weights.
-MIN_UNMERGE_ALIGNMENT = 0.2
+UNMERGE_RTOL = 1e-3
+"""The largest estimated relative error (Frobenius norm) of the base weight that `unmerge` may hand back; above it,
+unmerging an ETHER+ adapter is refused (see [`unmerge_error_bound`]). For float16 and bfloat16 weights, whose own
+rounding is about this size, the limit is twice the error of a perfectly conditioned merge and unmerge, `2 eps`."""
 
 
 def valid_block_counts(*sizes: int) -> list[int]:
@@ -43,12 +42,14 @@ def valid_block_counts(*sizes: int) -> list[int]:
     return [n for n in range(1, min(sizes) // 2 + 1) if all(size % n == 0 for size in sizes)]
 
 
-def normalize_blocks(u: torch.Tensor) -> torch.Tensor:
-    """û = u / ‖u‖ per block row of `u` (shape `[n, d/n]`), in float32 whatever the parameter dtype.
+def normalize_blocks(u: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """û = u / ‖u‖ per block row of `u` (shape `[n, d/n]`), in `dtype` or the parameter's dtype, whichever is wider,
+    and float32 at least (half-precision vectors are normalized in float32).
 
-    DESIGN.md §1, "û = u/‖u‖"; the norm is clamped at `NORM_EPS` so that a zero vector gives û = 0, not NaN.
+    DESIGN.md §1, "û = u/‖u‖"; the norm is clamped at `NORM_EPS` so that a zero vector gives û = 0, not NaN. Merging
+    asks for float64, so that `‖û‖ = 1` to float64 rounding: `H H = I` and the Woodbury inverse hold to that precision.
     """
-    u = u.float()
+    u = u.to(torch.promote_types(torch.promote_types(u.dtype, dtype), torch.float32))
     return u / u.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
@@ -147,6 +148,72 @@ def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor
     return (blocks - alpha.unsqueeze(-1) * u_hat - beta.unsqueeze(-1) * v_hat).flatten(-2)
 
 
+def reference_code_regroup(w: torch.Tensor, n: int) -> torch.Tensor:
+    """`W` `[out, in]` rearranged for `block_layout="reference_code"` (mwbini/ether, `ETHERLinear.forward`), whose
+    `W.reshape(n, out, in/n)` then `einsum("rfm,rmn->rfn", ·, H)` gives `W'[R_r, C_c] = W[R_r, C_c] H_r`: output row group
+    `R_r` (rows `r·out/n ..`) has every input chunk `C_c` transformed by `H_r`.
+
+    Returns `[out/n · n, in]` with row `(g, c)` = `[W[R_1 g, C_c], .., W[R_n g, C_c]]`: column block `r` holds a chunk of
+    row group `r`, so a row-wise transform by `diag(H_1 .. H_n)` (the paper layout's) applies that layout. Inverse:
+    [`reference_code_ungroup`].
+    """
+    out, size = w.shape[0], w.shape[1] // n
+    return w.reshape(n, out // n, n, size).permute(1, 2, 0, 3).reshape(out // n * n, n * size)
+
+
+def reference_code_ungroup(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of [`reference_code_regroup`]: `[out/n · n, in]` back to `W` `[out, in]`."""
+    rows, size = t.shape[0] // n, t.shape[1] // n
+    return t.reshape(rows, n, n, size).permute(2, 0, 1, 3).reshape(rows * n, n * size)
+
+
+def reference_code_delta(x: torch.Tensor, w: torch.Tensor, basis: torch.Tensor, mix: Mix) -> torch.Tensor:
+    """`(W' − W) x` for `block_layout="reference_code"`, `W'[R_r, C_c] = W[R_r, C_c] H_r` (see
+    [`reference_code_regroup`]) with `H_r = I + A_r M A_rᵀ` (`basis` `[n, k, in/n]`), on the activations:
+
+    `(W' x − W x)[R_r] = Σ_c (W[R_r, C_c] A_r) (M A_rᵀ x_c)`: the `[n, out/n, n, k]` products `W A` take one pass over
+    `W`, and `M A_rᵀ x_c` is `[n, n, k]` per row of `x`; no transformed weight or `d×d` matrix is built.
+    """
+    n, _, size = basis.shape
+    weight_products = torch.einsum("rgcm,rkm->rgck", w.reshape(n, -1, n, size), basis)
+    projections = torch.einsum("...cm,rkm->...rck", x.unflatten(-1, (n, size)), mixed_basis(basis, mix))
+    return torch.einsum("rgck,...rck->...rg", weight_products, projections).flatten(-2)
+
+
+def ether_plus_condition(u_hat: torch.Tensor, v_hat: torch.Tensor) -> float:
+    """The condition number `κ = ‖H⁺‖ ‖(H⁺)⁻¹‖` of `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` (`[n, d/n]` unit vectors).
+
+    On span{û_b, v̂_b} a block has the eigenvalues `1 ± s_b`, `s_b = √(1 − c_b²)`, `c_b = û_b·v̂_b`, and 1 elsewhere
+    (`det = c_b²`), so `κ = max_b (1 + s_b) / min_b (1 − s_b)`, about `4/c²` for the smallest `|c|`; infinite when
+    some `c_b = 0`.
+    """
+    c = (u_hat.double() * v_hat.double()).sum(-1).abs().clamp_max(1.0)
+    s = (1 - c**2).sqrt()
+    return ((1 + s).max() / (c**2 / (1 + s)).min()).item()  # 1 − s = c²/(1 + s), without cancellation
+
+
+def unmerge_error_bound(conditions: Sequence[float], dtype: torch.dtype) -> float:
+    """Bound on the relative error (Frobenius norm) of the base weight that unmerging restores, from the condition
+    numbers `κ_1 .. κ_m` of the transforms merged in turn (`κ_out κ_in` per adapter; 1 for ETHER, a reflection) into a
+    weight of `dtype` (unit roundoff `eps/2`).
+
+    Each merge stores its result rounded to `dtype` (relative error ≤ eps/2, from a float64 product); unmerging adapter
+    `j` amplifies the error it starts from by at most `κ_j` and rounds again, so the restored weight is within
+    `(eps/2)(1 + κ_1 + κ_1 κ_2 + … + κ_1 ⋯ κ_m)` of the base weight, relative to its norm.
+    """
+    bound, product = 1.0, 1.0
+    for condition in conditions:
+        product *= condition
+        bound += product
+    return torch.finfo(dtype).eps / 2 * bound
+
+
+def unmerge_tolerance(dtype: torch.dtype) -> float:
+    """The error bound above which unmerging a weight of `dtype` is refused: [`UNMERGE_RTOL`], or `2 eps` of
+    coarser dtypes."""
+    return max(UNMERGE_RTOL, 2 * torch.finfo(dtype).eps)
+
+
 def _require_in_memory(tensor: torch.Tensor, what: str) -> None:
     """Raise a clear error for a tensor that accelerate's offloading left on the meta device between calls."""
     if tensor.device.type == "meta":
@@ -185,11 +252,18 @@ class EtherLayer(BaseTunerLayer):
 
     On linear layers the transforms act on activations (`O(tokens·d)` extra work), never on a `d×d` matrix, except
     in merge; on convolutions ([`EtherConv`]) they act on the flattened filters. Trainable vectors are stored per
-    block as `[n, d/n]` and normalized in float32 (see [`normalize_blocks`]).
+    block as `[n, d/n]` and normalized in float32 at least (see [`normalize_blocks`]).
+
+    Above, `H_in = diag(H_1 .. H_n)` acts on the n chunks `C_c` of the input features (`block_layout="paper"`). With
+    `block_layout="reference_code"` (the official code's layout, see [`EtherConfig`]) `H_r` acts instead on every input
+    chunk of output row group `R_r`: `W'[R_r, C_c] = W[R_r, C_c] H_r`. Linear layers then add
+    [`reference_code_delta`] to the base output; merge, unmerge and convolutions act on the regrouped weight (see
+    [`reference_code_regroup`]). `ether_dropout` drops the layer's input before the adapted forward, as the official
+    code does.
     """
 
     adapter_layer_names = ("ether_u", "ether_v", "ether_u_out", "ether_v_out")
-    other_param_names = ("ether_variant",)
+    other_param_names = ("ether_variant", "ether_block_layout", "ether_dropout")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -198,6 +272,8 @@ class EtherLayer(BaseTunerLayer):
         self.ether_u_out = nn.ParameterDict({})  # output side, two-sided ETHER+ only
         self.ether_v_out = nn.ParameterDict({})
         self.ether_variant: dict[str, str] = {}
+        self.ether_block_layout: dict[str, str] = {}
+        self.ether_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
@@ -220,6 +296,9 @@ class EtherLayer(BaseTunerLayer):
                 stacklevel=2,
             )
         self.ether_variant[adapter_name] = variant
+        self.ether_block_layout[adapter_name] = config.block_layout
+        p = config.ether_dropout
+        self.ether_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.ether_u[adapter_name] = nn.Parameter(self._init_vectors(n, self.in_features))
         if variant != "ether":
             v = -self.ether_u[adapter_name].data if config.init_weights else self._init_vectors(n, self.in_features)
@@ -242,14 +321,24 @@ class EtherLayer(BaseTunerLayer):
                 raise ValueError(
                     f"ETHER `n_blocks`={n} does not split {self._axis_label(side)} of module {module_name!r} into "
                     "blocks of at least two features. Valid block counts for this layer: "
-                    f"{_listed(self._valid_block_counts(two_sided))}. Set `n_blocks` to one of them, or leave the "
+                    f"{_listed(self._valid_block_counts(config))}. Set `n_blocks` to one of them, or leave the "
                     "module out with `exclude_modules`."
                 )
+        if config.block_layout == "reference_code" and self.out_features % n:
+            raise ValueError(
+                f"ETHER block_layout='reference_code' with `n_blocks`={n} groups {self._axis_label('out')} of module "
+                f"{module_name!r} into {n} equal groups of output rows, which does not divide. Valid block counts for "
+                f"this layer: {_listed(self._valid_block_counts(config))}. Set `n_blocks` to one of them, use "
+                "block_layout='paper', or leave the module out with `exclude_modules`."
+            )
 
-    def _valid_block_counts(self, two_sided: bool) -> list[int]:
-        """The block counts this layer accepts (for error messages)."""
-        sizes = (self.in_features, self.out_features) if two_sided else (self.in_features,)
-        return valid_block_counts(*sizes)
+    def _valid_block_counts(self, config: EtherConfig) -> list[int]:
+        """The block counts this layer accepts with `config`'s variant and layout (for error messages)."""
+        two_sided = config.variant == "ether_plus"
+        counts = valid_block_counts(*((self.in_features, self.out_features) if two_sided else (self.in_features,)))
+        if config.block_layout == "reference_code":
+            counts = [n for n in counts if self.out_features % n == 0]
+        return counts
 
     def _axis_label(self, side: str) -> str:
         """How errors name the input (`side="in"`) or output axis of this layer."""
@@ -264,13 +353,17 @@ class EtherLayer(BaseTunerLayer):
     # -- the transforms, shared by forward, mixed batch and merge ------------------------------------------------
 
     def _unit(self, container: nn.ParameterDict, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
-        return normalize_blocks(container[adapter_name]).to(dtype)
+        return normalize_blocks(container[adapter_name], dtype).to(dtype)
 
     def transform_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """`x ↦ H_in x` (last axis = input features) for one adapter, in the dtype of `x`."""
+        """`x ↦ H_in x` (last axis = input features) for one adapter, in the dtype of `x`: block `b` of `x` by `H_b`."""
+        return block_update(x, *self._input_basis(adapter_name, x.dtype))
+
+    def _input_basis(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, Mix]:
+        """The basis `A` `[n, k, d/n]` and mix `M` of the input side's `H = I + A M Aᵀ` per block."""
         if self.ether_variant[adapter_name] == "ether":
-            return householder_reflect(x, self._unit(self.ether_u, adapter_name, x.dtype))
-        return ether_plus_transform(x, *self._hats(adapter_name, "in", x.dtype))
+            return self._unit(self.ether_u, adapter_name, dtype).unsqueeze(1), REFLECTION_MIX
+        return ether_plus_basis(*self._hats(adapter_name, "in", dtype)), ETHER_PLUS_MIX
 
     def transform_output(self, y: torch.Tensor, adapter_name: str, shift: torch.Tensor | None = None) -> torch.Tensor:
         """`y ↦ H⁺_out y` (last axis = output features), or `y ↦ s + H⁺_out (y − s)` with a `shift` `s`; the identity
@@ -294,8 +387,16 @@ class EtherLayer(BaseTunerLayer):
 
     def _transformed_matrix(self, w: torch.Tensor, name: str) -> torch.Tensor:
         """`H_out W H_in` for a weight matrix `w` `[out, in]`: row-wise transforms of `W` give `W H_in`, column-wise
-        ones (rows of `Wᵀ`) give `H_out W`. Differentiable; computed in the dtype of `w`."""
-        return self.transform_output(self.transform_input(w, name).T, name).T
+        ones (rows of `Wᵀ`) give `H_out W`; with `block_layout="reference_code"` the row-wise transforms act on
+        [`reference_code_regroup`]`(W)`. Differentiable; computed in the dtype of `w`."""
+        return self.transform_output(self._on_input_blocks(w, name, self.transform_input).T, name).T
+
+    def _on_input_blocks(self, w: torch.Tensor, name: str, transform: Any) -> torch.Tensor:
+        """`transform(w, name)`, a row-wise transform by the input side's blocks, in adapter `name`'s block layout."""
+        if self.ether_block_layout[name] == "paper":
+            return transform(w, name)
+        n = len(self.ether_u[name])
+        return reference_code_ungroup(transform(reference_code_regroup(w, n), name), n)
 
     def _output_chain(self, y: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """`H_out (W x') + b` from the base output `y = W x' + b`: `b + H_out (y − b)`, the bias kept out of `H_out` as
@@ -343,6 +444,22 @@ class _EtherModule(nn.Module, EtherLayer):
     def __repr__(self) -> str:
         return "ether." + super().__repr__()
 
+    def _dropout(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """The layer's input after the `ether_dropout` of each adapter in `names` (identities at p = 0 or in eval)."""
+        for name in names:
+            x = self.ether_dropout[name](x)
+        return x
+
+    def _adapted_weight(self, names: Sequence[str], what: str = "the weight of this layer") -> torch.Tensor:
+        """The base weight (stored layout) with `names` merged in turn, differentiable in the vectors: in float32 at
+        least, cast once to the weight's dtype."""
+        weight = self.get_base_layer().weight
+        _require_in_memory(weight, what)
+        matrix = self._weight_matrix(weight).to(torch.promote_types(weight.dtype, torch.float32))
+        for name in names:
+            matrix = self._transformed_matrix(matrix, name)
+        return self._weight_from_matrix(matrix, weight).to(weight.dtype)
+
     # -- merge ---------------------------------------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -363,40 +480,65 @@ class _EtherModule(nn.Module, EtherLayer):
             new_weight = self._merged_weight(base.weight.data, name, inverse=False)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights of adapter {name!r}; not merging it.")
-            if name in self.ether_v and self._min_alignment(name) < MIN_UNMERGE_ALIGNMENT:
-                warnings.warn(
-                    f"ETHER+ adapter {name!r} is nearly singular (|û·v̂| < {MIN_UNMERGE_ALIGNMENT}): it merges fine, "
-                    "but cannot be unmerged accurately later. Keep a copy of the base weights if you need them back.",
-                    stacklevel=2,
-                )
             # In place: the weight stays the same (normal) tensor even when merging under torch.inference_mode.
             base.weight.data.copy_(new_weight)
             self.merged_adapters.append(name)
+        if names and self.unmerge_error() > unmerge_tolerance(base.weight.dtype):
+            warnings.warn(
+                f"ETHER+ adapter(s) {', '.join(map(repr, names))} merged fine, but could not be unmerged accurately "
+                f"later: {self._unmerge_problem()} Keep a copy of the base weights if you need them back.",
+                stacklevel=2,
+            )
 
     def unmerge(self) -> None:
         """Undo `merge`. ETHER: a reflection is its own inverse, so `W H H = W` (exact up to rounding).
 
-        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 (float32 on MPS) by the rank-2 Woodbury inverse; refused
-        when the inverse is ill-conditioned (`|û·v̂| < MIN_UNMERGE_ALIGNMENT` in some block, `det H⁺ = (û·v̂)²`).
+        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 (float32 on MPS) by the rank-2 Woodbury inverse; refused, before
+        anything changes, when the restored weight's estimated error exceeds the tolerance (see [`check_unmerge`]).
         """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        self.check_unmerge()
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters[-1]
-            if name in self.ether_v:
-                alignment = self._min_alignment(name)
-                if alignment < MIN_UNMERGE_ALIGNMENT:
-                    # The inverse would amplify the merged weight's rounding error by ~2/c² per side.
-                    raise ValueError(
-                        f"Cannot unmerge ETHER+ adapter {name!r}: its H⁺ is nearly singular (min |û·v̂| = "
-                        f"{alignment:.2e} < {MIN_UNMERGE_ALIGNMENT}; det H⁺ = (û·v̂)²), so inverting it would not "
-                        "restore the base weights. Reload the base model instead, or use `merge_and_unload()` on a "
-                        "copy when you need both the merged and the unmerged model."
-                    )
             base.weight.data.copy_(self._merged_weight(base.weight.data, name, inverse=True))
             self.merged_adapters.pop()
+
+    def unmerge_error(self) -> float:
+        """Bound on the relative error of the base weight that `unmerge` would restore now (see
+        [`unmerge_error_bound`]); 0 when nothing is merged."""
+        if not self.merged:
+            return 0.0
+        conditions = [self._condition(name) for name in self.merged_adapters]
+        return unmerge_error_bound(conditions, self.get_base_layer().weight.dtype)
+
+    def check_unmerge(self) -> None:
+        """Raise if the merged adapters cannot be unmerged accurately: inverting a nearly singular ETHER+ transform
+        would amplify the merged weight's rounding error beyond [`unmerge_tolerance`] of its dtype."""
+        if self.unmerge_error() > unmerge_tolerance(self.get_base_layer().weight.dtype):
+            names = ", ".join(map(repr, self.merged_adapters))
+            raise ValueError(
+                f"Cannot unmerge ETHER+ adapter {names}: {self._unmerge_problem()} Reload the base model instead, or "
+                "use `merge_and_unload()` on a copy when you need both the merged and the unmerged model."
+            )
+
+    def _unmerge_problem(self) -> str:
+        dtype = self.get_base_layer().weight.dtype
+        alignments = [self._min_alignment(name) for name in self.merged_adapters if name in self.ether_v]
+        return (
+            f"restoring the {str(dtype).removeprefix('torch.')} base weight would carry a relative error of up to "
+            f"{self.unmerge_error():.1e}, above the tolerance {unmerge_tolerance(dtype):.0e} (UNMERGE_RTOL), "
+            f"because H⁺ is nearly singular (min |û·v̂| = {min(alignments, default=1.0):.2e}; det H⁺ = (û·v̂)²)."
+        )
+
+    def _condition(self, name: str) -> float:
+        """`κ(H_out) κ(H_in)` of adapter `name` (1 for ETHER, whose reflections are orthogonal)."""
+        if name not in self.ether_v:
+            return 1.0
+        sides = ("in", "out") if name in self.ether_u_out else ("in",)
+        return math.prod(ether_plus_condition(*self._hats(name, side, torch.float64)) for side in sides)
 
     def _min_alignment(self, name: str) -> float:
         pairs = [(self.ether_u, self.ether_v), (self.ether_u_out, self.ether_v_out)]
@@ -413,15 +555,15 @@ class _EtherModule(nn.Module, EtherLayer):
         if not inverse or self.ether_variant[name] == "ether":
             merged = self._transformed_matrix(w, name)  # H_ether⁻¹ = H_ether
         else:
-            merged = self._apply_inverse(w, self.ether_u, self.ether_v, name)
+            # H_out acts on row blocks, which the input side's (either layout) maps to themselves: the inverses commute.
+            merged = self._on_input_blocks(w, name, self._invert_input)
             if name in self.ether_u_out:
-                merged = self._apply_inverse(merged.T, self.ether_u_out, self.ether_v_out, name).T
+                merged = ether_plus_inverse(merged.T, *self._hats(name, "out", merged.dtype)).T
         # Cast here (not in the in-place copy) so that safe_merge sees what overflows the weight's dtype.
         return self._weight_from_matrix(merged, weight).to(weight.dtype)
 
-    @staticmethod
-    def _apply_inverse(x: torch.Tensor, u: nn.ParameterDict, v: nn.ParameterDict, name: str) -> torch.Tensor:
-        return ether_plus_inverse(x, normalize_blocks(u[name]).to(x.dtype), normalize_blocks(v[name]).to(x.dtype))
+    def _invert_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return ether_plus_inverse(x, *self._hats(name, "in", x.dtype))
 
 
 class EtherLinear(_EtherModule):
@@ -435,6 +577,9 @@ class EtherLinear(_EtherModule):
     """
 
     def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = self._dropout(x, names)
+        if any(self.ether_block_layout[name] == "reference_code" for name in names):
+            return self._reference_code_forward(x, names, *args, **kwargs)
         if not args and not kwargs and self._runs_as_one_function(x, names):
             hat_in, hat_out = (self._hats(names[0], side, x.dtype) for side in ("in", "out"))
             base = self.base_layer
@@ -444,10 +589,26 @@ class EtherLinear(_EtherModule):
             x = self.transform_input(x, name)
         return self._output_chain(self.base_layer(x, *args, **kwargs), names)
 
+    def _reference_code_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One adapter: `W x + b` plus [`reference_code_delta`], then the output side. Stacked adapters (the input side
+        of one would act on the weight the previous ones changed): the base layer run with the transformed weight,
+        through `torch.func.functional_call`, which puts it on the module for the call (not thread-safe)."""
+        if len(names) > 1:
+            return functional_call(self.base_layer, {"weight": self._adapted_weight(names)}, (x, *args), kwargs)
+        y = self.base_layer(x, *args, **kwargs) + self._reference_code_delta(x, names[0])
+        return self._output_chain(y, names)
+
+    def _reference_code_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        _require_in_memory(weight, "the weight of a layer with block_layout='reference_code'")
+        return reference_code_delta(x, self._weight_matrix(weight).to(x.dtype), *self._input_basis(name, x.dtype))
+
     def _runs_as_one_function(self, x: torch.Tensor, names: list[str]) -> bool:
         """Whether `names` is one two-sided ETHER+ adapter on a layer that [`fused.TwoSidedLinear`] can run (see
         [`fused.two_sided_linear_applies`])."""
-        return len(names) == 1 and names[0] in self.ether_u_out and fused.two_sided_linear_applies(self.base_layer, x)
+        if len(names) != 1 or names[0] not in self.ether_u_out:
+            return False
+        return self.ether_block_layout[names[0]] == "paper" and fused.two_sided_linear_applies(self.base_layer, x)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -457,13 +618,17 @@ class EtherLinear(_EtherModule):
         groups = {
             name: rows for name, rows in adapter_index_groups(adapter_names, x.device).items() if name in self.ether_u
         }
-        transformed = x.clone()
+        transformed, deltas = x.clone(), {}
         for name, rows in groups.items():
-            transformed[rows] = self.transform_input(x[rows], name)
+            dropped = self._dropout(x[rows], [name])
+            if self.ether_block_layout[name] == "reference_code":
+                transformed[rows], deltas[name] = dropped, self._reference_code_delta(dropped, name)
+            else:
+                transformed[rows] = self.transform_input(dropped, name)
         result = self.base_layer(transformed, *args, **kwargs)
         out = result.clone()
         for name, rows in groups.items():
-            out[rows] = self._output_chain(result[rows], [name])
+            out[rows] = self._output_chain(result[rows] + deltas[name] if name in deltas else result[rows], [name])
         return out
 
 
@@ -496,14 +661,14 @@ class EtherConv(_EtherModule):
             raise ValueError(
                 f"Two-sided ETHER+ on module {module_name!r}, a convolution with groups={groups}, needs `n_blocks` to "
                 f"be a multiple of groups (got {config.n_blocks}), so that each output block stays within one group. "
-                f"Valid block counts for this layer: {_listed(self._valid_block_counts(True))}. Or use "
+                f"Valid block counts for this layer: {_listed(self._valid_block_counts(config))}. Or use "
                 "variant='ether_plus_one_sided', which transforms the input side only."
             )
 
-    def _valid_block_counts(self, two_sided: bool) -> list[int]:
-        counts = super()._valid_block_counts(two_sided)
+    def _valid_block_counts(self, config: EtherConfig) -> list[int]:
+        counts = super()._valid_block_counts(config)
         groups = self.get_base_layer().groups
-        return [n for n in counts if n % groups == 0] if two_sided else counts
+        return [n for n in counts if n % groups == 0] if config.variant == "ether_plus" else counts
 
     def _axis_label(self, side: str) -> str:
         if side == "out":
@@ -521,12 +686,8 @@ class EtherConv(_EtherModule):
         base = self.get_base_layer()
         if not names:
             return base(x, *args, **kwargs)
-        weight = base.weight
-        _require_in_memory(weight, "a convolution's weight")
-        matrix = self._weight_matrix(weight).to(torch.promote_types(weight.dtype, torch.float32))
-        for name in names:
-            matrix = self._transformed_matrix(matrix, name)
-        adapted = self._weight_from_matrix(matrix, weight).to(weight.dtype)
+        x = self._dropout(x, names)
+        adapted = self._adapted_weight(names, "a convolution's weight")
         if fused.runs_plain_conv(base):
             return base._conv_forward(x, adapted, base.bias)
         return functional_call(base, {"weight": adapted}, (x, *args), kwargs)
