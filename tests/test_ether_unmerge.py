@@ -123,7 +123,7 @@ def test_unmerge_above_the_tolerance_is_refused_and_changes_nothing():
         model.merge_adapter()
     merged = [layer.get_base_layer().weight.detach().clone() for layer in (bad, good)]
     assert bad.unmerge_error() > UNMERGE_RTOL >= good.unmerge_error()
-    problem = r"restoring the float32 base weight would carry a relative error of up to [0-9.e+-]+, above the tolerance 1e-03 \(UNMERGE_RTOL\).*min \|û·v̂\| = 8\.00e-02"
+    problem = r"restoring the float32 base weight would carry a relative error of up to [0-9.e+-]+, above the tolerance 1e-03 \(see UNMERGE_RTOL\).*min \|û·v̂\| = 8\.00e-02"
     fix = r"Reload the base model instead, or use `merge_and_unload\(\)` on a copy"
     message = rf"Module 'first': Cannot unmerge ETHER\+ adapter 'default': {problem}.*{fix}"
     with pytest.raises(ValueError, match=message):

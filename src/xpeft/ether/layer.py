@@ -529,7 +529,7 @@ class _EtherModule(nn.Module, EtherLayer):
         alignments = [self._min_alignment(name) for name in self.merged_adapters if name in self.ether_v]
         return (
             f"restoring the {str(dtype).removeprefix('torch.')} base weight would carry a relative error of up to "
-            f"{self.unmerge_error():.1e}, above the tolerance {unmerge_tolerance(dtype):.0e} (UNMERGE_RTOL), "
+            f"{self.unmerge_error():.1e}, above the tolerance {unmerge_tolerance(dtype):.0e} (see UNMERGE_RTOL), "
             f"because H⁺ is nearly singular (min |û·v̂| = {min(alignments, default=1.0):.2e}; det H⁺ = (û·v̂)²)."
         )
 
