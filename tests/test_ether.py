@@ -1232,6 +1232,7 @@ def test_layers_to_transform_adapts_only_those_layers():
 def test_default_config_and_help_equal_docstring():
     config = EtherConfig()
     assert (config.n_blocks, config.variant, config.init_weights) == (32, "ether", True)
+    assert (config.block_layout, config.ether_dropout) == ("paper", 0.0)
     assert config.peft_type.value == "ETHER"
     doc = " ".join(EtherConfig.__doc__.split())
     for f in fields(EtherConfig):
@@ -1240,6 +1241,8 @@ def test_default_config_and_help_equal_docstring():
             "layers_pattern",
             "modules_to_save",
             "fan_in_fan_out",
+            "block_layout",
+            "ether_dropout",
         }:
             help_text = " ".join(f.metadata["help"].split())
             assert help_text in doc, f.name

@@ -51,10 +51,11 @@ class EtherConfig(PeftConfig):
             (mwbini/ether, lit_gpt/ether.py, ETHERLinear.forward) computes, and what the paper's published numbers came
             from: its reshape of the [out, in] weight to [n, out, in/n] splits the output rows into n groups R_r of
             out/n rows, and H_r transforms every input chunk C_c of its group, W'[R_r, C_c] = W[R_r, C_c] H_r; it
-            equals 'paper' only at n = 1, and needs out_features divisible by n too. The two-sided ETHER+ output side
-            (H+_out W, row blocks) is the same in both layouts, as in the official code's 'etherplusHH'. Same
-            parameters and cost class in both: activation-side and mergeable; 'reference_code' adds a pass over the
-            weight per forward (W_b u products), and stacking it with other active adapters runs on the transformed
+            equals 'paper' only at n = 1, and needs out_features divisible by n too. The variants 'ether',
+            'ether_plus_one_sided' and 'ether_plus' are the official code's Htype 'ether', 'etherplus' and
+            'etherplusHH'; the output side of 'ether_plus' (H+_out W, row blocks) is the same in both layouts, as
+            there. Same parameters in both layouts, activation-side and mergeable; 'reference_code' adds a pass over
+            the weight per forward (W_b u products), and stacking it with other active adapters runs on the transformed
             weight.
         ether_dropout (`float`):
             Dropout probability on the adapted layer's input, as the official code's `ether_dropout` (which drops the
@@ -127,11 +128,12 @@ class EtherConfig(PeftConfig):
                 "Which weight blocks each input-side transform acts on. 'paper' (the paper's equations): W' = W "
                 "diag(H_1 .. H_n), block c of the input features transformed by H_c. 'reference_code': what the "
                 "official code (mwbini/ether, lit_gpt/ether.py, ETHERLinear.forward) computes, and what the "
-                "paper's published numbers came from: its reshape of the [out, in] weight to [n, out, in/n] splits "
-                "the output rows into n groups R_r of out/n rows, and H_r transforms every input chunk C_c of its "
-                "group, W'[R_r, C_c] = W[R_r, C_c] H_r; it equals 'paper' only at n = 1, and needs out_features "
-                "divisible by n too. The two-sided ETHER+ output side (H+_out W, row blocks) is the same in both "
-                "layouts, as in the official code's 'etherplusHH'. Same parameters and cost class in both: "
+                "paper's published numbers came from: its reshape of the [out, in] weight to [n, out, in/n] splits"
+                " the output rows into n groups R_r of out/n rows, and H_r transforms every input chunk C_c of its"
+                " group, W'[R_r, C_c] = W[R_r, C_c] H_r; it equals 'paper' only at n = 1, and needs out_features "
+                "divisible by n too. The variants 'ether', 'ether_plus_one_sided' and 'ether_plus' are the "
+                "official code's Htype 'ether', 'etherplus' and 'etherplusHH'; the output side of 'ether_plus' "
+                "(H+_out W, row blocks) is the same in both layouts, as there. Same parameters in both layouts, "
                 "activation-side and mergeable; 'reference_code' adds a pass over the weight per forward (W_b u "
                 "products), and stacking it with other active adapters runs on the transformed weight."
             )
