@@ -9,11 +9,18 @@ after building) and to time the slow baselines (HRA, BOFT), whose targets have w
 
     PYTHONPATH=src python benchmarks/bench_ether.py            # full run → benchmarks/results/ether.json
     PYTHONPATH=src python benchmarks/bench_ether.py --quick    # smoke run, in-process → ether_quick.json
+    PYTHONPATH=src python benchmarks/bench_ether.py --ablation # special paths on vs off → ether_special_paths.json
+
+`--ablation` measures each of ETHER's special paths (`xpeft.ether.fused`: `block_update`, `two_sided_linear`) against
+the plain torch ops that replace it when switched off (`fused.plain_paths(...)`, or the environment variable
+`XPEFT_ETHER_PLAIN=block_update,two_sided_linear` / `all`): the same methods with and without the path, interleaved in
+one process (step time) and each alone in its own process (peak memory), LoRA r=8 alongside for scale.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,6 +56,23 @@ FAST = (
 )
 # peft methods that rebuild a d×d weight every step: timed alone, each in its own process.
 SLOW = ("boft", "hra_r8", "hra_r1")
+# --ablation: method name → (ETHER method, special paths switched off for it).
+ABLATION = {
+    "ether": ("ether", ()),
+    "ether-plain_block_update": ("ether", ("block_update",)),
+    "ether_plus": ("ether_plus", ()),
+    "ether_plus-plain_two_sided_linear": ("ether_plus", ("two_sided_linear",)),
+    "ether_plus-plain_all": ("ether_plus", ("block_update", "two_sided_linear")),
+    "ether_plus_one_sided": ("ether_plus_one_sided", ()),
+    "ether_plus_one_sided-plain_block_update": ("ether_plus_one_sided", ("block_update",)),
+}
+# --ablation: (special path, with it, without it) compared.
+ABLATION_PAIRS = (
+    ("block_update", "ether", "ether-plain_block_update"),
+    ("block_update", "ether_plus_one_sided", "ether_plus_one_sided-plain_block_update"),
+    ("two_sided_linear", "ether_plus", "ether_plus-plain_two_sided_linear"),
+    ("both", "ether_plus", "ether_plus-plain_all"),
+)
 N_BLOCKS = 32  # EtherConfig's default (the paper's best practice)
 
 
@@ -152,6 +176,9 @@ def reset_peak_rss() -> float:
 
 def make_step(method: str, shape: dict):
     """Build `method`'s model, optimizer and batch; return `(step, trainable_params)` where `step()` trains once."""
+    from xpeft.ether import fused
+
+    method, plain = ABLATION.get(method, (method, ()))
     model = prepare(method, build_model(shape)).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -159,12 +186,13 @@ def make_step(method: str, shape: dict):
     input_ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=generator)
 
     def step() -> float:
-        start = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        with fused.plain_paths(*plain) if plain else contextlib.nullcontext():
+            start = time.perf_counter()
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
 
     return step, sum(p.numel() for p in params)
 
@@ -269,6 +297,80 @@ def write_report(report: dict, out: Path) -> None:
     print(f"\nwritten to {out}")
 
 
+def run_alone(args, shape: dict, methods, steps: dict[str, int]) -> dict:
+    """Each method alone, in its own process in a full run (in-process with --quick): peak memory and step times."""
+    alone = {}
+    for method in methods:
+        n_steps = steps.get(method, 1)
+        if args.quick:
+            alone[method] = run_one(method, shape, 1, n_steps, args.threads)
+        else:
+            command = [sys.executable, __file__, "--child", method, "--threads", str(args.threads)]
+            command += ["--child-steps", str(n_steps), "--seq", str(shape["seq"])]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
+            alone[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = alone[method]
+        print(
+            f"  {method:40s} params {r['trainable_params']:>11,d}  peak RSS +{r['peak_rss_increase_mb']:7.1f} MB "
+            f"(abs {r['peak_rss_mb']:7.1f} MB)  alone {r['step_s_median']:.2f} s/step",
+            flush=True,
+        )
+    return alone
+
+
+def run_ablation(args, shape: dict, cycles: int) -> None:
+    """Each special path of `xpeft.ether.fused` on vs off: step-time ratios (interleaved, same-cycle medians) and peak
+    memory ratios (each alone), "off / on": above 1 means the path pays."""
+    load_before = os.getloadavg()
+    methods = ("lora_r8", *ABLATION)
+    print(f"shape {shape}, {args.threads} thread(s), load {load_before}; ablation of " + ", ".join(methods))
+    torch.set_num_threads(args.threads)
+    steps = {method: make_step(method, shape)[0] for method in methods}
+    times, _ = run_interleaved(steps, warmup=1, cycles=cycles)
+    alone = run_alone(args, shape, methods, {})
+    pairs = {}
+    for path, on, off in ABLATION_PAIRS:
+        memory_on, memory_off = (alone[m]["peak_rss_increase_mb"] for m in (on, off))
+        pairs[f"{path}: {off} / {on}"] = {
+            "path": path,
+            "step_time_off_over_on": same_cycle_ratio(times, off, on),
+            "step_time_interval_95": same_cycle_ratio_interval(times, off, on),
+            "peak_rss_increase_mb_on": memory_on,
+            "peak_rss_increase_mb_off": memory_off,
+            "peak_memory_off_over_on": memory_off / memory_on if memory_on else None,
+        }
+    print("\nspecial paths, off / on (above 1: the path pays):")
+    for label, pair in pairs.items():
+        low, high = pair["step_time_interval_95"]
+        print(
+            f"  {label:70s} step {pair['step_time_off_over_on']:.3f} ({low:.3f}-{high:.3f}), "
+            f"peak memory {pair['peak_memory_off_over_on'] or float('nan'):.3f}"
+        )
+    report = {
+        "shape": shape,
+        "quick": args.quick,
+        "timed_cycles": cycles,
+        "torch_threads": args.threads,
+        "n_blocks": N_BLOCKS,
+        "target_modules": "all-linear",
+        "timing_method": "as in the main run: interleaved in one process, medians of same-cycle ratios",
+        "memory_metric": "peak RSS increase of each method alone in its own process (in-process with --quick)",
+        "machine": machine_info(load_before),
+        "results": {
+            method: {**alone[method], "step_s_median": statistics.median(times[method]), "step_s_all": times[method]}
+            for method in methods
+        },
+        "ratios_to_lora_r8": {m: same_cycle_ratio(times, m, "lora_r8") for m in ABLATION},
+        "special_paths": pairs,
+    }
+    write_report(
+        report, args.out or RESULTS / ("ether_special_paths_quick.json" if args.quick else "ether_special_paths.json")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, everything in-process: a smoke run")
@@ -276,6 +378,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=None, help="timed interleaved cycles (default 12, quick 2)")
     parser.add_argument("--slow-steps", type=int, default=None, help="timed steps of HRA/BOFT (default 3, quick 1)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 256, quick 32)")
+    parser.add_argument("--ablation", action="store_true", help="ETHER's special paths on vs off (see above)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-steps", type=int, default=1, help=argparse.SUPPRESS)
@@ -290,6 +393,9 @@ def main() -> None:
         print(json.dumps(run_one(args.child, shape, 1, args.child_steps, args.threads)))
         return
 
+    if args.ablation:
+        run_ablation(args, shape, cycles)
+        return
     load_before = os.getloadavg()
     print(f"shape {shape}, {args.threads} thread(s), load {load_before}")
     print("phase 1: interleaved step times of " + ", ".join(FAST))
@@ -298,25 +404,7 @@ def main() -> None:
     times, faults = run_interleaved(steps, warmup=1, cycles=cycles)
 
     print("phase 2: each method alone (peak memory; step time of " + ", ".join(SLOW) + ")")
-    alone = {}
-    for method in FAST + SLOW:
-        n_steps = slow_steps if method in SLOW else 1
-        if args.quick:
-            alone[method] = run_one(method, shape, 1, n_steps, args.threads)
-        else:
-            command = [sys.executable, __file__, "--child", method, "--threads", str(args.threads)]
-            command += ["--child-steps", str(n_steps), "--seq", str(shape["seq"])]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            proc = subprocess.run(command, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
-            alone[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = alone[method]
-        print(
-            f"  {method:22s} params {r['trainable_params']:>11,d}  peak RSS +{r['peak_rss_increase_mb']:7.1f} MB "
-            f"(abs {r['peak_rss_mb']:7.1f} MB)  alone {r['step_s_median']:.2f} s/step",
-            flush=True,
-        )
+    alone = run_alone(args, shape, FAST + SLOW, {method: slow_steps for method in SLOW})
 
     results = {}
     for method in FAST + SLOW:

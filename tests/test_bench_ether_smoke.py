@@ -44,6 +44,14 @@ def test_ratio_interval_brackets_the_median_and_verdicts_tell_noise_from_a_miss(
 
 
 @pytest.mark.slow
+def test_ablation_reports_each_special_path_on_and_off(tmp_path):
+    report = run_quick("bench_ether.py", tmp_path / "paths.json", "--ablation")
+    assert {pair["path"] for pair in report["special_paths"].values()} == {"block_update", "two_sided_linear", "both"}
+    assert all(pair["step_time_off_over_on"] > 0 for pair in report["special_paths"].values())
+    assert "ether_plus-plain_all" in report["results"]
+
+
+@pytest.mark.slow
 def test_conv_benchmark_reports_ratios_against_peft_baselines(tmp_path):
     report = run_quick("bench_ether_conv.py", tmp_path / "conv.json")
     assert set(report["results"]) == {"lora_r8", "oft", "hra_r8", "full_ft", "ether", "ether_plus"}

@@ -318,3 +318,12 @@ def test_ether_refuses_a_quantized_convolution():
     quanto.freeze(model)
     with pytest.raises(TypeError, match=r"convolution '0'.*qconv2d\.QConv2d.*quantize again.*exclude_modules"):
         get_peft_model(model, EtherConfig(target_modules=["0"], n_blocks=4))
+
+
+def test_reference_code_layout_is_refused_on_a_quantized_base():
+    """block_layout='reference_code' multiplies the weight itself each forward: on int storage it would be wrong."""
+    _library("quanto")
+    with pytest.raises(TypeError, match="reference_code.*quantized.*block_layout='paper'"):
+        get_peft_model(
+            quantized_llama("quanto"), EtherConfig(target_modules=["q_proj"], n_blocks=2, block_layout="reference_code")
+        )

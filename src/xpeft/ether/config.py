@@ -12,6 +12,7 @@ from ..config_utils import check_scalar_fields, normalize_module_selection
 from ..loading import read_adapter_config
 
 EtherVariant = Literal["ether", "ether_plus", "ether_plus_one_sided"]
+BlockLayout = Literal["paper", "reference_code"]
 
 
 @dataclass
@@ -44,6 +45,21 @@ class EtherConfig(PeftConfig):
             If True, the paper's initialization: u Kaiming-uniform and, for ETHER+, v = -u so that H+ = I and the
             model starts unchanged. If False, v is drawn independently of u (ETHER+ then does not start at the
             identity). Plain ETHER always starts from a random reflection: H = I is out of its reach.
+        block_layout (`Literal['paper', 'reference_code']`):
+            Which weight blocks each input-side transform acts on. 'paper' (the paper's equations): W' = W diag(H_1 ..
+            H_n), block c of the input features transformed by H_c. 'reference_code': what the official code
+            (mwbini/ether, lit_gpt/ether.py, ETHERLinear.forward) computes, and what the paper's published numbers came
+            from: its reshape of the [out, in] weight to [n, out, in/n] splits the output rows into n groups R_r of
+            out/n rows, and H_r transforms every input chunk C_c of its group, W'[R_r, C_c] = W[R_r, C_c] H_r; it
+            equals 'paper' only at n = 1, and needs out_features divisible by n too. The variants 'ether',
+            'ether_plus_one_sided' and 'ether_plus' are the official code's Htype 'ether', 'etherplus' and
+            'etherplusHH'; the output side of 'ether_plus' (H+_out W, row blocks) is the same in both layouts, as
+            there. Same parameters in both layouts, activation-side and mergeable; 'reference_code' adds a pass over
+            the weight per forward (W_b u products), and stacking it with other active adapters runs on the transformed
+            weight.
+        ether_dropout (`float`):
+            Dropout probability on the adapted layer's input, as the official code's `ether_dropout` (which drops the
+            whole layer's input, not a side branch). Only active in training and on unmerged adapters.
         layers_to_transform (`Optional[Union[list[int], int]]`):
             The layer indices to adapt; if None, all layers matching `target_modules` are adapted.
         layers_pattern (`Optional[Union[list[str], str]]`):
@@ -105,6 +121,34 @@ class EtherConfig(PeftConfig):
             )
         },
     )
+    block_layout: BlockLayout = field(
+        default="paper",
+        metadata={
+            "help": (
+                "Which weight blocks each input-side transform acts on. 'paper' (the paper's equations): W' = W "
+                "diag(H_1 .. H_n), block c of the input features transformed by H_c. 'reference_code': what the "
+                "official code (mwbini/ether, lit_gpt/ether.py, ETHERLinear.forward) computes, and what the "
+                "paper's published numbers came from: its reshape of the [out, in] weight to [n, out, in/n] splits"
+                " the output rows into n groups R_r of out/n rows, and H_r transforms every input chunk C_c of its"
+                " group, W'[R_r, C_c] = W[R_r, C_c] H_r; it equals 'paper' only at n = 1, and needs out_features "
+                "divisible by n too. The variants 'ether', 'ether_plus_one_sided' and 'ether_plus' are the "
+                "official code's Htype 'ether', 'etherplus' and 'etherplusHH'; the output side of 'ether_plus' "
+                "(H+_out W, row blocks) is the same in both layouts, as there. Same parameters in both layouts, "
+                "activation-side and mergeable; 'reference_code' adds a pass over the weight per forward (W_b u "
+                "products), and stacking it with other active adapters runs on the transformed weight."
+            )
+        },
+    )
+    ether_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Dropout probability on the adapted layer's input, as the official code's `ether_dropout` (which "
+                "drops the whole layer's input, not a side branch). Only active in training and on unmerged "
+                "adapters."
+            )
+        },
+    )
     layers_to_transform: list[int] | int | None = field(
         default=None,
         metadata={"help": "The layer indices to adapt; if None, all layers matching `target_modules` are adapted."},
@@ -151,6 +195,17 @@ class EtherConfig(PeftConfig):
         if self.variant not in variants:
             raise ValueError(
                 f"`variant`={self.variant!r} is not an ETHER variant; choose one of {', '.join(map(repr, variants))}."
+            )
+        layouts = get_args(BlockLayout)
+        if self.block_layout not in layouts:
+            raise ValueError(
+                f"`block_layout`={self.block_layout!r} is not an ETHER block layout; choose one of "
+                f"{', '.join(map(repr, layouts))}."
+            )
+        dropout = self.ether_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(
+                f"`ether_dropout` must be a probability in [0, 1), got {dropout!r}; use 0.0 for no dropout."
             )
         if self.fan_in_fan_out not in (None, True, False):
             raise ValueError(f"`fan_in_fan_out` must be None, True or False, got {self.fan_in_fan_out!r}.")

@@ -4,20 +4,17 @@ activations of linear layers and to the filters of convolutions."""
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Sequence
-from functools import reduce
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
-from torch.nn.modules import module as module_hooks
-from transformers.pytorch_utils import Conv1D
 
-from ..quantization import check_conv_not_quantized, input_dtype, merge_weight, write_merged_weight
+from ..quantization import check_conv_not_quantized, input_dtype, is_quantized, merge_weight, write_merged_weight
 from ..tuners_utils import (
     CONV_LAYER_TYPES,
     SUPPORTED_LAYER_TYPES,
@@ -27,17 +24,18 @@ from ..tuners_utils import (
     layer_features,
     weight_as_out_in,
 )
+from . import fused
 from .config import EtherConfig
+from .fused import Mix, mixed_basis
 
 ETHER_LAYER_TYPES = SUPPORTED_LAYER_TYPES + CONV_LAYER_TYPES
 
 # A zero vector has no direction; clamping its norm makes û = 0, i.e. H = I for that block, instead of NaN.
 NORM_EPS = 1e-12
-# Unmerging ETHER+ inverts H⁺, whose determinant is (û·v̂)² per block: its smallest eigenvalue is 1 - sqrt(1 - c²)
-# ≈ c²/2 for c = û·v̂. Below |c| = 0.2 the inverse amplifies the merged weight's rounding error by more than 50 per
-# side (2500 for two-sided ETHER+; measured: 8e-6 relative error on a float32 weight at |c| = 0.22), and the error
-# grows as 1/c⁴, so unmerge refuses rather than hand back visibly wrong "base" weights.
-MIN_UNMERGE_ALIGNMENT = 0.2
+UNMERGE_RTOL = 1e-3
+"""The largest estimated relative error (Frobenius norm) of the base weight that `unmerge` may hand back; above it,
+unmerging an ETHER+ adapter is refused (see [`unmerge_error_bound`]). For float16 and bfloat16 weights, whose own
+rounding is about this size, the limit is twice the error of a perfectly conditioned merge and unmerge, `2 eps`."""
 
 
 def valid_block_counts(*sizes: int) -> list[int]:
@@ -45,12 +43,14 @@ def valid_block_counts(*sizes: int) -> list[int]:
     return [n for n in range(1, min(sizes) // 2 + 1) if all(size % n == 0 for size in sizes)]
 
 
-def normalize_blocks(u: torch.Tensor) -> torch.Tensor:
-    """û = u / ‖u‖ per block row of `u` (shape `[n, d/n]`), in float32 whatever the parameter dtype.
+def normalize_blocks(u: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """û = u / ‖u‖ per block row of `u` (shape `[n, d/n]`), in `dtype` or the parameter's dtype, whichever is wider,
+    and float32 at least (half-precision vectors are normalized in float32).
 
-    DESIGN.md §1, "û = u/‖u‖"; the norm is clamped at `NORM_EPS` so that a zero vector gives û = 0, not NaN.
+    DESIGN.md §1, "û = u/‖u‖"; the norm is clamped at `NORM_EPS` so that a zero vector gives û = 0, not NaN. Merging
+    asks for float64, so that `‖û‖ = 1` to float64 rounding: `H H = I` and the Woodbury inverse hold to that precision.
     """
-    u = u.float()
+    u = u.to(torch.promote_types(torch.promote_types(u.dtype, dtype), torch.float32))
     return u / u.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
@@ -58,220 +58,20 @@ def normalize_blocks(u: torch.Tensor) -> torch.Tensor:
 # ETHER is A = [û], M = [−2]. ETHER+ is I − ûûᵀ + v̂v̂ᵀ written on A = [û, ŵ] with ŵ = û + v̂ and M = [[0, −1], [−1, 1]]
 # (expand (ŵ − û)(ŵ − û)ᵀ): at the init v̂ = −û, so ŵ = 0 and every update term is exactly zero, so the adapter is
 # exactly the identity (the direct form −ûp + v̂q leaves rounding residues with fused multiply-adds).
-Mix = tuple[tuple[float, ...], ...]
 REFLECTION_MIX: Mix = ((-2.0,),)
 ETHER_PLUS_MIX: Mix = ((0.0, -1.0), (-1.0, 1.0))
 
 
-def _mixed_basis(basis: torch.Tensor, mix: Mix) -> torch.Tensor:
-    """`M Aᵀ` as rows, `[n, k, d/n]` (row `i` = `Σ_j M_ij a_j`). `M` is applied with Python scalars, skipping its
-    zeros, so that a zero basis vector gives exactly zero coefficients."""
-    return torch.stack([reduce(operator.add, (w * basis[:, j] for j, w in enumerate(row) if w)) for row in mix], dim=1)
-
-
-def _mixed_projections(
-    rows: torch.Tensor, mixed_basis: torch.Tensor, shift: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`M Aᵀ (x_b − s_b)` for every row and block: `rows` `[R, n, d/n]`, `mixed_basis` (`M Aᵀ`, see [`_mixed_basis`])
-    `[n, k, d/n]`, optional `shift` `s` (a vector of the full width) → `[n, k, R]`.
-
-    One batched matmul over the blocks reads `rows` once, through a strided view, with no full-size temporary
-    (`A · rowsᵀ` rather than `rows · A`: MKL runs it ~25% faster on CPU).
-    """
-    coefficients = torch.bmm(mixed_basis, rows.permute(1, 2, 0))
-    if shift is not None:
-        coefficients = coefficients - torch.bmm(mixed_basis, shift.reshape(*mixed_basis.shape[::2], 1))
-    return coefficients
-
-
-def _add_update(
-    rows: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`x_b + Σ_j c_j a_j` per block, written into `out` (shaped like `x`, through a `rows`-shaped view; may be `x`
-    itself) or, without `out`, into a new `rows`-shaped tensor (differentiable: no `out=`)."""
-    per_row = coefficients.permute(2, 0, 1).unsqueeze(-1)  # [R, n, k, 1]
-    blocks = torch.addcmul(rows, per_row[:, :, 0], basis[:, 0], out=None if out is None else out.view(rows.shape))
-    for j in range(1, basis.shape[1]):
-        blocks.addcmul_(per_row[:, :, j], basis[:, j])
-    return blocks if out is None else out
-
-
-def _basis_grad(
-    coefficients: torch.Tensor,
-    grad_rows: torch.Tensor,
-    grad_coefficients: torch.Tensor,
-    rows: torch.Tensor,
-    shift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`∂L/∂A = Σ_rows (M Aᵀ(x − s)) gᵀ + (M Aᵀg) (x − s)ᵀ` for `x ↦ x + A M Aᵀ (x − s)` per block (`M` symmetric):
-    two batched matmuls that reduce over the rows."""
-    grad_basis = torch.bmm(coefficients, grad_rows.transpose(0, 1))
-    grad_basis = grad_basis.baddbmm(grad_coefficients, rows.transpose(0, 1))
-    if shift is not None:
-        grad_basis = grad_basis - grad_coefficients.sum(-1, keepdim=True) * shift.reshape(-1, 1, rows.shape[2])
-    return grad_basis
-
-
-def _new_like(x: torch.Tensor) -> torch.Tensor:
-    """An empty tensor shaped like `x` that reshapes to blocks as a view. It is a tensor of its own, not a view, so the
-    model may modify a Function output made of it in place (autograd forbids that on a view). A matrix keeps the
-    layout of `x` (a convolution's transposed filter matrix stays a plain transposition, which `conv2d` reads fast)."""
-    return torch.empty_like(x) if x.dim() == 2 else x.new_empty(x.shape)
-
-
-class _BlockUpdate(torch.autograd.Function):
-    """`x_b ↦ (I + A M Aᵀ) x_b` per block of the last axis, with a hand-written backward; with a `shift` `s` (a bias),
-    `x ↦ s + H (x − s)`. `H` is symmetric, so `∂L/∂x = H g`, `∂L/∂s = g − H g` summed over the rows, and `∂L/∂A` is
-    [`_basis_grad`]. Saves `x` and the `[n, k, R]` coefficients only when `A` needs a gradient. Runs in the dtype of
-    `x` even under autocast (its matmuls would otherwise return another dtype than the backward's gradients).
-
-    Under `create_graph=True` the backward runs the same formulas as differentiable ops, with the coefficients
-    recomputed from `x`, so that second derivatives (gradient penalties, Hessian-vector products) are exact."""
-
-    @staticmethod
-    def forward(ctx, x, basis, mix, shift=None):
-        with torch.autocast(x.device.type, enabled=False):
-            rows = x.reshape(-1, basis.shape[0], basis.shape[2])
-            coefficients = _mixed_projections(rows, _mixed_basis(basis, mix), shift)
-            out = _add_update(rows, coefficients, basis, out=_new_like(x))
-        basis_needs_grad = ctx.needs_input_grad[1]
-        saved_x, saved_coefficients = (x, coefficients) if basis_needs_grad else (None, None)
-        ctx.save_for_backward(saved_x, basis, saved_coefficients, shift)
-        ctx.mix, ctx.rows_shape = mix, rows.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, basis, coefficients, shift = ctx.saved_tensors
-        create_graph = torch.is_grad_enabled()  # grad mode is on in backward only under create_graph=True
-        grad_x = grad_basis = grad_shift = None
-        with torch.autocast(grad.device.type, enabled=False):
-            mixed_basis = _mixed_basis(basis, ctx.mix)
-            grad_rows = grad.reshape(ctx.rows_shape)
-            grad_coefficients = _mixed_projections(grad_rows, mixed_basis)
-            if ctx.needs_input_grad[0]:
-                out = None if create_graph else _new_like(grad)  # `out=` ops are not differentiable
-                grad_x = _add_update(grad_rows, grad_coefficients, basis, out=out).reshape(grad.shape)
-            if ctx.needs_input_grad[1]:
-                rows = x.reshape(ctx.rows_shape)
-                if create_graph:  # the saved coefficients carry no graph
-                    coefficients = _mixed_projections(rows, mixed_basis, shift)
-                grad_basis = _basis_grad(coefficients, grad_rows, grad_coefficients, rows, shift)
-            if shift is not None and ctx.needs_input_grad[3]:
-                # −Σ_rows A M Aᵀ g: the update's part of g, with the opposite sign
-                grad_shift = -(grad_coefficients.sum(-1, keepdim=True) * basis).sum(1).reshape(shift.shape)
-        return grad_x, grad_basis, None, grad_shift
-
-
-def _two_sided_composed(x, basis_in, basis_out, weight, bias):
-    """`H⁺_out (W H⁺_in x) + b` (`weight` `[out, in]`) from `_BlockUpdate`s: what [`_TwoSidedLinear`] computes in one
-    Function."""
-    x_in = _BlockUpdate.apply(x, basis_in, ETHER_PLUS_MIX)
-    y = torch.nn.functional.linear(x_in, weight, bias)
-    return _BlockUpdate.apply(y, basis_out, ETHER_PLUS_MIX, bias)
-
-
-def _linear_into_own_tensor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x Wᵀ + b` (`weight` `[out, in]`) in a tensor that is not a view, as `F.linear` may return on 3-D inputs."""
-    out = x.new_empty(*x.shape[:-1], len(weight))
-    rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, len(weight))
-    if bias is None:
-        torch.mm(rows, weight.T, out=out_rows)
-    else:
-        torch.addmm(bias, rows, weight.T, out=out_rows)
-    return out
-
-
-def _projected_input(
-    grad_coefficients: torch.Tensor, rows: torch.Tensor, coefficients_in: torch.Tensor, basis_in: torch.Tensor
-) -> torch.Tensor:
-    """`Σ_rows (M Aᵀg) x'ᵀ` for every output basis row (`grad_coefficients` `[n_out, k, R]`) against the transformed
-    input `x' = H_in x`, `[n_out·k, in]`, from `x` itself (`rows` `[R, n_in, in/n_in]`) without building `x'`: per input
-    block `x' = x + A_in c` (`c` = `coefficients_in`, `[n_in, k, R]`), so the product is
-    `Σ_rows (M Aᵀg) xᵀ + K A_in` with the small `K = Σ_rows (M Aᵀg) cᵀ`, `[n_out·k, n_in·k]`."""
-    grad_flat = grad_coefficients.flatten(0, 1)
-    projected = grad_flat @ rows.flatten(1)
-    k_matrix = (grad_flat @ coefficients_in.flatten(0, 1).T).view(len(grad_flat), *basis_in.shape[:2])
-    projected.view(len(grad_flat), *basis_in.shape[::2]).add_(
-        torch.bmm(k_matrix.transpose(0, 1), basis_in).transpose(0, 1)
-    )
-    return projected
-
-
-class _TwoSidedLinear(torch.autograd.Function):
-    """`y = H⁺_out (W H⁺_in x) + b` for one two-sided ETHER+ adapter on a plain linear layer (frozen `W`, `b`), in one
-    Function that keeps `x` and `[n, 2, rows]` coefficients per side for the backward instead of an output-sized
-    activation: the output update is written into the matmul's own output, and the backward gets `W x'`
-    (`x' = H⁺_in x`) through `W` instead of saving it:
-
-    `Σ_rows (M Aᵀg) (W_b x')ᵀ = (Σ_rows (M Aᵀg) x'ᵀ) W_bᵀ` for output block `b`, with the middle product taken from the
-    saved `x` (see [`_projected_input`]). Saves nothing of the activations when only `x` needs a gradient (a frozen
-    adapter).
-
-    Under `create_graph=True` the backward differentiates [`_two_sided_composed`] instead (or, when only `x` needs a
-    gradient, the transposed chain `H_in Wᵀ H_out g`), for exact second derivatives.
-    """
-
-    @staticmethod
-    def forward(ctx, x, basis_in, basis_out, weight, bias, fan_in_fan_out):
-        rows = x.reshape(-1, basis_in.shape[0], basis_in.shape[2])
-        mixed_in, mixed_out = _mixed_basis(basis_in, ETHER_PLUS_MIX), _mixed_basis(basis_out, ETHER_PLUS_MIX)
-        coefficients_in = _mixed_projections(rows, mixed_in)
-        x_in = _add_update(rows, coefficients_in, basis_in, out=_new_like(x))
-        y = _linear_into_own_tensor(x_in, weight_as_out_in(weight, fan_in_fan_out), bias)
-        rows_out = y.view(-1, basis_out.shape[0], basis_out.shape[2])
-        coefficients_out = _mixed_projections(rows_out, mixed_out, bias)
-        _add_update(rows_out, coefficients_out, basis_out, out=y)  # in place: y is ours alone
-        needs_in, needs_out = ctx.needs_input_grad[1:3]
-        saved_x, saved_in = (x, coefficients_in) if needs_in or needs_out else (None, None)
-        saved_out = coefficients_out if needs_out else None
-        ctx.save_for_backward(saved_x, basis_in, basis_out, mixed_in, mixed_out, saved_in, saved_out, weight, bias)
-        ctx.fan_in_fan_out = fan_in_fan_out
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, basis_in, basis_out, mixed_in, mixed_out, coefficients_in, coefficients_out, weight, bias = (
-            ctx.saved_tensors
-        )
-        weight = weight_as_out_in(weight, ctx.fan_in_fan_out)
-        if torch.is_grad_enabled():  # create_graph=True
-            return _TwoSidedLinear._differentiable_backward(ctx, grad, x, basis_in, basis_out, weight, bias)
-        needs_x, needs_in, needs_out = ctx.needs_input_grad[:3]
-        (out_features, in_features), n_rows = weight.shape, grad.numel() // grad.shape[-1]
-        grad_rows_out = grad.reshape(n_rows, *basis_out.shape[::2])
-        grad_coefficients_out = _mixed_projections(grad_rows_out, mixed_out)
-        rows = None if x is None else x.reshape(n_rows, *basis_in.shape[::2])
-        grad_basis_in = grad_basis_out = grad_x = None
-        if needs_out:
-            projected = _projected_input(grad_coefficients_out, rows, coefficients_in, basis_in)
-            weight_blocks = weight.view(basis_out.shape[0], -1, in_features)
-            grad_basis_out = torch.bmm(projected.view(*basis_out.shape[:2], in_features), weight_blocks.mT)
-            grad_basis_out.baddbmm_(coefficients_out, grad_rows_out.transpose(0, 1))
-        if needs_x or needs_in:
-            grad_y = _add_update(grad_rows_out, grad_coefficients_out, basis_out, out=_new_like(grad))
-            grad_y = grad_y.reshape(n_rows, out_features)
-            grad_x_in = grad_y @ weight
-            grad_rows_in = grad_x_in.view(n_rows, *basis_in.shape[::2])
-            grad_coefficients_in = _mixed_projections(grad_rows_in, mixed_in)
-            if needs_in:
-                grad_basis_in = _basis_grad(coefficients_in, grad_rows_in, grad_coefficients_in, rows)
-            if needs_x:  # in place: grad_x_in is ours alone
-                grad_x = _add_update(grad_rows_in, grad_coefficients_in, basis_in, out=grad_x_in)
-                grad_x = grad_x.view(*grad.shape[:-1], in_features)
-        return grad_x, grad_basis_in, grad_basis_out, None, None, None
-
-    @staticmethod
-    def _differentiable_backward(ctx, grad, x, basis_in, basis_out, weight, bias):
-        needed = ctx.needs_input_grad[:3]
-        if x is None:  # only x needs a gradient: H_in Wᵀ H_out g (both H symmetric), differentiable in g
-            grad_y = _BlockUpdate.apply(grad, basis_out, ETHER_PLUS_MIX)
-            return (_BlockUpdate.apply(grad_y @ weight, basis_in, ETHER_PLUS_MIX), *[None] * 5)
-        with torch.enable_grad():
-            y = _two_sided_composed(x, basis_in, basis_out, weight, bias)
-        wanted = [t for t, need in zip((x, basis_in, basis_out), needed, strict=True) if need]
-        grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
-        return (*[next(grads) if need else None for need in needed], None, None, None)
+def block_update(x: torch.Tensor, basis: torch.Tensor, mix: Mix, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """`x_b ↦ x_b + A_b M A_bᵀ (x_b − s_b)` for each block `b` of the last axis of `x`, i.e. `x ↦ s + H (x − s)` with
+    `H = diag(I + A_b M A_bᵀ)` (`s` = 0 without `shift`); `basis` is `[n, k, d/n]`. Runs as [`fused.BlockUpdate`]
+    unless that path is switched off."""
+    if fused.ENABLED["block_update"]:
+        return fused.BlockUpdate.apply(x, basis, mix, shift)
+    blocks = x.unflatten(-1, basis.shape[::2])
+    centered = blocks if shift is None else blocks - shift.view(basis.shape[::2])
+    coefficients = torch.einsum("nkd,...nd->...nk", mixed_basis(basis, mix), centered)
+    return (blocks + torch.einsum("...nk,nkd->...nd", coefficients, basis)).flatten(-2)
 
 
 def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
@@ -280,7 +80,7 @@ def householder_reflect(x: torch.Tensor, u_hat: torch.Tensor) -> torch.Tensor:
     This is `x ↦ H x` with `H = diag(I − 2 û_b û_bᵀ)`, never built. `u_hat` is `[n, d/n]` in the dtype of `x`.
     `H` is symmetric and orthogonal, so it is its own inverse, and applied to the rows of `W` it gives `W H`.
     """
-    return _BlockUpdate.apply(x, u_hat.unsqueeze(1), REFLECTION_MIX)
+    return block_update(x, u_hat.unsqueeze(1), REFLECTION_MIX)
 
 
 def ether_plus_transform(
@@ -291,7 +91,7 @@ def ether_plus_transform(
 
     `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` is symmetric, so applied to the rows of `W` it gives `W H⁺`.
     """
-    return _BlockUpdate.apply(x, ether_plus_basis(u_hat, v_hat), ETHER_PLUS_MIX, shift)
+    return block_update(x, ether_plus_basis(u_hat, v_hat), ETHER_PLUS_MIX, shift)
 
 
 def ether_plus_linear(
@@ -306,7 +106,8 @@ def ether_plus_linear(
     `H⁺_in` and `hat_out` of `H⁺_out` (`[n, d/n]` each, in the dtype of `x`), `weight` `[out, in]` (`[in, out]` with
     `fan_in_fan_out`, as transformers' `Conv1D`). Gradients flow to `x` and the vectors, not to `weight` or `bias`.
 
-    Keeps `x` for the backward, not an output-sized activation (see [`_TwoSidedLinear`]).
+    Runs as [`fused.TwoSidedLinear`], which keeps `x` for the backward, not an output-sized activation, unless that
+    path is switched off.
     """
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (weight, bias)):
         raise ValueError(
@@ -320,8 +121,11 @@ def ether_plus_linear(
                 f"`{side}` must be two `[n, {size} // n]` tensors for a layer with in_features={in_features} and "
                 f"out_features={out_features}, got shapes {tuple(u_hat.shape)} and {tuple(v_hat.shape)}."
             )
-    basis_in, basis_out = ether_plus_basis(*hat_in), ether_plus_basis(*hat_out)
-    return _TwoSidedLinear.apply(x, basis_in, basis_out, weight, bias, fan_in_fan_out)
+    if fused.ENABLED["two_sided_linear"]:
+        basis_in, basis_out = ether_plus_basis(*hat_in), ether_plus_basis(*hat_out)
+        return fused.TwoSidedLinear.apply(x, basis_in, basis_out, ETHER_PLUS_MIX, weight, bias, fan_in_fan_out)
+    y = F.linear(ether_plus_transform(x, *hat_in), weight_as_out_in(weight, fan_in_fan_out), bias)
+    return ether_plus_transform(y, *hat_out, shift=bias)
 
 
 def ether_plus_basis(u_hat: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -345,6 +149,72 @@ def ether_plus_inverse(x: torch.Tensor, u_hat: torch.Tensor, v_hat: torch.Tensor
     return (blocks - alpha.unsqueeze(-1) * u_hat - beta.unsqueeze(-1) * v_hat).flatten(-2)
 
 
+def reference_code_regroup(w: torch.Tensor, n: int) -> torch.Tensor:
+    """`W` `[out, in]` rearranged for `block_layout="reference_code"` (mwbini/ether, `ETHERLinear.forward`), whose
+    `W.reshape(n, out, in/n)` then `einsum("rfm,rmn->rfn", ·, H)` gives `W'[R_r, C_c] = W[R_r, C_c] H_r`: output row group
+    `R_r` (rows `r·out/n ..`) has every input chunk `C_c` transformed by `H_r`.
+
+    Returns `[out/n · n, in]` with row `(g, c)` = `[W[R_1 g, C_c], .., W[R_n g, C_c]]`: column block `r` holds a chunk of
+    row group `r`, so a row-wise transform by `diag(H_1 .. H_n)` (the paper layout's) applies that layout. Inverse:
+    [`reference_code_ungroup`].
+    """
+    out, size = w.shape[0], w.shape[1] // n
+    return w.reshape(n, out // n, n, size).permute(1, 2, 0, 3).reshape(out // n * n, n * size)
+
+
+def reference_code_ungroup(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of [`reference_code_regroup`]: `[out/n · n, in]` back to `W` `[out, in]`."""
+    rows, size = t.shape[0] // n, t.shape[1] // n
+    return t.reshape(rows, n, n, size).permute(2, 0, 1, 3).reshape(rows * n, n * size)
+
+
+def reference_code_delta(x: torch.Tensor, w: torch.Tensor, basis: torch.Tensor, mix: Mix) -> torch.Tensor:
+    """`(W' − W) x` for `block_layout="reference_code"`, `W'[R_r, C_c] = W[R_r, C_c] H_r` (see
+    [`reference_code_regroup`]) with `H_r = I + A_r M A_rᵀ` (`basis` `[n, k, in/n]`), on the activations:
+
+    `(W' x − W x)[R_r] = Σ_c (W[R_r, C_c] A_r) (M A_rᵀ x_c)`: the `[n, out/n, n, k]` products `W A` take one pass over
+    `W`, and `M A_rᵀ x_c` is `[n, n, k]` per row of `x`; no transformed weight or `d×d` matrix is built.
+    """
+    n, _, size = basis.shape
+    weight_products = torch.einsum("rgcm,rkm->rgck", w.reshape(n, -1, n, size), basis)
+    projections = torch.einsum("...cm,rkm->...rck", x.unflatten(-1, (n, size)), mixed_basis(basis, mix))
+    return torch.einsum("rgck,...rck->...rg", weight_products, projections).flatten(-2)
+
+
+def ether_plus_condition(u_hat: torch.Tensor, v_hat: torch.Tensor) -> float:
+    """The condition number `κ = ‖H⁺‖ ‖(H⁺)⁻¹‖` of `H⁺ = diag(I − û_b û_bᵀ + v̂_b v̂_bᵀ)` (`[n, d/n]` unit vectors).
+
+    On span{û_b, v̂_b} a block has the eigenvalues `1 ± s_b`, `s_b = √(1 − c_b²)`, `c_b = û_b·v̂_b`, and 1 elsewhere
+    (`det = c_b²`), so `κ = max_b (1 + s_b) / min_b (1 − s_b)`, about `4/c²` for the smallest `|c|`; infinite when
+    some `c_b = 0`.
+    """
+    c = (u_hat.double() * v_hat.double()).sum(-1).abs().clamp_max(1.0)
+    s = (1 - c**2).sqrt()
+    return ((1 + s).max() / (c**2 / (1 + s)).min()).item()  # 1 − s = c²/(1 + s), without cancellation
+
+
+def unmerge_error_bound(conditions: Sequence[float], dtype: torch.dtype) -> float:
+    """Bound on the relative error (Frobenius norm) of the base weight that unmerging restores, from the condition
+    numbers `κ_1 .. κ_m` of the transforms merged in turn (`κ_out κ_in` per adapter; 1 for ETHER, a reflection) into a
+    weight of `dtype` (unit roundoff `eps/2`).
+
+    Each merge stores its result rounded to `dtype` (relative error ≤ eps/2, from a float64 product); unmerging adapter
+    `j` amplifies the error it starts from by at most `κ_j` and rounds again, so the restored weight is within
+    `(eps/2)(1 + κ_1 + κ_1 κ_2 + … + κ_1 ⋯ κ_m)` of the base weight, relative to its norm.
+    """
+    bound, product = 1.0, 1.0
+    for condition in conditions:
+        product *= condition
+        bound += product
+    return torch.finfo(dtype).eps / 2 * bound
+
+
+def unmerge_tolerance(dtype: torch.dtype) -> float:
+    """The error bound above which unmerging a weight of `dtype` is refused: [`UNMERGE_RTOL`], or `2 eps` of
+    coarser dtypes."""
+    return max(UNMERGE_RTOL, 2 * torch.finfo(dtype).eps)
+
+
 def _require_in_memory(tensor: torch.Tensor, what: str) -> None:
     """Raise a clear error for a tensor that accelerate's offloading left on the meta device between calls."""
     if tensor.device.type == "meta":
@@ -359,36 +229,6 @@ def _weight_is_computed(layer: nn.Module) -> bool:
     """Whether `layer.weight` is recomputed at each access (weight_norm and other parametrizations) rather than stored
     as a parameter: nothing written to it would last."""
     return "weight" not in layer._parameters
-
-
-# The hooks a module's own call runs, and those that every module's call runs (`torch.nn.modules.module`).
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOK_DICTS = tuple("_global" + name for name in _HOOK_DICTS)
-
-
-def _runs_only_its_forward(module: nn.Module) -> bool:
-    """Whether calling `module` runs its class's `forward` and nothing else: neither `__call__` nor (on the instance)
-    `forward` overridden, as accelerate's hooks do, and no hooks of its own."""
-    plain_call = type(module).__call__ is nn.Module.__call__ and "forward" not in vars(module)
-    return plain_call and not any(getattr(module, name) for name in _HOOK_DICTS)
-
-
-def _is_own_forward(forward: Any, cls: type) -> bool:
-    """Whether `forward` is the one `cls`'s library defines (also when inherited by a subclass), not a patch or a
-    wrapper put on the class since."""
-    defined_there = getattr(forward, "__module__", None) == cls.__module__
-    named_so = getattr(forward, "__qualname__", None) == f"{cls.__qualname__}.forward"
-    return defined_there and named_so and not hasattr(forward, "__wrapped__")
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    """Whether calling `module` would run just `nn.Linear`'s or `Conv1D`'s own forward: the exact class, unpatched,
-    without wrapper, parametrization or hooks, its own or global (those see the base layer's call, so it must
-    happen)."""
-    cls = type(module)
-    unpatched = cls in (nn.Linear, Conv1D) and _is_own_forward(cls.forward, cls)
-    no_global_hooks = not any(getattr(module_hooks, name) for name in _GLOBAL_HOOK_DICTS)
-    return unpatched and no_global_hooks and _runs_only_its_forward(module)
 
 
 def _listed(counts: list[int]) -> str:
@@ -413,11 +253,18 @@ class EtherLayer(BaseTunerLayer):
 
     On linear layers the transforms act on activations (`O(tokens·d)` extra work), never on a `d×d` matrix, except
     in merge; on convolutions ([`EtherConv`]) they act on the flattened filters. Trainable vectors are stored per
-    block as `[n, d/n]` and normalized in float32 (see [`normalize_blocks`]).
+    block as `[n, d/n]` and normalized in float32 at least (see [`normalize_blocks`]).
+
+    Above, `H_in = diag(H_1 .. H_n)` acts on the n chunks `C_c` of the input features (`block_layout="paper"`). With
+    `block_layout="reference_code"` (the official code's layout, see [`EtherConfig`]) `H_r` acts instead on every input
+    chunk of output row group `R_r`: `W'[R_r, C_c] = W[R_r, C_c] H_r`. Linear layers then add
+    [`reference_code_delta`] to the base output; merge, unmerge and convolutions act on the regrouped weight (see
+    [`reference_code_regroup`]). `ether_dropout` drops the layer's input before the adapted forward, as the official
+    code does.
     """
 
     adapter_layer_names = ("ether_u", "ether_v", "ether_u_out", "ether_v_out")
-    other_param_names = ("ether_variant",)
+    other_param_names = ("ether_variant", "ether_block_layout", "ether_dropout")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -426,6 +273,8 @@ class EtherLayer(BaseTunerLayer):
         self.ether_u_out = nn.ParameterDict({})  # output side, two-sided ETHER+ only
         self.ether_v_out = nn.ParameterDict({})
         self.ether_variant: dict[str, str] = {}
+        self.ether_block_layout: dict[str, str] = {}
+        self.ether_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
@@ -448,6 +297,9 @@ class EtherLayer(BaseTunerLayer):
                 stacklevel=2,
             )
         self.ether_variant[adapter_name] = variant
+        self.ether_block_layout[adapter_name] = config.block_layout
+        p = config.ether_dropout
+        self.ether_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.ether_u[adapter_name] = nn.Parameter(self._init_vectors(n, self.in_features))
         if variant != "ether":
             v = -self.ether_u[adapter_name].data if config.init_weights else self._init_vectors(n, self.in_features)
@@ -470,14 +322,30 @@ class EtherLayer(BaseTunerLayer):
                 raise ValueError(
                     f"ETHER `n_blocks`={n} does not split {self._axis_label(side)} of module {module_name!r} into "
                     "blocks of at least two features. Valid block counts for this layer: "
-                    f"{_listed(self._valid_block_counts(two_sided))}. Set `n_blocks` to one of them, or leave the "
+                    f"{_listed(self._valid_block_counts(config))}. Set `n_blocks` to one of them, or leave the "
                     "module out with `exclude_modules`."
                 )
+        if config.block_layout == "reference_code" and is_quantized(self.get_base_layer()):
+            raise TypeError(
+                f"ETHER block_layout='reference_code' reads the weight of module {module_name!r} at every forward, "
+                f"but it is quantized ({type(self.get_base_layer().weight).__name__}). Use block_layout='paper' on a "
+                "quantized base (it calls the layer as a black box), or load the base model unquantized."
+            )
+        if config.block_layout == "reference_code" and self.out_features % n:
+            raise ValueError(
+                f"ETHER block_layout='reference_code' with `n_blocks`={n} groups {self._axis_label('out')} of module "
+                f"{module_name!r} into {n} equal groups of output rows, which does not divide. Valid block counts for "
+                f"this layer: {_listed(self._valid_block_counts(config))}. Set `n_blocks` to one of them, use "
+                "block_layout='paper', or leave the module out with `exclude_modules`."
+            )
 
-    def _valid_block_counts(self, two_sided: bool) -> list[int]:
-        """The block counts this layer accepts (for error messages)."""
-        sizes = (self.in_features, self.out_features) if two_sided else (self.in_features,)
-        return valid_block_counts(*sizes)
+    def _valid_block_counts(self, config: EtherConfig) -> list[int]:
+        """The block counts this layer accepts with `config`'s variant and layout (for error messages)."""
+        two_sided = config.variant == "ether_plus"
+        counts = valid_block_counts(*((self.in_features, self.out_features) if two_sided else (self.in_features,)))
+        if config.block_layout == "reference_code":
+            counts = [n for n in counts if self.out_features % n == 0]
+        return counts
 
     def _axis_label(self, side: str) -> str:
         """How errors name the input (`side="in"`) or output axis of this layer."""
@@ -492,13 +360,17 @@ class EtherLayer(BaseTunerLayer):
     # -- the transforms, shared by forward, mixed batch and merge ------------------------------------------------
 
     def _unit(self, container: nn.ParameterDict, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
-        return normalize_blocks(container[adapter_name]).to(dtype)
+        return normalize_blocks(container[adapter_name], dtype).to(dtype)
 
     def transform_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """`x ↦ H_in x` (last axis = input features) for one adapter, in the dtype of `x`."""
+        """`x ↦ H_in x` (last axis = input features) for one adapter, in the dtype of `x`: block `b` of `x` by `H_b`."""
+        return block_update(x, *self._input_basis(adapter_name, x.dtype))
+
+    def _input_basis(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, Mix]:
+        """The basis `A` `[n, k, d/n]` and mix `M` of the input side's `H = I + A M Aᵀ` per block."""
         if self.ether_variant[adapter_name] == "ether":
-            return householder_reflect(x, self._unit(self.ether_u, adapter_name, x.dtype))
-        return ether_plus_transform(x, *self._hats(adapter_name, "in", x.dtype))
+            return self._unit(self.ether_u, adapter_name, dtype).unsqueeze(1), REFLECTION_MIX
+        return ether_plus_basis(*self._hats(adapter_name, "in", dtype)), ETHER_PLUS_MIX
 
     def transform_output(self, y: torch.Tensor, adapter_name: str, shift: torch.Tensor | None = None) -> torch.Tensor:
         """`y ↦ H⁺_out y` (last axis = output features), or `y ↦ s + H⁺_out (y − s)` with a `shift` `s`; the identity
@@ -522,8 +394,16 @@ class EtherLayer(BaseTunerLayer):
 
     def _transformed_matrix(self, w: torch.Tensor, name: str) -> torch.Tensor:
         """`H_out W H_in` for a weight matrix `w` `[out, in]`: row-wise transforms of `W` give `W H_in`, column-wise
-        ones (rows of `Wᵀ`) give `H_out W`. Differentiable; computed in the dtype of `w`."""
-        return self.transform_output(self.transform_input(w, name).T, name).T
+        ones (rows of `Wᵀ`) give `H_out W`; with `block_layout="reference_code"` the row-wise transforms act on
+        [`reference_code_regroup`]`(W)`. Differentiable; computed in the dtype of `w`."""
+        return self.transform_output(self._on_input_blocks(w, name, self.transform_input).T, name).T
+
+    def _on_input_blocks(self, w: torch.Tensor, name: str, transform: Any) -> torch.Tensor:
+        """`transform(w, name)`, a row-wise transform by the input side's blocks, in adapter `name`'s block layout."""
+        if self.ether_block_layout[name] == "paper":
+            return transform(w, name)
+        n = len(self.ether_u[name])
+        return reference_code_ungroup(transform(reference_code_regroup(w, n), name), n)
 
     def _output_chain(self, y: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """`H_out (W x') + b` from the base output `y = W x' + b`: `b + H_out (y − b)`, the bias kept out of `H_out` as
@@ -571,6 +451,22 @@ class _EtherModule(nn.Module, EtherLayer):
     def __repr__(self) -> str:
         return "ether." + super().__repr__()
 
+    def _dropout(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """The layer's input after the `ether_dropout` of each adapter in `names` (identities at p = 0 or in eval)."""
+        for name in names:
+            x = self.ether_dropout[name](x)
+        return x
+
+    def _adapted_weight(self, names: Sequence[str], what: str = "the weight of this layer") -> torch.Tensor:
+        """The base weight (stored layout) with `names` merged in turn, differentiable in the vectors: in float32 at
+        least, cast once to the weight's dtype."""
+        weight = self.get_base_layer().weight
+        _require_in_memory(weight, what)
+        matrix = self._weight_matrix(weight).to(torch.promote_types(weight.dtype, torch.float32))
+        for name in names:
+            matrix = self._transformed_matrix(matrix, name)
+        return self._weight_from_matrix(matrix, weight).to(weight.dtype)
+
     # -- merge ---------------------------------------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -591,39 +487,70 @@ class _EtherModule(nn.Module, EtherLayer):
             new_weight = self._merged_weight(merge_weight(base), name, inverse=False)
             if safe_merge and not torch.isfinite(new_weight).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights of adapter {name!r}; not merging it.")
-            if name in self.ether_v and self._min_alignment(name) < MIN_UNMERGE_ALIGNMENT:
-                warnings.warn(
-                    f"ETHER+ adapter {name!r} is nearly singular (|û·v̂| < {MIN_UNMERGE_ALIGNMENT}): it merges fine, "
-                    "but cannot be unmerged accurately later. Keep a copy of the base weights if you need them back.",
-                    stacklevel=2,
-                )
             write_merged_weight(base, new_weight)
             self.merged_adapters.append(name)
+        if names and self.unmerge_error() > unmerge_tolerance(self._float_dtype()):
+            warnings.warn(
+                f"ETHER+ adapter(s) {', '.join(map(repr, names))} merged fine, but could not be unmerged accurately "
+                f"later: {self._unmerge_problem()} Keep a copy of the base weights if you need them back.",
+                stacklevel=2,
+            )
 
     def unmerge(self) -> None:
         """Undo `merge`. ETHER: a reflection is its own inverse, so `W H H = W` (exact up to rounding).
 
-        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 (float32 on MPS) by the rank-2 Woodbury inverse; refused
-        when the inverse is ill-conditioned (`|û·v̂| < MIN_UNMERGE_ALIGNMENT` in some block, `det H⁺ = (û·v̂)²`).
+        ETHER+: `W ← (H⁺_out)⁻¹ W (H⁺_in)⁻¹` in float64 (float32 on MPS) by the rank-2 Woodbury inverse; refused, before
+        anything changes, when the restored weight's estimated error exceeds the tolerance (see [`check_unmerge`]).
         """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        self.check_unmerge()
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters[-1]
-            if name in self.ether_v:
-                alignment = self._min_alignment(name)
-                if alignment < MIN_UNMERGE_ALIGNMENT:
-                    # The inverse would amplify the merged weight's rounding error by ~2/c² per side.
-                    raise ValueError(
-                        f"Cannot unmerge ETHER+ adapter {name!r}: its H⁺ is nearly singular (min |û·v̂| = "
-                        f"{alignment:.2e} < {MIN_UNMERGE_ALIGNMENT}; det H⁺ = (û·v̂)²), so inverting it would not "
-                        "restore the base weights. Reload the base model instead, or use `merge_and_unload()` on a "
-                        "copy when you need both the merged and the unmerged model."
-                    )
             write_merged_weight(base, self._merged_weight(merge_weight(base), name, inverse=True))
             self.merged_adapters.pop()
+
+    def unmerge_error(self) -> float:
+        """Bound on the relative error of the base weight that `unmerge` would restore now (see
+        [`unmerge_error_bound`]); 0 when nothing is merged."""
+        if not self.merged:
+            return 0.0
+        conditions = [self._condition(name) for name in self.merged_adapters]
+        return unmerge_error_bound(conditions, self._float_dtype())
+
+    def check_unmerge(self) -> None:
+        """Raise if the merged adapters cannot be unmerged accurately: inverting a nearly singular ETHER+ transform
+        would amplify the merged weight's rounding error beyond [`unmerge_tolerance`] of its dtype."""
+        if self.unmerge_error() > unmerge_tolerance(self._float_dtype()):
+            names = ", ".join(map(repr, self.merged_adapters))
+            raise ValueError(
+                f"Cannot unmerge ETHER+ adapter {names}: {self._unmerge_problem()} Reload the base model instead, or "
+                "use `merge_and_unload()` on a copy when you need both the merged and the unmerged model."
+            )
+
+    def _float_dtype(self) -> torch.dtype:
+        """The dtype the unmerge bound is taken in: the weight's, or float32 for a quantized weight (its int storage
+        has no eps; the requantization rounding the merge warned about comes on top)."""
+        dtype = self.get_base_layer().weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def _unmerge_problem(self) -> str:
+        dtype = self._float_dtype()
+        alignments = [self._min_alignment(name) for name in self.merged_adapters if name in self.ether_v]
+        return (
+            f"restoring the {str(dtype).removeprefix('torch.')} base weight would carry a relative error of up to "
+            f"{self.unmerge_error():.1e}, above the tolerance {unmerge_tolerance(dtype):.0e} (see UNMERGE_RTOL), "
+            f"because H⁺ is nearly singular (min |û·v̂| = {min(alignments, default=1.0):.2e}; det H⁺ = (û·v̂)²)."
+        )
+
+    def _condition(self, name: str) -> float:
+        """`κ(H_out) κ(H_in)` of adapter `name` (1 for ETHER, whose reflections are orthogonal)."""
+        if name not in self.ether_v:
+            return 1.0
+        sides = ("in", "out") if name in self.ether_u_out else ("in",)
+        return math.prod(ether_plus_condition(*self._hats(name, side, torch.float64)) for side in sides)
 
     def _min_alignment(self, name: str) -> float:
         pairs = [(self.ether_u, self.ether_v), (self.ether_u_out, self.ether_v_out)]
@@ -640,15 +567,15 @@ class _EtherModule(nn.Module, EtherLayer):
         if not inverse or self.ether_variant[name] == "ether":
             merged = self._transformed_matrix(w, name)  # H_ether⁻¹ = H_ether
         else:
-            merged = self._apply_inverse(w, self.ether_u, self.ether_v, name)
+            # H_out acts on row blocks, which the input side's (either layout) maps to themselves: the inverses commute.
+            merged = self._on_input_blocks(w, name, self._invert_input)
             if name in self.ether_u_out:
-                merged = self._apply_inverse(merged.T, self.ether_u_out, self.ether_v_out, name).T
+                merged = ether_plus_inverse(merged.T, *self._hats(name, "out", merged.dtype)).T
         # Cast here (not in the in-place copy) so that safe_merge sees what overflows the weight's dtype.
         return self._weight_from_matrix(merged, weight).to(weight.dtype)
 
-    @staticmethod
-    def _apply_inverse(x: torch.Tensor, u: nn.ParameterDict, v: nn.ParameterDict, name: str) -> torch.Tensor:
-        return ether_plus_inverse(x, normalize_blocks(u[name]).to(x.dtype), normalize_blocks(v[name]).to(x.dtype))
+    def _invert_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return ether_plus_inverse(x, *self._hats(name, "in", x.dtype))
 
 
 class EtherLinear(_EtherModule):
@@ -662,6 +589,9 @@ class EtherLinear(_EtherModule):
     """
 
     def _adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = self._dropout(x, names)
+        if any(self.ether_block_layout[name] == "reference_code" for name in names):
+            return self._reference_code_forward(x, names, *args, **kwargs)
         if not args and not kwargs and self._runs_as_one_function(x, names):
             hat_in, hat_out = (self._hats(names[0], side, x.dtype) for side in ("in", "out"))
             base = self.base_layer
@@ -671,18 +601,26 @@ class EtherLinear(_EtherModule):
             x = self.transform_input(x, name)
         return self._output_chain(self.base_layer(x, *args, **kwargs), names)
 
+    def _reference_code_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One adapter: `W x + b` plus [`reference_code_delta`], then the output side. Stacked adapters (the input side
+        of one would act on the weight the previous ones changed): the base layer run with the transformed weight,
+        through `torch.func.functional_call`, which puts it on the module for the call (not thread-safe)."""
+        if len(names) > 1:
+            return functional_call(self.base_layer, {"weight": self._adapted_weight(names)}, (x, *args), kwargs)
+        y = self.base_layer(x, *args, **kwargs) + self._reference_code_delta(x, names[0])
+        return self._output_chain(y, names)
+
+    def _reference_code_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        _require_in_memory(weight, "the weight of a layer with block_layout='reference_code'")
+        return reference_code_delta(x, self._weight_matrix(weight).to(x.dtype), *self._input_basis(name, x.dtype))
+
     def _runs_as_one_function(self, x: torch.Tensor, names: list[str]) -> bool:
-        """Whether `names` is one two-sided ETHER+ adapter on a layer that [`_TwoSidedLinear`] can run: calling the
-        base layer would run just `nn.Linear`'s or `Conv1D`'s forward (see [`_is_plain_linear`]), with frozen plain
-        (not subclassed: quantized, distributed) parameters on the device of `x`, outside autocast."""
-        base = self.base_layer
-        if len(names) != 1 or names[0] not in self.ether_u_out or not _is_plain_linear(base):
+        """Whether `names` is one two-sided ETHER+ adapter on a layer that [`fused.TwoSidedLinear`] can run (see
+        [`fused.two_sided_linear_applies`])."""
+        if len(names) != 1 or names[0] not in self.ether_u_out:
             return False
-        if base.weight.device != x.device or not torch.amp.is_autocast_available(x.device.type):
-            return False  # e.g. meta tensors, which autocast does not know
-        parameters = [p for p in (base.weight, base.bias) if p is not None]
-        plain_tensors = all(type(p) in (nn.Parameter, torch.Tensor) and not p.requires_grad for p in parameters)
-        return plain_tensors and not torch.is_autocast_enabled(x.device.type)
+        return self.ether_block_layout[names[0]] == "paper" and fused.two_sided_linear_applies(self.base_layer, x)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -692,13 +630,17 @@ class EtherLinear(_EtherModule):
         groups = {
             name: rows for name, rows in adapter_index_groups(adapter_names, x.device).items() if name in self.ether_u
         }
-        transformed = x.clone()
+        transformed, deltas = x.clone(), {}
         for name, rows in groups.items():
-            transformed[rows] = self.transform_input(x[rows], name)
+            dropped = self._dropout(x[rows], [name])
+            if self.ether_block_layout[name] == "reference_code":
+                transformed[rows], deltas[name] = dropped, self._reference_code_delta(dropped, name)
+            else:
+                transformed[rows] = self.transform_input(dropped, name)
         result = self.base_layer(transformed, *args, **kwargs)
         out = result.clone()
         for name, rows in groups.items():
-            out[rows] = self._output_chain(result[rows], [name])
+            out[rows] = self._output_chain(result[rows] + deltas[name] if name in deltas else result[rows], [name])
         return out
 
 
@@ -732,14 +674,14 @@ class EtherConv(_EtherModule):
             raise ValueError(
                 f"Two-sided ETHER+ on module {module_name!r}, a convolution with groups={groups}, needs `n_blocks` to "
                 f"be a multiple of groups (got {config.n_blocks}), so that each output block stays within one group. "
-                f"Valid block counts for this layer: {_listed(self._valid_block_counts(True))}. Or use "
+                f"Valid block counts for this layer: {_listed(self._valid_block_counts(config))}. Or use "
                 "variant='ether_plus_one_sided', which transforms the input side only."
             )
 
-    def _valid_block_counts(self, two_sided: bool) -> list[int]:
-        counts = super()._valid_block_counts(two_sided)
+    def _valid_block_counts(self, config: EtherConfig) -> list[int]:
+        counts = super()._valid_block_counts(config)
         groups = self.get_base_layer().groups
-        return [n for n in counts if n % groups == 0] if two_sided else counts
+        return [n for n in counts if n % groups == 0] if config.variant == "ether_plus" else counts
 
     def _axis_label(self, side: str) -> str:
         if side == "out":
@@ -757,24 +699,11 @@ class EtherConv(_EtherModule):
         base = self.get_base_layer()
         if not names:
             return base(x, *args, **kwargs)
-        weight = base.weight
-        _require_in_memory(weight, "a convolution's weight")
-        matrix = self._weight_matrix(weight).to(torch.promote_types(weight.dtype, torch.float32))
-        for name in names:
-            matrix = self._transformed_matrix(matrix, name)
-        adapted = self._weight_from_matrix(matrix, weight).to(weight.dtype)
-        if self._runs_plain_conv(base):
+        x = self._dropout(x, names)
+        adapted = self._adapted_weight(names, "a convolution's weight")
+        if fused.runs_plain_conv(base):
             return base._conv_forward(x, adapted, base.bias)
         return functional_call(base, {"weight": adapted}, (x, *args), kwargs)
-
-    @staticmethod
-    def _runs_plain_conv(base: nn.Module) -> bool:
-        """Whether calling `base` would run just torch's own `Conv*d.forward`: neither `forward` nor `__call__`
-        overridden, and no hooks of its own, forward or backward (calling `_conv_forward` would skip them). Global
-        module hooks (`register_module_forward_hook`, used by e.g. `FlopCounterMode`) do not count: they do not see
-        the base convolution, which keeps plain convolutions thread-safe."""
-        plain = any(_is_own_forward(type(base).forward, cls) for cls in CONV_LAYER_TYPES)
-        return plain and _runs_only_its_forward(base)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any

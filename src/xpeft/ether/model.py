@@ -49,3 +49,22 @@ class EtherModel(XpeftTuner):
         layer_cls = EtherConv if isinstance(base_layer, CONV_LAYER_TYPES) else EtherLinear
         new_module = layer_cls(base_layer, adapter_name, config, module_name=current_key)
         self._swap_in(parent, target_name, new_module, target, adapter_name)
+
+    def unmerge_adapter(self) -> None:
+        self._check_unmerge()  # every layer first, so that a refusal leaves no layer unmerged and another merged
+        super().unmerge_adapter()
+
+    def disable_adapter_layers(self) -> None:
+        # Disabled layers unmerge at their next forward: refuse here, at the entry of `disable_adapter()`, rather than
+        # in the middle of a forward.
+        self._check_unmerge()
+        super().disable_adapter_layers()
+
+    def _check_unmerge(self) -> None:
+        """Raise (see [`EtherLayer.check_unmerge`]) if some layer's merged adapters cannot be unmerged accurately."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, EtherLayer) and module.merged:
+                try:
+                    module.check_unmerge()
+                except ValueError as error:
+                    raise ValueError(f"Module {name!r}: {error}") from None
