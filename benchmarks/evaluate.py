@@ -27,6 +27,7 @@ Outputs: ``<out>/<prefix>.json`` (every number), ``<prefix>.md`` (tables generat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -326,16 +327,22 @@ def interleaved_throughput(runs: dict[str, Callable[[], float]], tokens: int, re
     return {name: tokens / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def task_instruct(budget: Budget, seed: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = data.smollm2_path()
-    tok = AutoTokenizer.from_pretrained(path)
+def instruct_pairs(budget: Budget, seed: int):
+    """chatterbot topics, all training pairs, and `lm_eval` held-out pairs drawn with `seed` (the instruct split)."""
     topics = data.chatterbot(seed=seed)
     train = [pa for t in sorted(topics) for pa in topics[t]["train"]]
     test = [pa for t in sorted(topics) for pa in topics[t]["test"]]
     g = torch.Generator().manual_seed(seed)
     test = [test[i] for i in torch.randperm(len(test), generator=g)[: budget.lm_eval].tolist()]
+    return topics, train, test
+
+
+def task_instruct(budget: Budget, seed: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = data.smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    topics, train, test = instruct_pairs(budget, seed)
     train_t, test_t = encode_chat(tok, train, budget.lm_len), encode_chat(tok, test, budget.lm_len)
     gen_pairs = list({p: (p, a) for p, a in test}.values())[: budget.generations]  # distinct prompts
     gen_prompts = [p for p, _ in gen_pairs]
@@ -428,6 +435,336 @@ def _multi_tenant(base, model, method, tok, prompts, tenants, tenant_of_row, bud
             entry["mixed_error"] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
     entry.update(interleaved_throughput(runs, len(prompts) * budget.decode_tokens))
     return entry
+
+
+# ------------------------------------------------------------------------------ study: ETHER quality (issue 18)
+# `--tasks ether_quality`: ETHER and ETHER+ against LoRA r=8 on the instruct task (same data, steps, batch order and
+# seed as `instruct`), over learning rates, target sets and block counts. Every run is one row of
+# `<out>/ether_quality.json`, written as soon as it finishes, so an interrupted study resumes where it stopped and
+# several processes (`--jobs`) share one file.
+QUALITY_TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+
+
+@dataclass(frozen=True)
+class QualityGrid:
+    """What the study runs. Phase 1 is fixed; phase 2 follows from phase 1's results (see `quality_pending`)."""
+
+    lora_lrs: tuple = (1e-3, 3e-3)
+    ether_lrs: tuple = (1e-3, 3e-3, 1e-2, 3e-2)
+    block_counts: tuple = (4, 8)  # tried at each ETHER variant's best lr; 32 (the default) is in phase 1
+    default_blocks: int = 32
+    targets: tuple = ("q,v", "all-linear")
+    extend_edge: bool = True  # a best lr at the top of the sweep adds one step past it (x ~3.3)
+
+
+QUALITY_FULL = QualityGrid()
+QUALITY_SMOKE = QualityGrid(lora_lrs=(1e-3,), ether_lrs=(1e-2, 3e-2), block_counts=(4,), targets=("q,v",))
+
+
+@dataclass(frozen=True)
+class QualityRun:
+    method: str  # "LoRA r=8" | "ETHER" | "ETHER+"
+    targets: str  # a key of QUALITY_TARGETS
+    lr: float
+    n_blocks: int | None = None  # ETHER variants only
+
+    @property
+    def key(self) -> str:
+        blocks = "" if self.n_blocks is None else f" n_blocks={self.n_blocks}"
+        return f"{self.method} {self.targets} lr={self.lr:g}{blocks}"
+
+    def config(self):
+        t, modules = "CAUSAL_LM", QUALITY_TARGETS[self.targets]
+        if self.method == "LoRA r=8":
+            return LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=modules)
+        variant = {"ETHER": "ether", "ETHER+": "ether_plus"}[self.method]
+        return xpeft.EtherConfig(task_type=t, target_modules=modules, variant=variant, n_blocks=self.n_blocks)
+
+
+ETHER_VARIANTS = ("ETHER+", "ETHER")  # ETHER+ first: the issue's goal is about it
+
+
+def _next_lr(lr: float) -> float:
+    """The next point of a 1-3-10 sweep: 1e-2 -> 3e-2 -> 1e-1."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr) + 1e-9)
+    return float(f"{lr * (3 if mantissa < 2 else 10 / 3):.3g}")
+
+
+def _best(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if math.isfinite(r.get("answer_loss", math.nan))]
+    return min(done, key=lambda r: r["answer_loss"]) if done else None
+
+
+def quality_pending(grid: QualityGrid, done: dict) -> list[QualityRun]:
+    """The runs still to make, most important first, given the rows `done` (keyed by `QualityRun.key`).
+
+    Phase 1: LoRA r=8 and both ETHER variants at the default block count over their lr grids, on every target set.
+    Phase 2, per ETHER variant and target set once its phase-1 runs are all done: one lr step past the top of the
+    sweep if the best lr is there (repeated while the best stays at the edge), then the other block counts at the
+    best lr. A failed run counts as done (its row records the error) so nothing is retried forever.
+    """
+    order = [QualityRun("LoRA r=8", t, grid.lora_lrs[0]) for t in grid.targets]
+    for variant in ETHER_VARIANTS:
+        for t in grid.targets:
+            # The middle of the grid first: the likely best points finish before the edges.
+            lrs = sorted(grid.ether_lrs, key=lambda lr: abs(math.log10(lr) - math.log10(1e-2)))
+            order += [QualityRun(variant, t, lr, grid.default_blocks) for lr in lrs]
+    order += [QualityRun("LoRA r=8", t, lr) for t in grid.targets for lr in grid.lora_lrs[1:]]
+    for variant in ETHER_VARIANTS:
+        for t in grid.targets:
+            sweep = [QualityRun(variant, t, lr, grid.default_blocks) for lr in grid.ether_lrs]
+            if any(r.key not in done for r in sweep):
+                continue
+            if grid.extend_edge:
+                while (best := _best([done[r.key] for r in sweep])) is not None and best["lr"] == sweep[-1].lr:
+                    sweep.append(QualityRun(variant, t, _next_lr(sweep[-1].lr), grid.default_blocks))
+                    if sweep[-1].key not in done:
+                        break
+                if sweep[-1].key not in done:
+                    order.append(sweep[-1])  # the edge point first, then the block counts at the final best lr
+                    continue
+            best = _best([done[r.key] for r in sweep])
+            if best is not None:
+                order += [QualityRun(variant, t, best["lr"], n) for n in grid.block_counts]
+    return [r for r in order if r.key not in done]
+
+
+class _InstructSetup:
+    """What every run of the study shares: the tokenized instruct split and a seeded model loader."""
+
+    def __init__(self, budget: Budget, seed: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path, self.seed = data.smollm2_path(), seed
+        self._model_class = AutoModelForCausalLM
+        tok = AutoTokenizer.from_pretrained(self.path)
+        _, train, test = instruct_pairs(budget, seed)
+        self.train_t, self.test_t = encode_chat(tok, train, budget.lm_len), encode_chat(tok, test, budget.lm_len)
+        self.data = {"train_pairs": len(train), "test_pairs": len(test), "max_len": budget.lm_len}
+
+    def load(self):
+        torch.manual_seed(self.seed)  # the same initial ETHER vectors / LoRA A for every lr of a setting
+        return self._model_class.from_pretrained(self.path, dtype=torch.float32)
+
+
+def run_quality_point(run: QualityRun, setup: _InstructSetup, budget: Budget) -> dict:
+    """Train one setting; the held-out answer loss before training (how far the adapter's init moves the model)
+    and after."""
+    row = {"key": run.key, **asdict(run)}
+    start, load = time.perf_counter(), list(os.getloadavg())
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        model = get_peft_model(setup.load(), run.config())
+        row["trainable_params"] = sum(p.numel() for p in trainable(model))
+        row["initial_answer_loss"] = answer_loss(model, setup.test_t)["answer_loss"]
+        desc = f"ether_quality {run.key}"
+        row.update(train_loop(model, setup.train_t, budget.lm_steps, budget.lm_batch, run.lr, setup.seed, desc))
+        row.update(answer_loss(model, setup.test_t))
+        row["diverged"] = not math.isfinite(row["answer_loss"])
+    except Exception as err:  # a setting that fails is a result to report, not a reason to lose the study
+        row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    row["run"] = {
+        "started_utc": started,
+        "seconds": time.perf_counter() - start,
+        "load_average_start": load,
+        "load_average_end": list(os.getloadavg()),
+        "torch_threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
+    return row
+
+
+def _quality_lock(path: Path):
+    from filelock import FileLock
+
+    # The lock lives in the temp folder, not beside the results (nothing to clean up or commit by mistake).
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"xpeft-ether-quality-{name}.lock"))
+
+
+def _quality_file(out: Path, smoke: bool) -> Path:
+    return out / ("ether_quality_smoke.json" if smoke else "ether_quality.json")
+
+
+def _quality_read(path: Path, meta: dict) -> dict:
+    """The study's results so far; a file made with another budget or seed is refused (its rows would not compare)."""
+    if not path.is_file():
+        return {"meta": meta, "runs": {}}
+    res = json.loads(path.read_text())
+    settings = ("budget", "seed", "grid")
+    if {k: res["meta"].get(k) for k in settings} != json.loads(json.dumps({k: meta[k] for k in settings})):
+        raise SystemExit(
+            f"{path} holds runs made with another budget, seed or grid; move it away (or pass another --out) to start "
+            "a new study."
+        )
+    return res
+
+
+def _quality_meta(budget: Budget, grid: QualityGrid, seed: int, command: str) -> dict:
+    return {
+        "command": command,
+        "seed": seed,
+        "budget": {k: getattr(budget, k) for k in ("lm_steps", "lm_batch", "lm_len", "lm_eval")},
+        "grid": asdict(grid),
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)",
+        "machine": machine_info(),
+    }
+
+
+def task_ether_quality(budget, grid, seed, out: Path, smoke: bool, command: str, shard=(0, 1)) -> dict:
+    """Run this process's share (`shard` = (k, n): every n-th pending run from the k-th) of the pending runs."""
+    path, meta = _quality_file(out, smoke), _quality_meta(budget, grid, seed, command)
+    with _quality_lock(path):
+        res = _quality_read(path, meta)
+    todo = quality_pending(grid, res["runs"])[shard[0] :: shard[1]]
+    if not todo:
+        return res
+    setup = _InstructSetup(budget, seed)
+    for run in tqdm(todo, desc=f"ether_quality {shard[0] + 1}/{shard[1]}"):
+        row = run_quality_point(run, setup, budget)
+        row["run"]["git_commit"] = meta["machine"]["git_commit"]
+        row["run"]["command"] = command
+        with _quality_lock(path):  # read again: other processes write their rows into the same file
+            res = _quality_read(path, meta)
+            res["runs"][run.key] = row
+            res["meta"]["data"] = setup.data
+            _quality_write(res, path)
+        print(f"[ether_quality] {run.key}: " + (row.get("error") or f"ppl {row['answer_ppl']:.2f}"), flush=True)
+    return res
+
+
+def run_quality_study(budget, grid, seed, out: Path, smoke: bool, jobs: int, command: str, threads) -> dict:
+    """Rounds of `jobs` worker processes until nothing is pending (phase 2 runs appear as phase 1 completes)."""
+    path, meta = _quality_file(out, smoke), _quality_meta(budget, grid, seed, command)
+    previous = None
+    while True:
+        with _quality_lock(path):
+            res = _quality_read(path, meta)
+        pending = [r.key for r in quality_pending(grid, res["runs"])]
+        if not pending or pending == previous:
+            break
+        previous = pending
+        if jobs <= 1:
+            task_ether_quality(budget, grid, seed, out, smoke, command)
+            continue
+        n = min(jobs, len(pending))
+        cmd = [sys.executable, "-m", "benchmarks.evaluate", "--tasks", "ether_quality", "--seed", str(seed)]
+        cmd += ["--out", str(out), "--threads", str(threads or 1)] + (["--smoke"] if smoke else [])
+        children = [
+            subprocess.Popen(cmd + ["--shard", f"{k}/{n}"], cwd=Path(__file__).resolve().parent.parent)
+            for k in range(n)
+        ]
+        if any(child.wait() != 0 for child in children):
+            raise SystemExit("an ether_quality worker failed; see its output above (finished runs are kept)")
+    with _quality_lock(path):
+        res = _quality_read(path, meta)
+        _quality_write(res, path)
+    return res
+
+
+def _quality_write(res: dict, path: Path) -> None:
+    res["meta"]["plots"] = render_quality_plot(res, path.with_suffix(".png"))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(path)  # a reader never sees half a file
+    path.with_suffix(".md").write_text(render_quality_markdown(res))
+
+
+def quality_summary(runs: dict) -> list[dict]:
+    """Per method and target set: the best run and its perplexity against the best LoRA r=8 on the same targets."""
+    rows = [r for r in runs.values() if "answer_loss" in r and math.isfinite(r["answer_loss"])]
+    out = []
+    for t in QUALITY_TARGETS:
+        lora = _best([r for r in rows if r["method"] == "LoRA r=8" and r["targets"] == t])
+        for method in ("LoRA r=8", *ETHER_VARIANTS):
+            best = _best([r for r in rows if r["method"] == method and r["targets"] == t])
+            if best is None:
+                continue
+            entry = {"method": method, "targets": t, "best": best["key"], "answer_ppl": best["answer_ppl"]}
+            if lora is not None:
+                entry["lora_ppl"] = lora["answer_ppl"]
+                entry["ratio_to_lora"] = best["answer_ppl"] / lora["answer_ppl"]
+                entry["within_10_percent"] = entry["ratio_to_lora"] <= 1.10
+            out.append(entry)
+    return out
+
+
+def render_quality_markdown(res: dict) -> str:
+    meta, b = res["meta"], res["meta"]["budget"]
+    d = meta.get("data", {})
+    out = [
+        "# ETHER quality at the settings users pick (instruction tuning)",
+        "",
+        f"{meta['model']}, chatterbot {d.get('train_pairs', '?')} train / {d.get('test_pairs', '?')} held-out pairs, "
+        f"{b['lm_steps']} steps × batch {b['lm_batch']}, {b['lm_len']} tokens, loss on answers only; the same batch "
+        f"order and seed (`{meta['seed']}`) for every run. Every number is in `ether_quality.json`; "
+        f"generated by `{meta['command']}`.",
+        "",
+        "Best per method and target set (perplexity of the held-out answers; ratio to the best LoRA r=8 on the same "
+        "targets; the issue's goal is ETHER+ ≤ 1.10):",
+        "",
+        "| method | targets | best setting | perplexity | / LoRA r=8 |",
+        "|---|---|---|---|---|",
+    ]
+    for s in quality_summary(res["runs"]):
+        ratio = f"{s['ratio_to_lora']:.2f}" if "ratio_to_lora" in s else "–"
+        out.append(f"| {s['method']} | {s['targets']} | {s['best']} | {s['answer_ppl']:.2f} | {ratio} |")
+    out += [
+        "",
+        "Every run (initial = held-out answer loss of the adapted model before training; the base model's loss is "
+        "what an adapter that starts at the identity shows):",
+        "",
+        "| method | targets | lr | n_blocks | initial loss | held-out loss | perplexity | trainable params | train s | "
+        "load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {m: i for i, m in enumerate(("LoRA r=8", *ETHER_VARIANTS))}
+    rows = sorted(
+        res["runs"].values(),
+        key=lambda r: (list(QUALITY_TARGETS).index(r["targets"]), order[r["method"]], r["n_blocks"] or 0, r["lr"]),
+    )
+    for r in rows:
+        blocks = "–" if r["n_blocks"] is None else str(r["n_blocks"])
+        if "error" in r:
+            out.append(f"| {r['method']} | {r['targets']} | {r['lr']:g} | {blocks} | failed: {r['error']} ||||||")
+            continue
+        out.append(
+            f"| {r['method']} | {r['targets']} | {r['lr']:g} | {blocks} | {r['initial_answer_loss']:.3f} | "
+            f"{r['answer_loss']:.3f} | {r['answer_ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
+            f"{r['run']['load_average_start'][0]:.1f} |"
+        )
+    if meta.get("plots"):
+        out += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in meta["plots"])]
+    return "\n".join(out) + "\n"
+
+
+def render_quality_plot(res: dict, path: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    runs = [r for r in res["runs"].values() if "answer_ppl" in r and math.isfinite(r["answer_ppl"])]
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, len(QUALITY_TARGETS), figsize=(11, 4), sharey=True)
+    for ax, t in zip(axes, QUALITY_TARGETS, strict=True):
+        for i, method in enumerate(("LoRA r=8", *ETHER_VARIANTS)):
+            sel = [r for r in runs if r["method"] == method and r["targets"] == t]
+            blocks = sorted({r["n_blocks"] for r in sel}, key=lambda n: -1 if n is None else n)
+            for n in blocks:
+                pts = sorted((r["lr"], r["answer_ppl"]) for r in sel if r["n_blocks"] == n)
+                label = method if n is None else f"{method} n_blocks={n}"
+                style = "-o" if n in (None, res["meta"]["grid"]["default_blocks"]) else "s"
+                ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=label, alpha=1 if style == "-o" else 0.6)
+        ax.set(xscale="log", yscale="log", xlabel="learning rate", title=f"targets: {t}")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out answer perplexity (log)")
+    fig.suptitle(f"SmolLM2-135M instruct, {res['meta']['budget']['lm_steps']} steps")
+    _save(fig, path)
+    return [path.name]
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -681,7 +1018,15 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--quick", action="store_true", help="shorter budget (40 steps per classifier, 20 per LM)")
     parser.add_argument(
-        "--tasks", default="spam,instruct,profiles", help="comma-separated subset of spam,instruct,profiles"
+        "--tasks",
+        default="spam,instruct,profiles",
+        help="comma-separated subset of spam,instruct,profiles; or ether_quality: the ETHER lr / target / n_blocks "
+        "study against LoRA on the instruct task, written to <out>/ether_quality.json (resumes an unfinished one)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="K/N: run only every N-th pending ether_quality run from the K-th (--jobs uses it)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--seed", type=int, default=data.DEFAULT_SEED)
@@ -708,11 +1053,24 @@ def main(argv=None) -> dict:
     budget = SMOKE if args.smoke else QUICK if args.quick else FULL
     prefix = "eval_smoke" if args.smoke else "eval_quick" if args.quick else "eval"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in (*TASKS, "profiles")]
+    unknown = [t for t in tasks if t not in (*TASKS, "profiles", "ether_quality")]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles")
+        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles, ether_quality")
+    if args.shard and tasks != ["ether_quality"]:
+        parser.error("--shard splits the ether_quality study only: pass --tasks ether_quality")
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.evaluate", *(argv if argv is not None else sys.argv[1:])])
+    if "ether_quality" in tasks:
+        tasks.remove("ether_quality")
+        grid = QUALITY_SMOKE if args.smoke else QUALITY_FULL
+        lm_budget = SMOKE if args.smoke else FULL  # the instruct budget of `eval.json`'s LoRA row, never --quick's
+        if args.shard:
+            k, n = _parse_shard(parser, args.shard)
+            task_ether_quality(lm_budget, grid, args.seed, args.out, args.smoke, command, (k, n))
+        else:
+            run_quality_study(lm_budget, grid, args.seed, args.out, args.smoke, args.jobs, command, args.threads)
+        if not tasks:
+            return {}
     res = {
         "meta": {
             "command": command,
@@ -761,6 +1119,16 @@ def main(argv=None) -> dict:
     if args.readme:
         update_readme(args.readme, res)
     return res
+
+
+def _parse_shard(parser, text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        parser.error(f"--shard {text!r} is not K/N with 0 <= K < N (e.g. --shard 0/2 and --shard 1/2)")
+    return k, n
 
 
 # Relative single-thread cost of the tasks (full budget: spam 43 min, instruct 18 min, profiles 12 min).
