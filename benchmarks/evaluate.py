@@ -504,11 +504,11 @@ def quality_pending(grid: QualityGrid, done: dict) -> list[QualityRun]:
     best lr. A failed run counts as done (its row records the error) so nothing is retried forever.
     """
     order = [QualityRun("LoRA r=8", t, grid.lora_lrs[0]) for t in grid.targets]
+    # The middle of the grid first (the likely best points finish before the edges), target sets interleaved, so an
+    # unfinished study still compares every target set.
+    lrs = sorted(grid.ether_lrs, key=lambda lr: (abs(math.log10(lr) + 2), -lr))
     for variant in ETHER_VARIANTS:
-        for t in grid.targets:
-            # The middle of the grid first: the likely best points finish before the edges.
-            lrs = sorted(grid.ether_lrs, key=lambda lr: abs(math.log10(lr) - math.log10(1e-2)))
-            order += [QualityRun(variant, t, lr, grid.default_blocks) for lr in lrs]
+        order += [QualityRun(variant, t, lr, grid.default_blocks) for lr in lrs for t in grid.targets]
     order += [QualityRun("LoRA r=8", t, lr) for t in grid.targets for lr in grid.lora_lrs[1:]]
     for variant in ETHER_VARIANTS:
         for t in grid.targets:
@@ -556,7 +556,8 @@ def run_quality_point(run: QualityRun, setup: _InstructSetup, budget: Budget) ->
     try:
         model = get_peft_model(setup.load(), run.config())
         row["trainable_params"] = sum(p.numel() for p in trainable(model))
-        row["initial_answer_loss"] = answer_loss(model, setup.test_t)["answer_loss"]
+        if run.method == "ETHER":  # LoRA (B = 0) and ETHER+ (v = -u) start at the base model exactly
+            row["initial_answer_loss"] = answer_loss(model, setup.test_t)["answer_loss"]
         desc = f"ether_quality {run.key}"
         row.update(train_loop(model, setup.train_t, budget.lm_steps, budget.lm_batch, run.lr, setup.seed, desc))
         row.update(answer_loss(model, setup.test_t))
@@ -591,6 +592,8 @@ def _quality_read(path: Path, meta: dict) -> dict:
     if not path.is_file():
         return {"meta": meta, "runs": {}}
     res = json.loads(path.read_text())
+    if not res.get("runs"):  # a file that holds only the `ether_init` section so far
+        return {**res, "meta": meta, "runs": {}}
     settings = ("budget", "seed", "grid")
     if {k: res["meta"].get(k) for k in settings} != json.loads(json.dumps({k: meta[k] for k in settings})):
         raise SystemExit(
@@ -690,6 +693,8 @@ def quality_summary(runs: dict) -> list[dict]:
 
 
 def render_quality_markdown(res: dict) -> str:
+    if not res.get("runs"):
+        return "# ETHER quality at the settings users pick\n" + "\n".join(render_init_markdown(res.get("init"))) + "\n"
     meta, b = res["meta"], res["meta"]["budget"]
     d = meta.get("data", {})
     out = [
@@ -711,8 +716,8 @@ def render_quality_markdown(res: dict) -> str:
         out.append(f"| {s['method']} | {s['targets']} | {s['best']} | {s['answer_ppl']:.2f} | {ratio} |")
     out += [
         "",
-        "Every run (initial = held-out answer loss of the adapted model before training; the base model's loss is "
-        "what an adapter that starts at the identity shows):",
+        "Every run (initial = held-out answer loss of the adapted model before training, measured for plain ETHER "
+        "only: LoRA and ETHER+ start at the base model):",
         "",
         "| method | targets | lr | n_blocks | initial loss | held-out loss | perplexity | trainable params | train s | "
         "load avg |",
@@ -729,13 +734,75 @@ def render_quality_markdown(res: dict) -> str:
             out.append(f"| {r['method']} | {r['targets']} | {r['lr']:g} | {blocks} | failed: {r['error']} ||||||")
             continue
         out.append(
-            f"| {r['method']} | {r['targets']} | {r['lr']:g} | {blocks} | {r['initial_answer_loss']:.3f} | "
+            f"| {r['method']} | {r['targets']} | {r['lr']:g} | {blocks} | {_num(r.get('initial_answer_loss'))} | "
             f"{r['answer_loss']:.3f} | {r['answer_ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
             f"{r['run']['load_average_start'][0]:.1f} |"
         )
     if meta.get("plots"):
         out += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in meta["plots"])]
+    out += render_init_markdown(res.get("init"))
     return "\n".join(out) + "\n"
+
+
+def _num(x, fmt=".3f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def render_init_markdown(init: dict | None) -> list[str]:
+    if not init:
+        return []
+    s, i = init["spam"], init["instruct"]
+    out = [
+        "",
+        "## Why plain ETHER starts far from the base model",
+        "",
+        "ETHER+ starts at the identity (v = -u). Plain ETHER's H = I - 2uu^T reflects one random direction in each of "
+        "the n blocks, so each adapted layer's input moves by about 2·sqrt(n/d) of its norm (isotropic input) before "
+        "any training. Relative output change ||f(x) - Wx|| / ||Wx|| of every adapted layer at init, on the layer's "
+        f"own input (`{init['command']}`, commit `{init['git_commit'][:10]}`):",
+        "",
+        f"Spam ({s['model']}, targets {', '.join(s['targets'])}, d = {s['d']}, {s['probe_mails']} training mails; "
+        "[CLS] = the final hidden state the head reads; loss with the task's seeded random head):",
+        "",
+        "| variant | n_blocks | per-layer change mean (min–max) | 2·sqrt(n/d) (0: identity) | [CLS] change | "
+        "initial loss (base) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in s["rows"]:
+        out.append(
+            f"| {r['variant']} | {r['n_blocks']} | {r['mean_relative_change']:.3f} ({r['min_relative_change']:.3f}–"
+            f"{r['max_relative_change']:.3f}) | {r['predicted_isotropic']:.3f} | {r['cls_relative_change']:.3f} | "
+            f"{r['initial_loss']:.3f} ({r['base_loss']:.3f}) |"
+        )
+    out += [
+        "",
+        f"Instruct ({i['model']}, plain ETHER, d = {i['d']} (1536 into down_proj); answer loss of the "
+        f"{i['probe_pairs']} probe pairs at init, base model in brackets):",
+        "",
+        "| targets | n_blocks | per-layer change mean (min–max) | mean 2·sqrt(n/d) | initial answer loss (base) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in i["rows"]:
+        out.append(
+            f"| {r['targets']} | {r['n_blocks']} | {r['mean_relative_change']:.3f} ({r['min_relative_change']:.3f}–"
+            f"{r['max_relative_change']:.3f}) | {r['predicted_isotropic']:.3f} | {r['initial_answer_loss']:.3f} "
+            f"({r['base_answer_loss']:.3f}) |"
+        )
+    if s.get("runs"):
+        out += [
+            "",
+            "Spam runs that test it (100 steps × batch 16, the spam task's budget; eval.json's lr sweep has "
+            "n_blocks = 32):",
+            "",
+            "| variant | n_blocks | lr | test acc | test F1 | first loss | final loss (last 10) | train s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in s["runs"]:
+            out.append(
+                f"| {r['variant']} | {r['n_blocks']} | {r['lr']:g} | {r['accuracy']:.4f} | {r['f1']:.4f} | "
+                f"{r['first_losses'][0]:.3f} | {r['final_loss']:.3f} | {r['train_seconds']:.0f} |"
+            )
+    return out
 
 
 def render_quality_plot(res: dict, path: Path) -> list[str]:
@@ -765,6 +832,148 @@ def render_quality_plot(res: dict, path: Path) -> list[str]:
     fig.suptitle(f"SmolLM2-135M instruct, {res['meta']['budget']['lm_steps']} steps")
     _save(fig, path)
     return [path.name]
+
+
+# -------------------------------------------------- study: why plain ETHER starts far from the base model (issue 18)
+# `--tasks ether_init`: ETHER+ starts at the identity (v = -u); plain ETHER cannot (H = I - 2uu^T with a random u
+# reflects one direction per block). For a block of k = d/n features and an input x spread evenly over directions,
+# E||x - Hx||^2 = 4 E(u.x)^2 = 4 ||x_b||^2 / k, summed over the n blocks: 4 n ||x||^2 / d, so every adapted layer's
+# input moves by about 2 sqrt(n / d) of its norm, whatever the lr. Measured here per layer, end to end and in the
+# initial loss, against n_blocks; written into the `init` section of ether_quality.json.
+INIT_BLOCKS = {"spam": (1, 4, 8, 16, 32, 64), "instruct": (1, 4, 8, 32)}
+INIT_SMOKE_BLOCKS = {"spam": (1, 32), "instruct": (32,)}
+# 100-step spam runs that test the explanation (the lr sweep of eval.json has n_blocks=32 at 1e-4 .. 1e-1).
+INIT_SPAM_RUNS = (("ether", 1, 1e-3),)
+
+
+def layer_output_change(model, inputs: dict, mask: torch.Tensor) -> list[dict]:
+    """Per adapted layer, ||f_adapted(x) - W x|| / ||W x|| over the real tokens of one forward (x = the layer's own
+    input in the adapted model; bias excluded from both)."""
+    from xpeft.ether.layer import EtherLayer
+
+    found, hooks = [], []
+
+    def hook(name):
+        def fn(module, args, output):
+            base = module.get_base_layer()
+            x, keep = args[0], mask.bool()
+            plain = torch.nn.functional.linear(x, base.weight)
+            shift = output - (plain if base.bias is None else plain + base.bias)
+            change = float(shift[keep].norm() / plain[keep].norm())
+            found.append({"layer": name, "in_features": x.shape[-1], "relative_change": change})
+
+        return fn
+
+    for name, module in model.named_modules():
+        if isinstance(module, EtherLayer):
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _summary(changes: list[dict], n: int, variant: str) -> dict:
+    vals = [c["relative_change"] for c in changes]
+    predicted = [2 * math.sqrt(n / c["in_features"]) if variant == "ether" else 0.0 for c in changes]
+    return {
+        "n_blocks": n,
+        "layers": len(vals),
+        "mean_relative_change": sum(vals) / len(vals),
+        "min_relative_change": min(vals),
+        "max_relative_change": max(vals),
+        "predicted_isotropic": sum(predicted) / len(predicted),  # 2 sqrt(n / d) per layer; 0: ETHER+ is I
+        "per_layer": changes,
+    }
+
+
+def ether_init_spam(budget: Budget, seed: int, blocks, runs) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    splits = data.spam_assassin(seed=seed)
+    tok = AutoTokenizer.from_pretrained(data.minilm_path())
+    train_t, test_t = encode_cls(tok, splits["train"], budget.cls_len), encode_cls(tok, splits["test"], budget.cls_len)
+    probe = {k: v[:64] for k, v in train_t.items()}
+    inputs = {k: probe[k] for k in ("input_ids", "attention_mask")}
+    out = {"model": "all-MiniLM-L6-v2", "targets": ["query", "value"], "d": 384, "probe_mails": 64, "rows": []}
+    for variant in ("ether", "ether_plus"):
+        for n in blocks:
+            torch.manual_seed(seed)  # the classifier head of the spam task's runs
+            model = AutoModelForSequenceClassification.from_pretrained(data.minilm_path(), num_labels=2)
+            config = xpeft.EtherConfig(
+                task_type="SEQ_CLS", target_modules=["query", "value"], variant=variant, n_blocks=n
+            )
+            model = get_peft_model(model, config)
+            model.eval()
+            row = {
+                "variant": variant,
+                **_summary(layer_output_change(model, inputs, probe["attention_mask"]), n, variant),
+            }
+            with torch.no_grad():
+                adapted = model(**inputs, labels=probe["labels"], output_hidden_states=True)
+                with model.disable_adapter():
+                    base = model(**inputs, labels=probe["labels"], output_hidden_states=True)
+            cls_a, cls_b = adapted.hidden_states[-1][:, 0], base.hidden_states[-1][:, 0]
+            row["cls_relative_change"] = float((cls_a - cls_b).norm() / cls_b.norm())
+            row["initial_loss"], row["base_loss"] = float(adapted.loss), float(base.loss)
+            out["rows"].append(row)
+    method = {"ether": "ETHER", "ether_plus": "ETHER+"}
+    out["runs"] = []
+    for variant, n, lr in runs:
+        m = xpeft_method(
+            f"{method[variant]} n_blocks={n}", lr, "EtherConfig", task_type="SEQ_CLS",
+            target_modules=["query", "value"], variant=variant, n_blocks=n,
+        )  # fmt: skip
+        row = run_spam_method(m, lr, train_t, test_t, budget, seed)
+        row.update({"variant": variant, "n_blocks": n})
+        out["runs"].append({k: v for k, v in row.items() if k != "losses"} | {"first_losses": row["losses"][:10]})
+        print(f"[ether_init] spam {m.name} lr={lr:g}: acc {row['accuracy']:.4f}", flush=True)
+    return out
+
+
+def ether_init_instruct(budget: Budget, seed: int, blocks) -> dict:
+    setup = _InstructSetup(budget, seed)
+    probe = {k: v[:16] for k, v in setup.test_t.items()}
+    inputs = {k: probe[k] for k in ("input_ids", "attention_mask")}
+    out = {"model": "SmolLM2-135M-Instruct", "d": 576, "probe_pairs": 16, "rows": []}
+    base = None
+    for targets in QUALITY_TARGETS:
+        for n in blocks:
+            run = QualityRun("ETHER", targets, 1e-3, n)
+            model = get_peft_model(setup.load(), run.config())
+            row = {"variant": "ether", "targets": targets}
+            row.update(_summary(layer_output_change(model, inputs, probe["attention_mask"]), n, "ether"))
+            row["initial_answer_loss"] = answer_loss(model, probe)["answer_loss"]
+            if base is None:
+                with model.disable_adapter():
+                    base = answer_loss(model, probe)["answer_loss"]
+            row["base_answer_loss"] = base
+            out["rows"].append(row)
+            print(
+                f"[ether_init] instruct ETHER {targets} n_blocks={n}: loss {row['initial_answer_loss']:.3f}",
+                flush=True,
+            )
+    return out
+
+
+def task_ether_init(budget: Budget, seed: int, out: Path, smoke: bool, command: str) -> dict:
+    blocks = INIT_SMOKE_BLOCKS if smoke else INIT_BLOCKS
+    runs = INIT_SPAM_RUNS[:1] if smoke else INIT_SPAM_RUNS
+    section = {"command": command, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    section["load_average_start"] = list(os.getloadavg())
+    section["spam"] = ether_init_spam(budget, seed, blocks["spam"], runs)
+    section["instruct"] = ether_init_instruct(budget, seed, blocks["instruct"])
+    section["load_average_end"] = list(os.getloadavg())
+    section["git_commit"] = machine_info()["git_commit"]
+    path = _quality_file(out, smoke)
+    with _quality_lock(path):
+        res = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "runs": {}}
+        res["init"] = section
+        _quality_write(res, path)
+    return section
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -1053,13 +1262,18 @@ def main(argv=None) -> dict:
     budget = SMOKE if args.smoke else QUICK if args.quick else FULL
     prefix = "eval_smoke" if args.smoke else "eval_quick" if args.quick else "eval"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in (*TASKS, "profiles", "ether_quality")]
+    unknown = [t for t in tasks if t not in (*TASKS, "profiles", "ether_quality", "ether_init")]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles, ether_quality")
+        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles, ether_quality, ether_init")
     if args.shard and tasks != ["ether_quality"]:
         parser.error("--shard splits the ether_quality study only: pass --tasks ether_quality")
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.evaluate", *(argv if argv is not None else sys.argv[1:])])
+    if "ether_init" in tasks:
+        tasks.remove("ether_init")
+        task_ether_init(SMOKE if args.smoke else FULL, args.seed, args.out, args.smoke, command)
+        if not tasks:
+            return {}
     if "ether_quality" in tasks:
         tasks.remove("ether_quality")
         grid = QUALITY_SMOKE if args.smoke else QUALITY_FULL
