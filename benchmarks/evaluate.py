@@ -827,7 +827,8 @@ def render_quality_plot(res: dict, path: Path) -> list[str]:
                 style = "-o" if n in (None, res["meta"]["grid"]["default_blocks"]) else "s"
                 ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=label, alpha=1 if style == "-o" else 0.6)
         ax.set(xscale="log", yscale="log", xlabel="learning rate", title=f"targets: {t}")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("held-out answer perplexity (log)")
     fig.suptitle(f"SmolLM2-135M instruct, {res['meta']['budget']['lm_steps']} steps")
     _save(fig, path)
