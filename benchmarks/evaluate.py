@@ -454,7 +454,7 @@ class QualityGrid:
     block_counts: tuple = (4, 8)  # tried at each ETHER variant's best lr; 32 (the default) is in phase 1
     default_blocks: int = 32
     targets: tuple = ("q,v", "all-linear")
-    extend_edge: bool = True  # a best lr at the top of the sweep adds one step past it (x ~3.3)
+    extend_edge: bool = True  # a best lr at an end of a sweep adds one step past that end (x or / ~3.3)
 
 
 QUALITY_FULL = QualityGrid()
@@ -484,10 +484,26 @@ class QualityRun:
 ETHER_VARIANTS = ("ETHER+", "ETHER")  # ETHER+ first: the issue's goal is about it
 
 
-def _next_lr(lr: float) -> float:
-    """The next point of a 1-3-10 sweep: 1e-2 -> 3e-2 -> 1e-1."""
+def _next_lr(lr: float, down: bool = False) -> float:
+    """The next point of a 1-3-10 sweep: 1e-2 -> 3e-2 -> 1e-1 (``down``: 1e-2 -> 3e-3 -> 1e-3)."""
     mantissa = lr / 10 ** math.floor(math.log10(lr) + 1e-9)
-    return float(f"{lr * (3 if mantissa < 2 else 10 / 3):.3g}")
+    step = 3 if (mantissa < 2) != down else 10 / 3
+    return float(f"{lr / step if down else lr * step:.3g}")
+
+
+def _extend_sweep(sweep: list[QualityRun], done: dict) -> QualityRun | None:
+    """While the best finished run of `sweep` sits at an end of its lr range, the sweep grows one step past that end.
+    Returns the next such run still to make (None once the best is inside the range); `sweep` gets the runs made."""
+    while (best := _best([done[r.key] for r in sweep if r.key in done])) is not None:
+        lrs = sorted(r.lr for r in sweep)
+        if best["lr"] not in (lrs[0], lrs[-1]) or len(lrs) == 1:
+            return None
+        edge = sweep[0]
+        nxt = QualityRun(edge.method, edge.targets, _next_lr(best["lr"], down=best["lr"] == lrs[0]), edge.n_blocks)
+        sweep.append(nxt)
+        if nxt.key not in done:
+            return nxt
+    return None
 
 
 def _best(rows: list[dict]) -> dict | None:
@@ -499,9 +515,9 @@ def quality_pending(grid: QualityGrid, done: dict) -> list[QualityRun]:
     """The runs still to make, most important first, given the rows `done` (keyed by `QualityRun.key`).
 
     Phase 1: LoRA r=8 and both ETHER variants at the default block count over their lr grids, on every target set.
-    Phase 2, per ETHER variant and target set once its phase-1 runs are all done: one lr step past the top of the
-    sweep if the best lr is there (repeated while the best stays at the edge), then the other block counts at the
-    best lr. A failed run counts as done (its row records the error) so nothing is retried forever.
+    Phase 2, per method and target set once its phase-1 runs are all done: one lr step past the end of the sweep
+    where the best lr sits at an end (repeated while it stays there), then, for the ETHER variants, the other block
+    counts at the best lr. A failed run counts as done (its row records the error) so nothing is retried forever.
     """
     order = [QualityRun("LoRA r=8", t, grid.lora_lrs[0]) for t in grid.targets]
     # The middle of the grid first (the likely best points finish before the edges), target sets interleaved, so an
@@ -510,20 +526,19 @@ def quality_pending(grid: QualityGrid, done: dict) -> list[QualityRun]:
     for variant in ETHER_VARIANTS:
         order += [QualityRun(variant, t, lr, grid.default_blocks) for lr in lrs for t in grid.targets]
     order += [QualityRun("LoRA r=8", t, lr) for t in grid.targets for lr in grid.lora_lrs[1:]]
+    for t in grid.targets:
+        sweep = [QualityRun("LoRA r=8", t, lr) for lr in grid.lora_lrs]
+        if grid.extend_edge and all(r.key in done for r in sweep) and (edge := _extend_sweep(sweep, done)):
+            order.append(edge)
     for variant in ETHER_VARIANTS:
         for t in grid.targets:
             sweep = [QualityRun(variant, t, lr, grid.default_blocks) for lr in grid.ether_lrs]
             if any(r.key not in done for r in sweep):
                 continue
-            if grid.extend_edge:
-                while (best := _best([done[r.key] for r in sweep])) is not None and best["lr"] == sweep[-1].lr:
-                    sweep.append(QualityRun(variant, t, _next_lr(sweep[-1].lr), grid.default_blocks))
-                    if sweep[-1].key not in done:
-                        break
-                if sweep[-1].key not in done:
-                    order.append(sweep[-1])  # the edge point first, then the block counts at the final best lr
-                    continue
-            best = _best([done[r.key] for r in sweep])
+            if grid.extend_edge and (edge := _extend_sweep(sweep, done)):
+                order.append(edge)  # the edge point first, then the block counts at the final best lr
+                continue
+            best = _best([done[r.key] for r in sweep if r.key in done])
             if best is not None:
                 order += [QualityRun(variant, t, best["lr"], n) for n in grid.block_counts]
     return [r for r in order if r.key not in done]
