@@ -62,6 +62,20 @@ def test_a_winning_edge_extends_the_sweep_before_the_block_counts():
     assert "ETHER+ q,v lr=0.3 n_blocks=32" in keys and not any("n_blocks=4" in k for k in keys)
 
 
+def test_a_winning_bottom_extends_the_sweep_downwards_for_lora_too():
+    rows = _sweep("ETHER+", {3e-3: 20.0, 1e-2: 25.0, 3e-2: 30.0})
+    lora = _row(QualityRun("LoRA r=8", "q,v", 1e-3), 16.0)
+    keys = [r.key for r in quality_pending(GRID, _done(*rows, lora))]
+    assert "ETHER+ q,v lr=0.001 n_blocks=32" in keys and not any("n_blocks=4" in k for k in keys)
+    assert "LoRA r=8 q,v lr=0.0003" not in keys  # a one-point sweep has no end to extend
+    grid = QualityGrid(lora_lrs=(1e-3, 3e-3), ether_lrs=GRID.ether_lrs, block_counts=(4,), targets=("q,v",))
+    lora2 = _row(QualityRun("LoRA r=8", "q,v", 3e-3), 18.0)
+    keys = [r.key for r in quality_pending(grid, _done(*rows, lora, lora2))]
+    assert "LoRA r=8 q,v lr=0.0003" in keys
+    inside = _row(QualityRun("LoRA r=8", "q,v", 3e-4), 17.0)
+    assert not any(k.startswith("LoRA") for k in (r.key for r in quality_pending(grid, _done(lora, lora2, inside))))
+
+
 def test_a_failed_run_is_done_and_never_the_best():
     rows = _sweep("ETHER+", {3e-3: 30.0, 1e-2: 25.0, 3e-2: None})
     keys = [r.key for r in quality_pending(GRID, _done(*rows))]
@@ -72,6 +86,7 @@ def test_a_failed_run_is_done_and_never_the_best():
 @pytest.mark.parametrize(("lr", "expected"), [(1e-3, 3e-3), (3e-3, 1e-2), (1e-2, 3e-2), (3e-2, 0.1), (0.1, 0.3)])
 def test_next_lr_walks_a_one_three_ten_grid(lr, expected):
     assert evaluate._next_lr(lr) == pytest.approx(expected)
+    assert evaluate._next_lr(expected, down=True) == pytest.approx(lr)
 
 
 def test_summary_compares_each_method_with_the_best_lora_on_the_same_targets():
