@@ -676,6 +676,7 @@ def run_quality_study(budget, grid, seed, out: Path, smoke: bool, jobs: int, com
             raise SystemExit("an ether_quality worker failed; see its output above (finished runs are kept)")
     with _quality_lock(path):
         res = _quality_read(path, meta)
+        res["meta"]["command"] = command  # the study's command, not a worker's (each row keeps its own)
         _quality_write(res, path)
     return res
 
