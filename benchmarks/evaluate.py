@@ -27,6 +27,7 @@ Outputs: ``<out>/<prefix>.json`` (every number), ``<prefix>.md`` (tables generat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -326,16 +327,22 @@ def interleaved_throughput(runs: dict[str, Callable[[], float]], tokens: int, re
     return {name: tokens / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def task_instruct(budget: Budget, seed: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = data.smollm2_path()
-    tok = AutoTokenizer.from_pretrained(path)
+def instruct_pairs(budget: Budget, seed: int):
+    """chatterbot topics, all training pairs, and `lm_eval` held-out pairs drawn with `seed` (the instruct split)."""
     topics = data.chatterbot(seed=seed)
     train = [pa for t in sorted(topics) for pa in topics[t]["train"]]
     test = [pa for t in sorted(topics) for pa in topics[t]["test"]]
     g = torch.Generator().manual_seed(seed)
     test = [test[i] for i in torch.randperm(len(test), generator=g)[: budget.lm_eval].tolist()]
+    return topics, train, test
+
+
+def task_instruct(budget: Budget, seed: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = data.smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    topics, train, test = instruct_pairs(budget, seed)
     train_t, test_t = encode_chat(tok, train, budget.lm_len), encode_chat(tok, test, budget.lm_len)
     gen_pairs = list({p: (p, a) for p, a in test}.values())[: budget.generations]  # distinct prompts
     gen_prompts = [p for p, _ in gen_pairs]
@@ -428,6 +435,562 @@ def _multi_tenant(base, model, method, tok, prompts, tenants, tenant_of_row, bud
             entry["mixed_error"] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
     entry.update(interleaved_throughput(runs, len(prompts) * budget.decode_tokens))
     return entry
+
+
+# ------------------------------------------------------------------------------ study: ETHER quality (issue 18)
+# `--tasks ether_quality`: ETHER and ETHER+ against LoRA r=8 on the instruct task (same data, steps, batch order and
+# seed as `instruct`), over learning rates, target sets and block counts. Every run is one row of
+# `<out>/ether_quality.json`, written as soon as it finishes, so an interrupted study resumes where it stopped and
+# several processes (`--jobs`) share one file.
+QUALITY_TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+
+
+@dataclass(frozen=True)
+class QualityGrid:
+    """What the study runs. Phase 1 is fixed; phase 2 follows from phase 1's results (see `quality_pending`)."""
+
+    lora_lrs: tuple = (1e-3, 3e-3)
+    ether_lrs: tuple = (1e-3, 3e-3, 1e-2, 3e-2)
+    block_counts: tuple = (4, 8)  # tried at each ETHER variant's best lr; 32 (the default) is in phase 1
+    default_blocks: int = 32
+    targets: tuple = ("q,v", "all-linear")
+    extend_edge: bool = True  # a best lr at an end of a sweep adds one step past that end (x or / ~3.3)
+
+
+QUALITY_FULL = QualityGrid()
+QUALITY_SMOKE = QualityGrid(lora_lrs=(1e-3,), ether_lrs=(1e-2, 3e-2), block_counts=(4,), targets=("q,v",))
+
+
+@dataclass(frozen=True)
+class QualityRun:
+    method: str  # "LoRA r=8" | "ETHER" | "ETHER+"
+    targets: str  # a key of QUALITY_TARGETS
+    lr: float
+    n_blocks: int | None = None  # ETHER variants only
+
+    @property
+    def key(self) -> str:
+        blocks = "" if self.n_blocks is None else f" n_blocks={self.n_blocks}"
+        return f"{self.method} {self.targets} lr={self.lr:g}{blocks}"
+
+    def config(self):
+        t, modules = "CAUSAL_LM", QUALITY_TARGETS[self.targets]
+        if self.method == "LoRA r=8":
+            return LoraConfig(task_type=t, r=8, lora_alpha=16, target_modules=modules)
+        variant = {"ETHER": "ether", "ETHER+": "ether_plus"}[self.method]
+        return xpeft.EtherConfig(task_type=t, target_modules=modules, variant=variant, n_blocks=self.n_blocks)
+
+
+ETHER_VARIANTS = ("ETHER+", "ETHER")  # ETHER+ first: the issue's goal is about it
+
+
+def _next_lr(lr: float, down: bool = False) -> float:
+    """The next point of a 1-3-10 sweep: 1e-2 -> 3e-2 -> 1e-1 (``down``: 1e-2 -> 3e-3 -> 1e-3)."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr) + 1e-9)
+    step = 3 if (mantissa < 2) != down else 10 / 3
+    return float(f"{lr / step if down else lr * step:.3g}")
+
+
+def _extend_sweep(sweep: list[QualityRun], done: dict) -> QualityRun | None:
+    """While the best finished run of `sweep` sits at an end of its lr range, the sweep grows one step past that end.
+    Returns the next such run still to make (None once the best is inside the range); `sweep` gets the runs made."""
+    while (best := _best([done[r.key] for r in sweep if r.key in done])) is not None:
+        lrs = sorted(r.lr for r in sweep)
+        if best["lr"] not in (lrs[0], lrs[-1]) or len(lrs) == 1:
+            return None
+        edge = sweep[0]
+        nxt = QualityRun(edge.method, edge.targets, _next_lr(best["lr"], down=best["lr"] == lrs[0]), edge.n_blocks)
+        sweep.append(nxt)
+        if nxt.key not in done:
+            return nxt
+    return None
+
+
+def _best(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if math.isfinite(r.get("answer_loss", math.nan))]
+    return min(done, key=lambda r: r["answer_loss"]) if done else None
+
+
+def quality_pending(grid: QualityGrid, done: dict) -> list[QualityRun]:
+    """The runs still to make, most important first, given the rows `done` (keyed by `QualityRun.key`).
+
+    Phase 1: LoRA r=8 and both ETHER variants at the default block count over their lr grids, on every target set.
+    Phase 2, per method and target set once its phase-1 runs are all done: one lr step past the end of the sweep
+    where the best lr sits at an end (repeated while it stays there), then, for the ETHER variants, the other block
+    counts at the best lr. A failed run counts as done (its row records the error) so nothing is retried forever.
+    """
+    order = [QualityRun("LoRA r=8", t, grid.lora_lrs[0]) for t in grid.targets]
+    # The middle of the grid first (the likely best points finish before the edges), target sets interleaved, so an
+    # unfinished study still compares every target set.
+    lrs = sorted(grid.ether_lrs, key=lambda lr: (abs(math.log10(lr) + 2), -lr))
+    for variant in ETHER_VARIANTS:
+        order += [QualityRun(variant, t, lr, grid.default_blocks) for lr in lrs for t in grid.targets]
+    order += [QualityRun("LoRA r=8", t, lr) for t in grid.targets for lr in grid.lora_lrs[1:]]
+    for t in grid.targets:
+        sweep = [QualityRun("LoRA r=8", t, lr) for lr in grid.lora_lrs]
+        if grid.extend_edge and all(r.key in done for r in sweep) and (edge := _extend_sweep(sweep, done)):
+            order.append(edge)
+    for variant in ETHER_VARIANTS:
+        for t in grid.targets:
+            sweep = [QualityRun(variant, t, lr, grid.default_blocks) for lr in grid.ether_lrs]
+            if any(r.key not in done for r in sweep):
+                continue
+            if grid.extend_edge and (edge := _extend_sweep(sweep, done)):
+                order.append(edge)  # the edge point first, then the block counts at the final best lr
+                continue
+            best = _best([done[r.key] for r in sweep if r.key in done])
+            if best is not None:
+                order += [QualityRun(variant, t, best["lr"], n) for n in grid.block_counts]
+    return [r for r in order if r.key not in done]
+
+
+class _InstructSetup:
+    """What every run of the study shares: the tokenized instruct split and a seeded model loader."""
+
+    def __init__(self, budget: Budget, seed: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path, self.seed = data.smollm2_path(), seed
+        self._model_class = AutoModelForCausalLM
+        tok = AutoTokenizer.from_pretrained(self.path)
+        _, train, test = instruct_pairs(budget, seed)
+        self.train_t, self.test_t = encode_chat(tok, train, budget.lm_len), encode_chat(tok, test, budget.lm_len)
+        self.data = {"train_pairs": len(train), "test_pairs": len(test), "max_len": budget.lm_len}
+
+    def load(self):
+        torch.manual_seed(self.seed)  # the same initial ETHER vectors / LoRA A for every lr of a setting
+        return self._model_class.from_pretrained(self.path, dtype=torch.float32)
+
+
+def run_quality_point(run: QualityRun, setup: _InstructSetup, budget: Budget) -> dict:
+    """Train one setting; the held-out answer loss before training (how far the adapter's init moves the model)
+    and after."""
+    row = {"key": run.key, **asdict(run)}
+    start, load = time.perf_counter(), list(os.getloadavg())
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        model = get_peft_model(setup.load(), run.config())
+        row["trainable_params"] = sum(p.numel() for p in trainable(model))
+        if run.method == "ETHER":  # LoRA (B = 0) and ETHER+ (v = -u) start at the base model exactly
+            row["initial_answer_loss"] = answer_loss(model, setup.test_t)["answer_loss"]
+        desc = f"ether_quality {run.key}"
+        row.update(train_loop(model, setup.train_t, budget.lm_steps, budget.lm_batch, run.lr, setup.seed, desc))
+        row.update(answer_loss(model, setup.test_t))
+        row["diverged"] = not math.isfinite(row["answer_loss"])
+    except Exception as err:  # a setting that fails is a result to report, not a reason to lose the study
+        row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    row["run"] = {
+        "started_utc": started,
+        "seconds": time.perf_counter() - start,
+        "load_average_start": load,
+        "load_average_end": list(os.getloadavg()),
+        "torch_threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
+    return row
+
+
+def _quality_lock(path: Path):
+    from filelock import FileLock
+
+    # The lock lives in the temp folder, not beside the results (nothing to clean up or commit by mistake).
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"xpeft-ether-quality-{name}.lock"))
+
+
+def _quality_file(out: Path, smoke: bool) -> Path:
+    return out / ("ether_quality_smoke.json" if smoke else "ether_quality.json")
+
+
+def _quality_read(path: Path, meta: dict) -> dict:
+    """The study's results so far; a file made with another budget or seed is refused (its rows would not compare)."""
+    if not path.is_file():
+        return {"meta": meta, "runs": {}}
+    res = json.loads(path.read_text())
+    if not res.get("runs"):  # a file that holds only the `ether_init` section so far
+        return {**res, "meta": meta, "runs": {}}
+    settings = ("budget", "seed", "grid")
+    if {k: res["meta"].get(k) for k in settings} != json.loads(json.dumps({k: meta[k] for k in settings})):
+        raise SystemExit(
+            f"{path} holds runs made with another budget, seed or grid; move it away (or pass another --out) to start "
+            "a new study."
+        )
+    return res
+
+
+def _quality_meta(budget: Budget, grid: QualityGrid, seed: int, command: str) -> dict:
+    return {
+        "command": command,
+        "seed": seed,
+        "budget": {k: getattr(budget, k) for k in ("lm_steps", "lm_batch", "lm_len", "lm_eval")},
+        "grid": asdict(grid),
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)",
+        "machine": machine_info(),
+    }
+
+
+def task_ether_quality(budget, grid, seed, out: Path, smoke: bool, command: str, shard=(0, 1)) -> dict:
+    """Run this process's share (`shard` = (k, n): every n-th pending run from the k-th) of the pending runs."""
+    path, meta = _quality_file(out, smoke), _quality_meta(budget, grid, seed, command)
+    with _quality_lock(path):
+        res = _quality_read(path, meta)
+    todo = quality_pending(grid, res["runs"])[shard[0] :: shard[1]]
+    if not todo:
+        return res
+    setup = _InstructSetup(budget, seed)
+    for run in tqdm(todo, desc=f"ether_quality {shard[0] + 1}/{shard[1]}"):
+        row = run_quality_point(run, setup, budget)
+        row["run"]["git_commit"] = meta["machine"]["git_commit"]
+        row["run"]["command"] = command
+        with _quality_lock(path):  # read again: other processes write their rows into the same file
+            res = _quality_read(path, meta)
+            res["runs"][run.key] = row
+            res["meta"]["data"] = setup.data
+            _quality_write(res, path)
+        print(f"[ether_quality] {run.key}: " + (row.get("error") or f"ppl {row['answer_ppl']:.2f}"), flush=True)
+    return res
+
+
+def run_quality_study(budget, grid, seed, out: Path, smoke: bool, jobs: int, command: str, threads) -> dict:
+    """Rounds of `jobs` worker processes until nothing is pending (phase 2 runs appear as phase 1 completes)."""
+    path, meta = _quality_file(out, smoke), _quality_meta(budget, grid, seed, command)
+    previous = None
+    while True:
+        with _quality_lock(path):
+            res = _quality_read(path, meta)
+        pending = [r.key for r in quality_pending(grid, res["runs"])]
+        if not pending or pending == previous:
+            break
+        previous = pending
+        if jobs <= 1:
+            task_ether_quality(budget, grid, seed, out, smoke, command)
+            continue
+        n = min(jobs, len(pending))
+        cmd = [sys.executable, "-m", "benchmarks.evaluate", "--tasks", "ether_quality", "--seed", str(seed)]
+        cmd += ["--out", str(out), "--threads", str(threads or 1)] + (["--smoke"] if smoke else [])
+        children = [
+            subprocess.Popen(cmd + ["--shard", f"{k}/{n}"], cwd=Path(__file__).resolve().parent.parent)
+            for k in range(n)
+        ]
+        if any(child.wait() != 0 for child in children):
+            raise SystemExit("an ether_quality worker failed; see its output above (finished runs are kept)")
+    with _quality_lock(path):
+        res = _quality_read(path, meta)
+        res["meta"]["command"] = command  # the study's command, not a worker's (each row keeps its own)
+        _quality_write(res, path)
+    return res
+
+
+def _quality_write(res: dict, path: Path) -> None:
+    res["meta"]["plots"] = render_quality_plot(res, path.with_suffix(".png"))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(path)  # a reader never sees half a file
+    path.with_suffix(".md").write_text(render_quality_markdown(res))
+
+
+def quality_summary(runs: dict) -> list[dict]:
+    """Per method and target set: the best run and its perplexity against the best LoRA r=8 on the same targets."""
+    rows = [r for r in runs.values() if "answer_loss" in r and math.isfinite(r["answer_loss"])]
+    out = []
+    for t in QUALITY_TARGETS:
+        lora = _best([r for r in rows if r["method"] == "LoRA r=8" and r["targets"] == t])
+        for method in ("LoRA r=8", *ETHER_VARIANTS):
+            best = _best([r for r in rows if r["method"] == method and r["targets"] == t])
+            if best is None:
+                continue
+            entry = {"method": method, "targets": t, "best": best["key"], "answer_ppl": best["answer_ppl"]}
+            if lora is not None:
+                entry["lora_ppl"] = lora["answer_ppl"]
+                entry["ratio_to_lora"] = best["answer_ppl"] / lora["answer_ppl"]
+                entry["within_10_percent"] = entry["ratio_to_lora"] <= 1.10
+            out.append(entry)
+    return out
+
+
+def render_quality_markdown(res: dict) -> str:
+    if not res.get("runs"):
+        return "# ETHER quality at the settings users pick\n" + "\n".join(render_init_markdown(res.get("init"))) + "\n"
+    meta, b = res["meta"], res["meta"]["budget"]
+    d = meta.get("data", {})
+    out = [
+        "# ETHER quality at the settings users pick (instruction tuning)",
+        "",
+        f"{meta['model']}, chatterbot {d.get('train_pairs', '?')} train / {d.get('test_pairs', '?')} held-out pairs, "
+        f"{b['lm_steps']} steps × batch {b['lm_batch']}, {b['lm_len']} tokens, loss on answers only; the same batch "
+        f"order and seed (`{meta['seed']}`) for every run. Every number is in `ether_quality.json`; "
+        f"generated by `{meta['command']}`.",
+        "",
+        "Best per method and target set (perplexity of the held-out answers; ratio to the best LoRA r=8 on the same "
+        "targets; the issue's goal is ETHER+ ≤ 1.10):",
+        "",
+        "| method | targets | best setting | perplexity | / LoRA r=8 |",
+        "|---|---|---|---|---|",
+    ]
+    for s in quality_summary(res["runs"]):
+        ratio = f"{s['ratio_to_lora']:.2f}" if "ratio_to_lora" in s else "–"
+        out.append(f"| {s['method']} | {s['targets']} | {s['best']} | {s['answer_ppl']:.2f} | {ratio} |")
+    out += [
+        "",
+        "Every run (initial = held-out answer loss of the adapted model before training, measured for plain ETHER "
+        "only: LoRA and ETHER+ start at the base model):",
+        "",
+        "| method | targets | lr | n_blocks | initial loss | held-out loss | perplexity | trainable params | train s | "
+        "load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {m: i for i, m in enumerate(("LoRA r=8", *ETHER_VARIANTS))}
+    rows = sorted(
+        res["runs"].values(),
+        key=lambda r: (list(QUALITY_TARGETS).index(r["targets"]), order[r["method"]], r["n_blocks"] or 0, r["lr"]),
+    )
+    for r in rows:
+        blocks = "–" if r["n_blocks"] is None else str(r["n_blocks"])
+        if "error" in r:
+            out.append(f"| {r['method']} | {r['targets']} | {r['lr']:g} | {blocks} | failed: {r['error']} ||||||")
+            continue
+        out.append(
+            f"| {r['method']} | {r['targets']} | {r['lr']:g} | {blocks} | {_num(r.get('initial_answer_loss'))} | "
+            f"{r['answer_loss']:.3f} | {r['answer_ppl']:.2f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
+            f"{r['run']['load_average_start'][0]:.1f} |"
+        )
+    if meta.get("plots"):
+        out += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in meta["plots"])]
+    out += render_init_markdown(res.get("init"))
+    return "\n".join(out) + "\n"
+
+
+def _num(x, fmt=".3f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def render_init_markdown(init: dict | None) -> list[str]:
+    if not init:
+        return []
+    s, i = init["spam"], init["instruct"]
+    out = [
+        "",
+        "## Why plain ETHER starts far from the base model",
+        "",
+        "ETHER+ starts at the identity (v = -u). Plain ETHER's H = I - 2uu^T reflects one random direction in each of "
+        "the n blocks, so each adapted layer's input moves by about 2·sqrt(n/d) of its norm (isotropic input) before "
+        "any training. Relative output change ||f(x) - Wx|| / ||Wx|| of every adapted layer at init, on the layer's "
+        f"own input (`{init['command']}`, commit `{init['git_commit'][:10]}`):",
+        "",
+        f"Spam ({s['model']}, targets {', '.join(s['targets'])}, d = {s['d']}, {s['probe_mails']} training mails; "
+        "[CLS] = the final hidden state the head reads; loss with the task's seeded random head):",
+        "",
+        "| variant | n_blocks | per-layer change mean (min–max) | 2·sqrt(n/d) (0: identity) | [CLS] change | "
+        "initial loss (base) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in s["rows"]:
+        out.append(
+            f"| {r['variant']} | {r['n_blocks']} | {r['mean_relative_change']:.3f} ({r['min_relative_change']:.3f}–"
+            f"{r['max_relative_change']:.3f}) | {r['predicted_isotropic']:.3f} | {r['cls_relative_change']:.3f} | "
+            f"{r['initial_loss']:.3f} ({r['base_loss']:.3f}) |"
+        )
+    out += [
+        "",
+        f"Instruct ({i['model']}, plain ETHER, d = {i['d']} (1536 into down_proj); answer loss of the "
+        f"{i['probe_pairs']} probe pairs at init, base model in brackets):",
+        "",
+        "| targets | n_blocks | per-layer change mean (min–max) | mean 2·sqrt(n/d) | initial answer loss (base) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in i["rows"]:
+        out.append(
+            f"| {r['targets']} | {r['n_blocks']} | {r['mean_relative_change']:.3f} ({r['min_relative_change']:.3f}–"
+            f"{r['max_relative_change']:.3f}) | {r['predicted_isotropic']:.3f} | {r['initial_answer_loss']:.3f} "
+            f"({r['base_answer_loss']:.3f}) |"
+        )
+    if s.get("runs"):
+        out += [
+            "",
+            "Spam runs that test it (100 steps × batch 16, the spam task's budget; eval.json's lr sweep has "
+            "n_blocks = 32):",
+            "",
+            "| variant | n_blocks | lr | test acc | test F1 | first loss | final loss (last 10) | train s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in s["runs"]:
+            out.append(
+                f"| {r['variant']} | {r['n_blocks']} | {r['lr']:g} | {r['accuracy']:.4f} | {r['f1']:.4f} | "
+                f"{r['first_losses'][0]:.3f} | {r['final_loss']:.3f} | {r['train_seconds']:.0f} |"
+            )
+    return out
+
+
+def render_quality_plot(res: dict, path: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    runs = [r for r in res["runs"].values() if "answer_ppl" in r and math.isfinite(r["answer_ppl"])]
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, len(QUALITY_TARGETS), figsize=(11, 4), sharey=True)
+    for ax, t in zip(axes, QUALITY_TARGETS, strict=True):
+        for i, method in enumerate(("LoRA r=8", *ETHER_VARIANTS)):
+            sel = [r for r in runs if r["method"] == method and r["targets"] == t]
+            blocks = sorted({r["n_blocks"] for r in sel}, key=lambda n: -1 if n is None else n)
+            for n in blocks:
+                pts = sorted((r["lr"], r["answer_ppl"]) for r in sel if r["n_blocks"] == n)
+                label = method if n is None else f"{method} n_blocks={n}"
+                style = "-o" if n in (None, res["meta"]["grid"]["default_blocks"]) else "s"
+                ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=label, alpha=1 if style == "-o" else 0.6)
+        ax.set(xscale="log", yscale="log", xlabel="learning rate", title=f"targets: {t}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out answer perplexity (log)")
+    fig.suptitle(f"SmolLM2-135M instruct, {res['meta']['budget']['lm_steps']} steps")
+    _save(fig, path)
+    return [path.name]
+
+
+# -------------------------------------------------- study: why plain ETHER starts far from the base model (issue 18)
+# `--tasks ether_init`: ETHER+ starts at the identity (v = -u); plain ETHER cannot (H = I - 2uu^T with a random u
+# reflects one direction per block). For a block of k = d/n features and an input x spread evenly over directions,
+# E||x - Hx||^2 = 4 E(u.x)^2 = 4 ||x_b||^2 / k, summed over the n blocks: 4 n ||x||^2 / d, so every adapted layer's
+# input moves by about 2 sqrt(n / d) of its norm, whatever the lr. Measured here per layer, end to end and in the
+# initial loss, against n_blocks; written into the `init` section of ether_quality.json.
+INIT_BLOCKS = {"spam": (1, 4, 8, 16, 32, 64), "instruct": (1, 4, 8, 32)}
+INIT_SMOKE_BLOCKS = {"spam": (1, 32), "instruct": (32,)}
+# 100-step spam runs that test the explanation (the lr sweep of eval.json has n_blocks=32 at 1e-4 .. 1e-1).
+INIT_SPAM_RUNS = (("ether", 1, 1e-3),)
+
+
+def layer_output_change(model, inputs: dict, mask: torch.Tensor) -> list[dict]:
+    """Per adapted layer, ||f_adapted(x) - W x|| / ||W x|| over the real tokens of one forward (x = the layer's own
+    input in the adapted model; bias excluded from both)."""
+    from xpeft.ether.layer import EtherLayer
+
+    found, hooks = [], []
+
+    def hook(name):
+        def fn(module, args, output):
+            base = module.get_base_layer()
+            x, keep = args[0], mask.bool()
+            plain = torch.nn.functional.linear(x, base.weight)
+            shift = output - (plain if base.bias is None else plain + base.bias)
+            change = float(shift[keep].norm() / plain[keep].norm())
+            found.append({"layer": name, "in_features": x.shape[-1], "relative_change": change})
+
+        return fn
+
+    for name, module in model.named_modules():
+        if isinstance(module, EtherLayer):
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _summary(changes: list[dict], n: int, variant: str) -> dict:
+    vals = [c["relative_change"] for c in changes]
+    predicted = [2 * math.sqrt(n / c["in_features"]) if variant == "ether" else 0.0 for c in changes]
+    return {
+        "n_blocks": n,
+        "layers": len(vals),
+        "mean_relative_change": sum(vals) / len(vals),
+        "min_relative_change": min(vals),
+        "max_relative_change": max(vals),
+        "predicted_isotropic": sum(predicted) / len(predicted),  # 2 sqrt(n / d) per layer; 0: ETHER+ is I
+        "per_layer": changes,
+    }
+
+
+def ether_init_spam(budget: Budget, seed: int, blocks, runs) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    splits = data.spam_assassin(seed=seed)
+    tok = AutoTokenizer.from_pretrained(data.minilm_path())
+    train_t, test_t = encode_cls(tok, splits["train"], budget.cls_len), encode_cls(tok, splits["test"], budget.cls_len)
+    probe = {k: v[:64] for k, v in train_t.items()}
+    inputs = {k: probe[k] for k in ("input_ids", "attention_mask")}
+    out = {"model": "all-MiniLM-L6-v2", "targets": ["query", "value"], "d": 384, "probe_mails": 64, "rows": []}
+    for variant in ("ether", "ether_plus"):
+        for n in blocks:
+            torch.manual_seed(seed)  # the classifier head of the spam task's runs
+            model = AutoModelForSequenceClassification.from_pretrained(data.minilm_path(), num_labels=2)
+            config = xpeft.EtherConfig(
+                task_type="SEQ_CLS", target_modules=["query", "value"], variant=variant, n_blocks=n
+            )
+            model = get_peft_model(model, config)
+            model.eval()
+            row = {
+                "variant": variant,
+                **_summary(layer_output_change(model, inputs, probe["attention_mask"]), n, variant),
+            }
+            with torch.no_grad():
+                adapted = model(**inputs, labels=probe["labels"], output_hidden_states=True)
+                with model.disable_adapter():
+                    base = model(**inputs, labels=probe["labels"], output_hidden_states=True)
+            cls_a, cls_b = adapted.hidden_states[-1][:, 0], base.hidden_states[-1][:, 0]
+            row["cls_relative_change"] = float((cls_a - cls_b).norm() / cls_b.norm())
+            row["initial_loss"], row["base_loss"] = float(adapted.loss), float(base.loss)
+            out["rows"].append(row)
+    method = {"ether": "ETHER", "ether_plus": "ETHER+"}
+    out["runs"] = []
+    for variant, n, lr in runs:
+        m = xpeft_method(
+            f"{method[variant]} n_blocks={n}", lr, "EtherConfig", task_type="SEQ_CLS",
+            target_modules=["query", "value"], variant=variant, n_blocks=n,
+        )  # fmt: skip
+        row = run_spam_method(m, lr, train_t, test_t, budget, seed)
+        row.update({"variant": variant, "n_blocks": n})
+        out["runs"].append({k: v for k, v in row.items() if k != "losses"} | {"first_losses": row["losses"][:10]})
+        print(f"[ether_init] spam {m.name} lr={lr:g}: acc {row['accuracy']:.4f}", flush=True)
+    return out
+
+
+def ether_init_instruct(budget: Budget, seed: int, blocks) -> dict:
+    setup = _InstructSetup(budget, seed)
+    probe = {k: v[:16] for k, v in setup.test_t.items()}
+    inputs = {k: probe[k] for k in ("input_ids", "attention_mask")}
+    out = {"model": "SmolLM2-135M-Instruct", "d": 576, "probe_pairs": 16, "rows": []}
+    base = None
+    for targets in QUALITY_TARGETS:
+        for n in blocks:
+            run = QualityRun("ETHER", targets, 1e-3, n)
+            model = get_peft_model(setup.load(), run.config())
+            row = {"variant": "ether", "targets": targets}
+            row.update(_summary(layer_output_change(model, inputs, probe["attention_mask"]), n, "ether"))
+            row["initial_answer_loss"] = answer_loss(model, probe)["answer_loss"]
+            if base is None:
+                with model.disable_adapter():
+                    base = answer_loss(model, probe)["answer_loss"]
+            row["base_answer_loss"] = base
+            out["rows"].append(row)
+            print(
+                f"[ether_init] instruct ETHER {targets} n_blocks={n}: loss {row['initial_answer_loss']:.3f}",
+                flush=True,
+            )
+    return out
+
+
+def task_ether_init(budget: Budget, seed: int, out: Path, smoke: bool, command: str) -> dict:
+    blocks = INIT_SMOKE_BLOCKS if smoke else INIT_BLOCKS
+    runs = INIT_SPAM_RUNS[:1] if smoke else INIT_SPAM_RUNS
+    section = {"command": command, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    section["load_average_start"] = list(os.getloadavg())
+    section["spam"] = ether_init_spam(budget, seed, blocks["spam"], runs)
+    section["instruct"] = ether_init_instruct(budget, seed, blocks["instruct"])
+    section["load_average_end"] = list(os.getloadavg())
+    section["git_commit"] = machine_info()["git_commit"]
+    path = _quality_file(out, smoke)
+    with _quality_lock(path):
+        res = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "runs": {}}
+        res["init"] = section
+        _quality_write(res, path)
+    return section
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -681,7 +1244,15 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--quick", action="store_true", help="shorter budget (40 steps per classifier, 20 per LM)")
     parser.add_argument(
-        "--tasks", default="spam,instruct,profiles", help="comma-separated subset of spam,instruct,profiles"
+        "--tasks",
+        default="spam,instruct,profiles",
+        help="comma-separated subset of spam,instruct,profiles; or ether_quality: the ETHER lr / target / n_blocks "
+        "study against LoRA on the instruct task, written to <out>/ether_quality.json (resumes an unfinished one)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="K/N: run only every N-th pending ether_quality run from the K-th (--jobs uses it)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--seed", type=int, default=data.DEFAULT_SEED)
@@ -708,11 +1279,29 @@ def main(argv=None) -> dict:
     budget = SMOKE if args.smoke else QUICK if args.quick else FULL
     prefix = "eval_smoke" if args.smoke else "eval_quick" if args.quick else "eval"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in (*TASKS, "profiles")]
+    unknown = [t for t in tasks if t not in (*TASKS, "profiles", "ether_quality", "ether_init")]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles")
+        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles, ether_quality, ether_init")
+    if args.shard and tasks != ["ether_quality"]:
+        parser.error("--shard splits the ether_quality study only: pass --tasks ether_quality")
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.evaluate", *(argv if argv is not None else sys.argv[1:])])
+    if "ether_init" in tasks:
+        tasks.remove("ether_init")
+        task_ether_init(SMOKE if args.smoke else FULL, args.seed, args.out, args.smoke, command)
+        if not tasks:
+            return {}
+    if "ether_quality" in tasks:
+        tasks.remove("ether_quality")
+        grid = QUALITY_SMOKE if args.smoke else QUALITY_FULL
+        lm_budget = SMOKE if args.smoke else FULL  # the instruct budget of `eval.json`'s LoRA row, never --quick's
+        if args.shard:
+            k, n = _parse_shard(parser, args.shard)
+            task_ether_quality(lm_budget, grid, args.seed, args.out, args.smoke, command, (k, n))
+        else:
+            run_quality_study(lm_budget, grid, args.seed, args.out, args.smoke, args.jobs, command, args.threads)
+        if not tasks:
+            return {}
     res = {
         "meta": {
             "command": command,
@@ -761,6 +1350,16 @@ def main(argv=None) -> dict:
     if args.readme:
         update_readme(args.readme, res)
     return res
+
+
+def _parse_shard(parser, text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        parser.error(f"--shard {text!r} is not K/N with 0 <= K < N (e.g. --shard 0/2 and --shard 1/2)")
+    return k, n
 
 
 # Relative single-thread cost of the tasks (full budget: spam 43 min, instruct 18 min, profiles 12 min).

@@ -64,3 +64,27 @@ def test_smoke_run_writes_json_markdown_and_plots(tmp_path):
     assert "| LoRA r=8 |" in md and "SMOKE" in md
     for png in res["meta"]["plots"]:
         assert (tmp_path / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_ether_quality_study_runs_in_two_workers_and_resumes(tmp_path):
+    """The study's CLI end to end in --smoke mode: two worker processes share one results file, the phase-2 runs
+    follow from phase 1, and a second call finds nothing left to run."""
+    _assets_or_skip()
+    from benchmarks.evaluate import QUALITY_SMOKE, quality_pending
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    cmd = [sys.executable, "-m", "benchmarks.evaluate", "--tasks", "ether_quality", "--smoke", "--jobs", "2"]
+    cmd += ["--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "ether_quality_smoke.json").read_text())
+    runs = res["runs"]
+    assert quality_pending(QUALITY_SMOKE, runs) == []
+    assert {"LoRA r=8 q,v lr=0.001", "ETHER+ q,v lr=0.01 n_blocks=32", "ETHER q,v lr=0.03 n_blocks=32"} <= set(runs)
+    assert any(r["n_blocks"] == 4 for r in runs.values())  # phase 2 ran
+    assert all("error" not in r and r["answer_ppl"] > 1 for r in runs.values())
+    assert {r["run"]["pid"] for r in runs.values()} and len({r["run"]["pid"] for r in runs.values()}) >= 2
+    assert "| ETHER+ | q,v | 0.01 | 32 | – |" in (tmp_path / "ether_quality_smoke.md").read_text()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads((tmp_path / "ether_quality_smoke.json").read_text())["runs"] == runs
