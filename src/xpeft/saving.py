@@ -216,14 +216,14 @@ def check_full_tensor(key: str, tensor) -> None:
         raise ValueError(f"Cannot save adapter tensor {key!r}: it {problem}. {FULL_STATE_DICT_RECIPE}")
 
 
-def _adapter_keys(keys, adapter_names: list[str], prefixes: tuple[str, ...]) -> list[str]:
-    """The keys among `keys` that hold a tensor of one of `adapter_names` (peft's naming: `...{prefix}X.{adapter}...`,
-    with FSDP1/checkpoint wrapper names removed)."""
-    found = []
+def _adapter_keys(keys, adapter_names: list[str], prefixes: tuple[str, ...]) -> dict[str, str]:
+    """The keys among `keys` that hold a tensor of one of `adapter_names` (peft's naming: `...{prefix}X.{adapter}...`),
+    as `{key without FSDP1/checkpoint wrapper names: key}`."""
+    found = {}
     for key in keys:
         parts = [part for part in key.split(".") if part not in _WRAPPER_NAMES]
         if any(part in adapter_names and parts[i - 1].startswith(prefixes) for i, part in enumerate(parts) if i):
-            found.append(".".join(parts))
+            found[".".join(parts)] = key
     return found
 
 
@@ -239,17 +239,18 @@ def check_saveable(model: PeftModel, adapter_names: list[str], state_dict: dict 
         if wrapper is not None:
             raise ValueError(f"Cannot save the adapters of a model {wrapper} directly. {FULL_STATE_DICT_RECIPE}")
         tensors = dict(model.named_parameters())
-        for key in _adapter_keys(tensors, adapter_names, prefixes):
+        for key in _adapter_keys(tensors, adapter_names, prefixes).values():
             check_full_tensor(key, tensors[key])
         return
-    model_keys = _adapter_keys((name for name, _ in model.named_parameters()), adapter_names, prefixes)
-    missing = sorted(set(model_keys) - set(state_dict))
+    given = _adapter_keys(state_dict, adapter_names, prefixes)
+    held = _adapter_keys((name for name, _ in model.named_parameters()), adapter_names, prefixes)
+    missing = sorted(set(held) - set(given))
     if missing:
         raise ValueError(
             f"The state_dict passed to save_pretrained lacks {len(missing)} adapter tensor(s), e.g. {missing[0]!r}: "
             f"pass the whole model's state dict, with the keys of `model.state_dict()`. {FULL_STATE_DICT_RECIPE}"
         )
-    for key in _adapter_keys(state_dict, adapter_names, prefixes):
+    for key in given.values():
         check_full_tensor(key, state_dict[key])
 
 
