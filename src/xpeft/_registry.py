@@ -4,6 +4,22 @@ peft's `register_peft_method` accepts only names that already exist in its `Peft
 own members to that enum, then registers each config/model pair. Both steps are idempotent: importing `xpeft` twice,
 or reloading a method's module, re-binds the mappings to the new classes instead of failing. A member that peft itself
 defines under one of our names is never overridden: that is a conflict the user must resolve by pinning peft.
+
+peft 0.21.2 has no documented way to add a `PeftType` member (`register_peft_method` refuses a name that is not one
+already), and the standard library has no public API to extend an Enum, so `ensure_peft_type` fills the private
+structures an Enum class body fills. Checked against CPython's Lib/enum.py:
+- 3.11 (3.11.7, the tested version, read in full): `__getitem__` reads `_member_map_`, `__iter__`/`__len__` read
+  `_member_names_`, by-value lookup (`PeftType("X")`, and so unpickling, whose `__reduce_ex__` is
+  `(cls, (value,))`) reads `_value2member_map_`, attribute access goes through the class attribute or `__getattr__`
+  on `_member_map_`; `member in PeftType` is `isinstance` plus `_member_map_`, and a plain string raises TypeError.
+- 3.10 and older (an old CPython commit read): the same four structures, the same lookups and `__reduce_ex__`.
+- 3.12 (its `__contains__`, as quoted by a backport): `value in PeftType` accepts plain values and reads
+  `_value2member_map_`.
+- 3.13 and later (CPython main read; gh-125710, labelled 3.13 and 3.14): a further list `_hashable_values_` that
+  `__contains__` reads; it is filled when present. 3.13's `_add_member_` does the setattr and `_member_map_` steps
+  done here by hand.
+Only Python 3.11 runs the tests (tests/test_registry.py checks iteration, lookup by name and value, `in` and
+pickling); 3.10, 3.12 and 3.13 are expected to work from the source reading above, not tested.
 """
 
 from __future__ import annotations
@@ -44,12 +60,15 @@ def ensure_peft_type(name: str) -> PeftType:
     member.__objclass__ = PeftType
     member._sort_order_ = len(PeftType._member_names_)
     setattr(member, _OWNER_FLAG, True)
-    # The class attribute must be set before the member map knows the name: EnumType.__setattr__ refuses to
-    # re-assign a known member.
+    # What the enum machinery does for a member defined in the class body (see the module docstring for the versions
+    # checked). The class attribute goes first: EnumType.__setattr__ refuses to re-assign a name the member map knows.
     setattr(PeftType, name, member)
     PeftType._member_map_[name] = member
     PeftType._value2member_map_[name] = member
     PeftType._member_names_.append(name)
+    hashable_values = getattr(PeftType, "_hashable_values_", None)
+    if hashable_values is not None and name not in hashable_values:
+        hashable_values.append(name)  # `value in PeftType` reads this list where it exists (gh-125710)
     return member
 
 

@@ -17,6 +17,12 @@ For a folder `parent/name`, with the names of `xpeft.serialization`, under the w
    `parent/.{name}.xpeft-old` in one step. Then each new file is renamed over its old one (configs last), stale ones
    are removed, and renaming the backup away is the commit point.
 
+Sharded models (FSDP2 `fully_shard`, FSDP1, DTensor tensor parallelism) are refused before anything is computed, and
+so is a `state_dict=` that still holds sharded, empty or missing adapter tensors: gathering a full state dict is a
+collective every rank must join, which a save on rank 0 alone cannot start (it would wait forever). The recipe, in the
+error and in examples/fsdp2_train.py: `get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+cpu_offload=True))` on every rank, then `model.save_pretrained(folder, state_dict=state)` on rank 0.
+
 Only the files the save writes are touched: whatever else is in the folder (a Trainer checkpoint's optimizer state,
 files other ranks write into it at the same time, other adapters' sub-folders, mount points) stays as it is. A crash
 before the commit point leaves `.{name}.xpeft-old`, and the next `save_pretrained`, `PeftModel.from_pretrained` or
@@ -34,7 +40,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from peft import PeftModel
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 
 from .serialization import backup_path, canonical_path, fsync_dir, fsync_file, remove_path, temp_path, write_lock
 
@@ -158,6 +166,94 @@ def save_folder(save, save_directory: str | os.PathLike) -> None:
                 remove_path(staged)
 
 
+FULL_STATE_DICT_RECIPE = (
+    "Gather a full state dict on every rank first, then save on rank 0 only: `state = torch.distributed.checkpoint."
+    "state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))` on all "
+    "ranks, then `model.save_pretrained(folder, state_dict=state)` on rank 0 (examples/fsdp2_train.py). xpeft never "
+    "gathers inside save_pretrained: a gather is a collective, and one started by rank 0 alone waits forever."
+)
+# Module names the wrappers of FSDP1 and activation checkpointing insert between a model's own module names.
+_WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def _sharding_wrapper(model: torch.nn.Module) -> str | None:
+    """How `model` is sharded across ranks (a description), or None for a model every rank holds whole."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            return "sharded with FSDP2 (`fully_shard`)"
+        if isinstance(module, FullyShardedDataParallel):
+            return "wrapped in FSDP1 (`FullyShardedDataParallel`)"
+    return None
+
+
+def _is_sharded(tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor_problem(tensor) -> str | None:
+    """Why `tensor` cannot be written as a saved adapter tensor (sharded, not a plain tensor, or empty), or None."""
+    if _is_sharded(tensor):
+        return "is a sharded DTensor"
+    if not isinstance(tensor, torch.Tensor) or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return f"is a {type(tensor).__module__}.{type(tensor).__qualname__}, not a plain tensor (a sharded state dict?)"
+    if tensor.numel() == 0:
+        return f"is empty (shape {list(tensor.shape)}), as FSDP1 leaves the parameters a rank does not hold"
+    return None
+
+
+def check_full_tensor(key: str, tensor) -> None:
+    """Refuse to save `tensor` under `key` if it is sharded or empty (see [`full_tensor_problem`])."""
+    problem = full_tensor_problem(tensor)
+    if problem is not None:
+        raise ValueError(f"Cannot save adapter tensor {key!r}: it {problem}. {FULL_STATE_DICT_RECIPE}")
+
+
+def _adapter_keys(keys, adapter_names: list[str], prefixes: tuple[str, ...]) -> dict[str, str]:
+    """The keys among `keys` that hold a tensor of one of `adapter_names` (peft's naming: `...{prefix}X.{adapter}...`),
+    as `{key without FSDP1/checkpoint wrapper names: key}`."""
+    found = {}
+    for key in keys:
+        parts = [part for part in key.split(".") if part not in _WRAPPER_NAMES]
+        if any(part in adapter_names and parts[i - 1].startswith(prefixes) for i, part in enumerate(parts) if i):
+            found[".".join(parts)] = key
+    return found
+
+
+def check_saveable(model: PeftModel, adapter_names: list[str], state_dict: dict | None) -> None:
+    """Refuse, before anything is computed or written, a save that would need a collective or write a shard.
+
+    Without `state_dict`, the model must not be sharded and its adapter tensors must be whole; with one, every adapter
+    tensor of the model must be in it, whole."""
+    types = (model.peft_config[name].peft_type for name in adapter_names)
+    prefixes = tuple(filter(None, (PEFT_TYPE_TO_PREFIX_MAPPING.get(peft_type) for peft_type in types)))
+    if state_dict is None:
+        wrapper = _sharding_wrapper(model)
+        if wrapper is not None:
+            raise ValueError(f"Cannot save the adapters of a model {wrapper} directly. {FULL_STATE_DICT_RECIPE}")
+        tensors = dict(model.named_parameters())
+        for key in _adapter_keys(tensors, adapter_names, prefixes).values():
+            check_full_tensor(key, tensors[key])
+        return
+    given = _adapter_keys(state_dict, adapter_names, prefixes)
+    held = _adapter_keys((name for name, _ in model.named_parameters()), adapter_names, prefixes)
+    missing = sorted(set(held) - set(given))
+    if missing:
+        raise ValueError(
+            f"The state_dict passed to save_pretrained lacks {len(missing)} adapter tensor(s), e.g. {missing[0]!r}: "
+            f"pass the whole model's state dict, with the keys of `model.state_dict()`. {FULL_STATE_DICT_RECIPE}"
+        )
+    for key in given.values():
+        check_full_tensor(key, state_dict[key])
+
+
 def _saves_xpeft(model: PeftModel, selected_adapters) -> bool:
     names = list(model.peft_config) if selected_adapters is None else selected_adapters
     types = [getattr(model.peft_config.get(name), "peft_type", None) for name in names]
@@ -186,6 +282,13 @@ def _wrap_save_pretrained(original):
 
         if os.path.isfile(save_directory):
             return original(*bound.args, **bound.kwargs)  # peft's own error: a file is not a folder
+        state_dict = bound.arguments["kwargs"].get("state_dict")
+        names = list(self.peft_config) if selected is None else list(selected)
+        if not bound.arguments["is_main_process"]:
+            if state_dict is not None or _sharding_wrapper(self) is not None:
+                return None  # nothing to write here, and computing the payload could start a collective
+        else:
+            check_saveable(self, names, state_dict)
         if not bound.arguments["is_main_process"]:
             # peft still creates the folders; do the rest of its work (e.g. collect the state dict) somewhere private.
             with tempfile.TemporaryDirectory() as scratch:

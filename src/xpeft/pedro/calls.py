@@ -7,6 +7,11 @@ for its decode steps (`_PEFT_CALL`); and a forward that returns a KV cache attac
 conversation interleaved, a copy of the cache, its rows reordered or repeated) reuses them. Concurrent calls in several
 threads each see their own state, and transformers' activation checkpointing recomputes each block with the state of
 its own forward.
+
+torch.compile: the functions here run per call on per-call Python objects (context variables, dicts keyed by layer,
+cache objects), which dynamo can neither trace (a `ContextVar` access is unsupported) nor guard on without
+recompiling for every new object. They are therefore excluded from compilation (`torch.compiler.disable`): each is
+one graph break, run eagerly, and the model's own tensor work between them compiles once per shape.
 """
 
 from __future__ import annotations
@@ -319,6 +324,7 @@ def _inside_own_forward(tuner: nn.Module) -> bool:
     return bool(states) and states[-1][0] is tuner
 
 
+@torch.compiler.disable
 def begin_model_call(tuner: nn.Module, arguments_of: list[str], module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook on the transformers model and on its inner base model (the decoder stack, which users also
     call directly): read the prompt boundary, decide compute or reuse, and open the forward's [`PedroForward`] in the
@@ -348,6 +354,7 @@ def begin_model_call(tuner: nn.Module, arguments_of: list[str], module: nn.Modul
     return args, kwargs
 
 
+@torch.compiler.disable
 def end_model_call(tuner: nn.Module, module: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook (also run when the forward raises an Exception): close the forward's state and keep its vectors
     with the call and with the KV cache it returned."""
@@ -362,6 +369,7 @@ def end_model_call(tuner: nn.Module, module: nn.Module, args: tuple, output: Any
         _attach_vectors(cache, forward.vectors)
 
 
+@torch.compiler.disable
 def begin_standalone_block(tuner: nn.Module, module: nn.Module, args: tuple) -> None:
     """Forward pre-hook on each adapted block: a block run outside any forward of the PEDRO model (a block called
     directly) gets a state of its own for its duration, in which the whole input is the prompt."""
@@ -371,6 +379,7 @@ def begin_standalone_block(tuner: nn.Module, module: nn.Module, args: tuple) -> 
         _open_state(tuner, module, standalone_forward())
 
 
+@torch.compiler.disable
 def end_standalone_block(module: nn.Module, args: tuple, output: Any) -> None:
     _close_state(module)
 
@@ -411,6 +420,20 @@ def _checkpoint_with_forward_state(checkpoint_func: Callable) -> Callable:
 
     checkpoint_with_forward_state.binds_pedro_state = True
     return checkpoint_with_forward_state
+
+
+@torch.compiler.disable
+def open_peft_call(tuner: nn.Module) -> tuple:
+    """Start one peft `forward`/`generate` call of `tuner` in the caller's context; returns what [`close_peft_call`]
+    needs to put the context back."""
+    return saved_context(), _PEFT_CALL.set(_PeftCall(tuner))
+
+
+@torch.compiler.disable
+def close_peft_call(opened: tuple) -> None:
+    saved, token = opened
+    _PEFT_CALL.reset(token)
+    restore_after_call(saved)
 
 
 def restore_after_call(saved: tuple) -> None:

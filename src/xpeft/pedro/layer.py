@@ -218,23 +218,31 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        scale = self._call_scale(x, adapter_names)
+        if scale is None:
+            return result  # no adapter of this call scales this projection
+        return scale_output(result, scale.to(result.dtype))
+
+    # The per-call state lives in a context variable and in dicts keyed by layer: under torch.compile this is one
+    # graph break per layer, run eagerly, instead of guards on per-call objects that would recompile every call.
+    @torch.compiler.disable
+    def _call_scale(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> torch.Tensor | None:
+        """This call's `[B, out]` scale of this projection: computed from the prompt, or reused from the forward that
+        started the KV cache (or the `generate` call); None if no adapter of the call scales it."""
         key = tuple(adapter_names) if adapter_names is not None else ("__active__", *self.active_adapters)
         forward = CURRENT_FORWARD.get()
         if forward is None:
             forward = standalone_forward()
         if forward.reused is not None:
             # Decode step or cache continuation: broadcast the vectors of the prompt's forward, no generator work.
-            scale = self._reused_scale(forward.reused, key, x)
-        else:
-            scale = self._compute_scale(forward, x, adapter_names)
-            if scale is not None:
-                scale = expand_segments(scale, self.segments, self.out_features)
-            if not forward.recomputing:
-                # Later forwards only broadcast these vectors; they are constants there, hence detached.
-                forward.vectors[self] = (key, None if scale is None else scale.detach())
-        if scale is None:
-            return result  # no adapter of this call scales this projection
-        return scale_output(result, scale.to(result.dtype))
+            return self._reused_scale(forward.reused, key, x)
+        scale = self._compute_scale(forward, x, adapter_names)
+        if scale is not None:
+            scale = expand_segments(scale, self.segments, self.out_features)
+        if not forward.recomputing:
+            # Later forwards only broadcast these vectors; they are constants there, hence detached.
+            forward.vectors[self] = (key, None if scale is None else scale.detach())
+        return scale
 
     def _compute_scale(
         self, forward: PedroForward, x: torch.Tensor, adapter_names: Sequence[str] | None

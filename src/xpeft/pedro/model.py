@@ -14,17 +14,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..tuners_utils import XpeftTuner, layer_features
 from .calls import (
-    _PEFT_CALL,
     _output_cache,  # noqa: F401  (re-exported: the tests read caches through it)
-    _PeftCall,
     begin_model_call,
     begin_standalone_block,
+    close_peft_call,
     end_model_call,
     end_standalone_block,
     labels_mark_prompt,
+    open_peft_call,
     refuse_unsupported_generate,
-    restore_after_call,
-    saved_context,
 )
 from .config import PEDRO_ROLES, PedroConfig
 from .layer import UNMERGEABLE_REASON, PedroBlock, PedroLayer
@@ -186,13 +184,11 @@ class PedroModel(XpeftTuner):
         # once (its first model forward) and every later forward of the call (generate's decode steps) reuses them.
         refuse_unsupported_generate(self.model, kwargs)
         with super()._enable_peft_forward_hooks(*args, **kwargs):
-            saved = saved_context()
-            token = _PEFT_CALL.set(_PeftCall(self))
+            opened = open_peft_call(self)
             try:
                 yield
             finally:
-                _PEFT_CALL.reset(token)
-                restore_after_call(saved)
+                close_peft_call(opened)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
         model = super()._unload_and_optionally_merge(*args, **kwargs)

@@ -234,6 +234,10 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         mask_A, mask_B = self.xpeft_mask_A._parameters[name], self.xpeft_mask_B._parameters[name]
         mask_type, k = self.xpeft_mask_type[name], self.xpeft_hard_k[name]
         bank = self.xpeft_bank.layer(self.layer_name)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the composition is part of the compiled graph (cheap, fused); the cache's lock and
+            # identity checks would each be a graph break.
+            return None, compose_adapter(bank, mask_weights(mask_A, mask_type, k), mask_weights(mask_B, mask_type, k))
         size = composed_cache_size()
         if size == 0 or (torch.is_grad_enabled() and (mask_A.requires_grad or mask_B.requires_grad)):
             with self._cache_lock:

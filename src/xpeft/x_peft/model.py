@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..loading import forget_source, loaded_from, weights_source
+from ..saving import FULL_STATE_DICT_RECIPE, check_full_tensor
 from ..serialization import read_safetensors_metadata
 from ..tuners_utils import XpeftTuner, layer_features
 from .bank import XPeftBank, check_bank_allocation, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
@@ -80,11 +81,21 @@ def _layers_holding(model: nn.Module, adapter_name: str) -> list[tuple[str, XPef
 
 def _mask_logits(model: nn.Module, adapter_name: str, state_dict: dict | None = None) -> torch.Tensor:
     rows = []
-    for name, layer in _layers_holding(model, adapter_name):
+    layers = _layers_holding(model, adapter_name)  # first: it names the available adapters for an unknown name
+    bank_size = model.peft_config[adapter_name].bank_size
+    for name, layer in layers:
         pair = []
         for attr in XPeftLayer.adapter_layer_names:
             key = f"{name}.{attr}.{adapter_name}"
-            pair.append((state_dict or {}).get(key, getattr(layer, attr)[adapter_name]).detach())
+            logits = (state_dict or {}).get(key, getattr(layer, attr)[adapter_name])
+            # Refused before any op: on a sharded tensor, stack/topk would start a gather the other ranks never join.
+            check_full_tensor(key, logits)
+            if logits.shape != (bank_size,):
+                raise ValueError(
+                    f"Cannot save X-PEFT mask {key!r}: it has shape {list(logits.shape)}, not [{bank_size}] (bank_size), "
+                    f"so it is a shard or a view of one. {FULL_STATE_DICT_RECIPE}"
+                )
+            pair.append(logits.detach())
         rows.append(torch.stack(pair))
     return torch.stack(rows)
 
