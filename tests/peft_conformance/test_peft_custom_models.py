@@ -14,7 +14,7 @@ import pytest
 import torch
 from _upstream import SdistMissing, load_custom_model_tests
 from transformers import LlamaConfig, LlamaForCausalLM
-from xpeft_cases import EXPECTED_FAILURES, TEST_CASES
+from xpeft_cases import EXPECTED_FAILURES, MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES, TEST_CASES
 
 try:
     upstream = load_custom_model_tests()
@@ -23,6 +23,7 @@ except SdistMissing as error:
 
 pytestmark = pytest.mark.peft_conformance
 GENERIC_ARGNAMES = "test_name, model_id, config_cls, config_kwargs"
+MULTI_ADAPTER_ARGNAMES = "test_name, tuner_method, config_cls, config_kwargs_1, config_kwargs_2"
 
 
 class TinyLlamaLogits(LlamaForCausalLM):
@@ -67,13 +68,13 @@ class MockTransformerWrapper(upstream.MockTransformerWrapper):
         return TinyLlamaLogits(config).to(dtype or torch.float32).eval()
 
 
-def _generic_tests(cls: type) -> dict[str, types.FunctionType]:
-    """The tests of `cls` parametrized over peft's TEST_CASES, as copies parametrized over xpeft's rows (any other
-    parametrization of the same test, e.g. over dtypes, is kept)."""
+def _reparametrized(cls: type, argnames: str, rows: list[tuple]) -> dict[str, types.FunctionType]:
+    """The tests of `cls` parametrized over `argnames` (peft's rows), as copies parametrized over xpeft's `rows`; any
+    other parametrization of the same test (e.g. over dtypes) is kept."""
     tests = {}
     for name, function in vars(cls).items():
         marks = getattr(function, "pytestmark", [])
-        generic = [m for m in marks if m.name == "parametrize" and m.args[0] == GENERIC_ARGNAMES]
+        generic = [m for m in marks if m.name == "parametrize" and m.args[0] == argnames]
         if not name.startswith("test_") or not generic:
             continue
         copy = types.FunctionType(
@@ -82,27 +83,40 @@ def _generic_tests(cls: type) -> dict[str, types.FunctionType]:
         copy.__dict__.update(function.__dict__)
         copy.__qualname__ = function.__qualname__
         others = [m for m in marks if m not in generic]
-        copy.pytestmark = [*others, pytest.mark.parametrize(GENERIC_ARGNAMES, TEST_CASES, ids=[c[0] for c in TEST_CASES]).mark]
+        copy.pytestmark = [*others, pytest.mark.parametrize(argnames, rows, ids=[row[0] for row in rows]).mark]
         tests[name] = copy
     return tests
 
 
-GENERIC_TESTS = _generic_tests(upstream.TestPeftCustomModel)
+def _not_collected(cls: type, kept: dict) -> dict[str, None]:
+    """Method-specific tests of peft's class (LoRA, DoRA, trainable tokens, ...), hidden from collection."""
+    return {name: None for name in vars(cls) if name.startswith("test_") and name not in kept}
+
+
+GENERIC_TESTS = _reparametrized(upstream.TestPeftCustomModel, GENERIC_ARGNAMES, TEST_CASES)
+MULTI_ADAPTER_TESTS = _reparametrized(
+    upstream.TestMultipleActiveAdapters, MULTI_ADAPTER_ARGNAMES, MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES
+)
 
 
 def test_expected_failures_name_existing_tests_and_rows():
     """An entry naming a test or row that does not exist (renamed upstream, or a typo) would silently expect nothing."""
-    rows = {name for name, *_ in TEST_CASES}
+    rows = {name for name, *_ in TEST_CASES + MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES}
     for expected in EXPECTED_FAILURES:
         assert expected.cases and set(expected.cases) <= rows, expected
-        assert set(expected.tests) <= set(GENERIC_TESTS), set(expected.tests) - set(GENERIC_TESTS)
+        assert set(expected.tests) <= set(GENERIC_TESTS) | set(MULTI_ADAPTER_TESTS), expected.tests
 
 
 class TestXpeftCustomModel(upstream.TestPeftCustomModel):
     transformers_class = MockTransformerWrapper
 
-    locals().update(GENERIC_TESTS)
-    # Method-specific tests of peft's class are not collected for xpeft.
-    locals().update(
-        {name: None for name in vars(upstream.TestPeftCustomModel) if name.startswith("test_") and name not in GENERIC_TESTS}
-    )
+    locals().update(GENERIC_TESTS | _not_collected(upstream.TestPeftCustomModel, GENERIC_TESTS))
+
+
+class TestXpeftMultipleActiveAdapters(upstream.TestMultipleActiveAdapters):
+    def resolve_model_cls(self, tuner_method):
+        if tuner_method == "pedro":
+            return MockTransformerWrapper.from_pretrained("TinyLlama")
+        return super().resolve_model_cls(tuner_method)
+
+    locals().update(MULTI_ADAPTER_TESTS | _not_collected(upstream.TestMultipleActiveAdapters, MULTI_ADAPTER_TESTS))

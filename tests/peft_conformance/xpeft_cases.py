@@ -68,6 +68,25 @@ TEST_CASES = [
 
 
 
+# Rows of peft's `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`: `(test name, tuner method, config class, kwargs of adapter 1,
+# kwargs of adapter 2)`, on MLP (PEDRO: TinyLlama); "Same" adapters share a layer, "Different" ones do not. Adapters are
+# random (`init_weights=False`) so that each visibly changes the output.
+def _pair(name, method, config_cls, first, second, **kwargs):
+    return (name, method, config_cls, {**first, **kwargs, "init_weights": False}, {**second, **kwargs, "init_weights": False})
+
+
+_LIN0, _LIN1 = {"target_modules": ["lin0"]}, {"target_modules": ["lin1"]}
+MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
+    _pair("ETHER Same", "ether", EtherConfig, _LIN0, _LIN0, n_blocks=1, variant="ether"),
+    _pair("ETHER Different", "ether", EtherConfig, _LIN0, _LIN1, n_blocks=1, variant="ether"),
+    _pair("ETHER+ Same", "ether", EtherConfig, _LIN0, _LIN0, n_blocks=1, variant="ether_plus"),
+    _pair("ETHER+ Different", "ether", EtherConfig, _LIN0, _LIN1, n_blocks=1, variant="ether_plus"),
+    _pair("X-PEFT Same", "x_peft", XPeftConfig, _LIN0, _LIN0, **_BANK),
+    _pair("X-PEFT Different", "x_peft", XPeftConfig, _LIN0, _LIN1, **_BANK),
+    _pair("PEDRO Same", "pedro", PedroConfig, {}, {}, vg_rank=4),
+    _pair("PEDRO Different", "pedro", PedroConfig, {"target_modules": ["q_proj"]}, {"target_modules": ["v_proj"]}, vg_rank=4),
+]
+
 @dataclass(frozen=True)
 class ExpectedFailure:
     """peft's tests `tests` on the rows named `cases` fail with an error matching the regex `error`, for `reason`.
@@ -89,7 +108,8 @@ class ExpectedFailure:
 
 def _cases(*words: str) -> tuple[str, ...]:
     """The names of the rows whose name contains all `words`."""
-    return tuple(name for name, *_ in TEST_CASES if all(word in name.split() for word in words))
+    rows = TEST_CASES + MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES
+    return tuple(name for name, *_ in rows if all(word in name.split() for word in words))
 
 
 # Every peft test that merges, or that merges and unmerges, an adapter.
@@ -107,12 +127,19 @@ MERGE_TESTS = (
     "test_forward_bfloat16",
     "test_forward_float16_no_autocast",
     "test_forward_bfloat16_no_autocast",
+    # TestMultipleActiveAdapters
+    "test_merge_layers_multi",
+    "test_multiple_active_adapters_merge_and_unmerge",
+    "test_sequential_merge_matches_batch_merge",
+    "test_unmerge_after_sequential_merge_restores_base",
 )
 # peft's merge tests use `init_weights=False` (random v for ETHER+) and unmerge afterwards.
 UNMERGE_TESTS = (
     "test_merge_layers",
     "test_delete_merged_adapter_raises_without_mutation",
     "test_delete_merged_adapter_only_rejects_the_merged_one",
+    "test_multiple_active_adapters_merge_and_unmerge",
+    "test_unmerge_after_sequential_merge_restores_base",
 )
 # Each failing test's error, then the source line that raised it (see conftest.py), is matched against `error`.
 # (test_disable_adapters compares the fresh adapter with the base model; test_disable_adapters_with_merging compares the
