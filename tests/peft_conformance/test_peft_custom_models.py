@@ -1,7 +1,8 @@
-"""peft's generic custom-model tests (`TestPeftCustomModel` in peft's `tests/test_custom_models.py`), run on xpeft.
+"""peft's generic custom-model tests (`TestPeftCustomModel` and `TestMultipleActiveAdapters` in peft's
+`tests/test_custom_models.py`), run on xpeft.
 
-Each test of peft's class that is parametrized over peft's `TEST_CASES` is re-parametrized over xpeft's rows
-(`xpeft_cases.TEST_CASES`); the test bodies are peft's own, unchanged. Tests written for one peft method (LoRA's
+Each test of peft's classes that is parametrized over peft's `TEST_CASES` (or `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`) is
+re-parametrized over xpeft's rows (same names in `xpeft_cases`); the test bodies are peft's own, unchanged. Tests written for one peft method (LoRA's
 `add_weighted_adapter`, DoRA, trainable tokens, ...) are not collected. The failures the math forces are listed,
 with their reasons, in `xpeft_cases.EXPECTED_FAILURES` and marked `xfail(strict=True)` by `conftest.py`.
 """
