@@ -7,16 +7,23 @@ batches, unknown adapter names and unmergeable methods behave the same way acros
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from threading import Lock
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -79,6 +86,23 @@ def conv_fan_in(conv: nn.Module) -> tuple[int, int]:
 def weight_as_out_in(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """View a base weight as `[out, in]` whatever its storage convention (see [`layer_features`])."""
     return weight.T if fan_in_fan_out else weight
+
+
+def in_requested_layers(config, key: str) -> bool:
+    """Whether module `key` lies in a layer that `config.layers_to_transform` (and `layers_pattern`) selects, by
+    peft's own rule (the first numbered name segment, or the one after `layers_pattern`). peft applies that rule only
+    to list targets, so `key` is checked as the list target made of its own last name segment."""
+    if "." not in key:
+        return False  # a top-level module lies in no numbered layer (and would match the probe by name)
+    probe = SimpleNamespace(
+        target_modules={key.rsplit(".", 1)[-1]},
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        exclude_modules=None,
+        modules_to_save=None,
+        target_parameters=None,
+    )
+    return bool(check_target_module_exists(probe, key))
 
 
 def adapter_index_groups(adapter_names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -203,13 +227,21 @@ class XpeftTuner(BaseTuner):
     - per-sample `adapter_names` in `forward` and `generate` (peft calls [`_enable_peft_forward_hooks`] around both),
       validated once at model level (not in training mode, no unknown names, one name per sample), repeated by
       `generate` for beams and returned sequences, and routed to tuner layers and `modules_to_save` heads;
-    - a clear refusal to merge for methods whose math does not allow it (`mergeable = False`).
+    - a clear refusal to merge for methods whose math does not allow it (`mergeable = False`);
+    - a clear refusal of LoRA's `add_weighted_adapter`, which peft would otherwise report as a missing attribute of
+      the transformers model;
+    - `layers_to_transform` applied on top of a default `target_modules` regex (peft applies it to lists only).
 
-    Subclasses set `prefix`, `tuner_layer_cls`, `target_module_mapping`, `mergeable` and `unmergeable_reason`.
+    Subclasses set `prefix`, `tuner_layer_cls`, `target_module_mapping`, `mergeable`, `unmergeable_reason` and, if
+    they have a more specific one, `weighted_adapter_reason`.
     """
 
     mergeable: bool = True
     unmergeable_reason: str = ""
+    weighted_adapter_reason: str = (
+        "its adapters are not linear in their trained tensors (normalized reflection vectors, softmax or top-k masks, a "
+        "generator network), so a weighted sum of two adapters' tensors is not a weighted mix of what they do."
+    )
 
     def available_adapter_names(self) -> set[str]:
         """Names of the adapters that exist in at least one tuner layer of the model."""
@@ -296,6 +328,41 @@ class XpeftTuner(BaseTuner):
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
+
+    def _prepare_adapter_config(self, peft_config, model_config: dict):
+        default = self.target_module_mapping.get(model_config.get("model_type"))
+        from_default_regex = peft_config.target_modules is None and isinstance(default, str)
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        if from_default_regex and peft_config.layers_to_transform is not None:
+            peft_config.target_modules = self._default_targets_in_layers(peft_config, default)
+        return peft_config
+
+    def _default_targets_in_layers(self, config, regex: str) -> set[str]:
+        """The modules a default `target_modules` regex matches, kept only in the layers `layers_to_transform` selects.
+
+        peft ignores `layers_to_transform` for a regex (its configs refuse the pair), so on models whose default
+        targets are a regex (BERT, RoBERTa, DeBERTa-v2 for X-PEFT) the filter would silently adapt every layer.
+        Resolving the regex to module names makes peft apply the filter, and the saved config reloads as a list.
+        """
+        matched = [name for name, _ in self.model.named_modules() if name and re.fullmatch(regex, name)]
+        kept = {name for name in matched if in_requested_layers(config, name)}
+        if not kept:
+            pattern = f" with `layers_pattern`={config.layers_pattern!r}" if config.layers_pattern else ""
+            raise ValueError(
+                f"`layers_to_transform`={config.layers_to_transform!r}{pattern} selects none of the {len(matched)} "
+                f"modules that the default `target_modules` ({regex!r}) matches in this model (e.g. "
+                f"{', '.join(matched[:3]) or 'none'}). Pass indices of layers the model has, counted from 0, or set "
+                "`target_modules` yourself."
+            )
+        return kept
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse peft LoRA's `add_weighted_adapter`, saying why and what to do instead."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support `add_weighted_adapter`: {self.weighted_adapter_reason} Keep the "
+            "adapters separate and route each sample to one with `adapter_names=[...]` in forward or generate (mixed "
+            "batches), or train a new adapter on the combined data."
+        )
 
     def _check_merge_allowed(self) -> None:
         if not self.mergeable:

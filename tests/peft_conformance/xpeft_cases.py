@@ -1,0 +1,210 @@
+"""xpeft's rows for peft's generic custom-model tests, and the failures the math forces.
+
+Rows have the shape of peft's `TEST_CASES` in `tests/test_custom_models.py`: `(test name, model id, config class,
+config kwargs)`. Model ids are those of peft's `MockTransformerWrapper` (MLP: `lin0` 10->20, `lin1` 20->2; Conv2d:
+`conv2d` 5->10 channels, 3x3 kernel; EmbConv1D: transformers `Conv1D` 5->1), plus `TinyLlama` (see
+`test_peft_custom_models.py`), which PEDRO needs: it adapts the query, value and FFN-up projections of a transformer
+block and pools the block input over the prompt, which none of peft's custom models have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from xpeft import EtherConfig, PedroConfig, XPeftConfig
+
+# A small random bank: the bottleneck is d / 2 features (lin0: 10, lin1: 1).
+_BANK = {"bank_size": 4, "reduction_factor": 2}
+
+TEST_CASES = [
+    # ETHER: n_blocks must divide each adapted feature axis (lin0 in=10, lin1 in=20, conv2d fan-in 5*3*3=45).
+    ("MLP 1 ETHER", "MLP", EtherConfig, {"target_modules": "lin0", "n_blocks": 1, "variant": "ether"}),
+    ("MLP 2 ETHER", "MLP", EtherConfig, {"target_modules": ["lin0", "lin1"], "n_blocks": 1, "variant": "ether"}),
+    (
+        "MLP 3 ETHER blocks",
+        "MLP",
+        EtherConfig,
+        {"target_modules": ["lin0"], "n_blocks": 5, "variant": "ether", "modules_to_save": ["lin1"]},
+    ),
+    ("Conv2d 1 ETHER", "Conv2d", EtherConfig, {"target_modules": ["conv2d"], "n_blocks": 1, "variant": "ether"}),
+    ("EmbConv1D 1 ETHER", "EmbConv1D", EtherConfig, {"target_modules": ["conv1d"], "n_blocks": 1, "variant": "ether"}),
+    # ETHER+ (both sides): the output axis must split too (lin0 out=20, lin1 out=2 -> one block).
+    ("MLP 1 ETHER+", "MLP", EtherConfig, {"target_modules": "lin0", "n_blocks": 1, "variant": "ether_plus"}),
+    (
+        "MLP 2 ETHER+",
+        "MLP",
+        EtherConfig,
+        {"target_modules": ["lin0", "lin1"], "n_blocks": 1, "variant": "ether_plus"},
+    ),
+    (
+        "MLP 3 ETHER+ blocks",
+        "MLP",
+        EtherConfig,
+        {"target_modules": ["lin0"], "n_blocks": 5, "variant": "ether_plus", "modules_to_save": ["lin1"]},
+    ),
+    ("Conv2d 1 ETHER+", "Conv2d", EtherConfig, {"target_modules": ["conv2d"], "n_blocks": 1, "variant": "ether_plus"}),
+    (
+        "MLP 1 ETHER+ one-sided",
+        "MLP",
+        EtherConfig,
+        {"target_modules": ["lin0"], "n_blocks": 2, "variant": "ether_plus_one_sided"},
+    ),
+    # X-PEFT: soft and hard masks over a random bank.
+    ("MLP 1 X-PEFT soft", "MLP", XPeftConfig, {"target_modules": "lin0", **_BANK}),
+    ("MLP 2 X-PEFT soft", "MLP", XPeftConfig, {"target_modules": ["lin0", "lin1"], **_BANK}),
+    (
+        "MLP 3 X-PEFT hard",
+        "MLP",
+        XPeftConfig,
+        {"target_modules": ["lin0"], "mask_type": "hard", "hard_k": 2, "modules_to_save": ["lin1"], **_BANK},
+    ),
+    # PEDRO: on a transformer block (see the module docstring).
+    ("TinyLlama 1 PEDRO", "TinyLlama", PedroConfig, {"vg_rank": 4}),
+    ("TinyLlama 2 PEDRO", "TinyLlama", PedroConfig, {"target_modules": ["v_proj"], "vg_rank": 4, "pooler": "mean"}),
+]
+
+
+
+# Rows of peft's `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`: `(test name, tuner method, config class, kwargs of adapter 1,
+# kwargs of adapter 2)`, on MLP (PEDRO: TinyLlama); "Same" adapters share a layer, "Different" ones do not. Adapters are
+# random (`init_weights=False`) so that each visibly changes the output.
+def _pair(name, method, config_cls, first, second, **kwargs):
+    return (name, method, config_cls, {**first, **kwargs, "init_weights": False}, {**second, **kwargs, "init_weights": False})
+
+
+_LIN0, _LIN1 = {"target_modules": ["lin0"]}, {"target_modules": ["lin1"]}
+MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
+    _pair("ETHER Same", "ether", EtherConfig, _LIN0, _LIN0, n_blocks=1, variant="ether"),
+    _pair("ETHER Different", "ether", EtherConfig, _LIN0, _LIN1, n_blocks=1, variant="ether"),
+    _pair("ETHER+ Same", "ether", EtherConfig, _LIN0, _LIN0, n_blocks=1, variant="ether_plus"),
+    _pair("ETHER+ Different", "ether", EtherConfig, _LIN0, _LIN1, n_blocks=1, variant="ether_plus"),
+    _pair("X-PEFT Same", "x_peft", XPeftConfig, _LIN0, _LIN0, **_BANK),
+    _pair("X-PEFT Different", "x_peft", XPeftConfig, _LIN0, _LIN1, **_BANK),
+    _pair("PEDRO Same", "pedro", PedroConfig, {}, {}, vg_rank=4),
+    _pair("PEDRO Different", "pedro", PedroConfig, {"target_modules": ["q_proj"]}, {"target_modules": ["v_proj"]}, vg_rank=4),
+]
+
+@dataclass(frozen=True)
+class ExpectedFailure:
+    """peft's tests `tests` on the rows named `cases` fail with an error matching the regex `error`, for `reason`.
+    `params` narrows it to some values of the tests' other parameters (e.g. `{"dtype": torch.float16}`)."""
+
+    tests: tuple[str, ...]
+    cases: tuple[str, ...]
+    reason: str
+    error: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def applies_to(self, test: str, params: dict[str, Any]) -> bool:
+        return (
+            test in self.tests
+            and params["test_name"] in self.cases
+            and all(params.get(name) == value for name, value in self.params.items())
+        )
+
+
+def _cases(*words: str) -> tuple[str, ...]:
+    """The names of the rows whose name contains all `words`."""
+    rows = TEST_CASES + MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES
+    return tuple(name for name, *_ in rows if all(word in name.split() for word in words))
+
+
+# Every peft test that merges, or that merges and unmerges, an adapter.
+MERGE_TESTS = (
+    "test_merge_layers",
+    "test_merge_layers_fp16",
+    "test_merge_layers_is_idempotent",
+    "test_merge_layers_is_deterministic_in_train_mode",
+    "test_safe_merge",
+    "test_disable_adapters_with_merging",
+    "test_delete_merged_adapter_raises_without_mutation",
+    "test_delete_merged_adapter_only_rejects_the_merged_one",
+    # These run a forward in half precision first (which passes), then merge.
+    "test_forward_float16",
+    "test_forward_bfloat16",
+    "test_forward_float16_no_autocast",
+    "test_forward_bfloat16_no_autocast",
+    # TestMultipleActiveAdapters
+    "test_merge_layers_multi",
+    "test_multiple_active_adapters_merge_and_unmerge",
+    "test_sequential_merge_matches_batch_merge",
+    "test_unmerge_after_sequential_merge_restores_base",
+)
+# peft's merge tests use `init_weights=False` (random v for ETHER+) and unmerge afterwards.
+UNMERGE_TESTS = (
+    "test_merge_layers",
+    "test_delete_merged_adapter_raises_without_mutation",
+    "test_delete_merged_adapter_only_rejects_the_merged_one",
+    "test_multiple_active_adapters_merge_and_unmerge",
+    "test_unmerge_after_sequential_merge_restores_base",
+)
+# Each failing test's error, then the source line that raised it (see conftest.py), is matched against `error`.
+# (test_disable_adapters compares the fresh adapter with the base model; test_disable_adapters_with_merging compares the
+# disabled model with the fresh adapter.)
+_NOT_IDENTITY_AT_INIT = (
+    r"AssertionError.*\n\s*assert torch\.allclose\((outputs_base, outputs_before|outputs_before, outputs_disabled,)"
+)
+
+EXPECTED_FAILURES: list[ExpectedFailure] = [
+    # The math: a Householder reflection is never the identity (||H - I||_F = 2), so a fresh plain-ETHER adapter
+    # changes the output, which these tests require it not to (DESIGN.md §1).
+    ExpectedFailure(
+        ("test_disable_adapters", "test_disable_adapters_with_merging"),
+        _cases("ETHER"),
+        "plain ETHER starts from a random reflection, never the identity",
+        _NOT_IDENTITY_AT_INIT,
+    ),
+    # The math: a profile mixes frozen bank adapters, each a nonzero residual; no mask makes the mix zero, so a fresh
+    # profile changes the output (DESIGN.md §2).
+    ExpectedFailure(
+        ("test_disable_adapters",),
+        _cases("X-PEFT"),
+        "an X-PEFT profile is a mix of nonzero bank adapters, never the identity",
+        _NOT_IDENTITY_AT_INIT,
+    ),
+    # The math: the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it.
+    ExpectedFailure(
+        MERGE_TESTS,
+        _cases("X-PEFT"),
+        "X-PEFT's bottleneck adapters are nonlinear and cannot be merged",
+        r"ValueError: XPeftModel adapters cannot be merged into the base weights",
+    ),
+    # The math: PEDRO's vectors depend on each prompt, so no fixed weight reproduces them.
+    ExpectedFailure(
+        MERGE_TESTS,
+        _cases("PEDRO"),
+        "PEDRO's prompt-dependent vectors cannot be merged",
+        r"ValueError: PedroModel adapters cannot be merged into the base weights",
+    ),
+    # Not the math: the unmerge guard refuses min |u.v| < 0.2 whatever the dtype's actual error. Fixed by ether-core
+    # (an error estimate per dtype); the integrator removes this entry after merging it.
+    ExpectedFailure(
+        UNMERGE_TESTS,
+        _cases("ETHER+"),
+        "ETHER+ unmerge guard too strict for random v (fixed by ether-core)",
+        r"ValueError: Cannot unmerge ETHER\+ adapter .* nearly singular",
+    ),
+    # Not the math (issue 17 item 5): with autocast_adapter_dtype=False on a half-precision base, peft expects adapter
+    # parameters in the base dtype; X-PEFT keeps float32. Fixed by xstore; the integrator removes these after merging.
+    *(
+        ExpectedFailure(
+            ("test_adapter_dtype_autocast",),
+            _cases("X-PEFT"),
+            "X-PEFT keeps float32 masks with autocast_adapter_dtype=False (fixed by xstore)",
+            r"AssertionError.*\n\s*assert all\(p\.dtype == expected_dtype for p in peft_params\)",
+            {"autocast_adapter_dtype": False, "dtype": dtype},
+        )
+        for dtype in (torch.float16, torch.bfloat16)
+    ),
+    # Not the math (issue 17 item 5): a hard-mask profile saves its selection, not its logits, so the reloaded logits
+    # differ. Fixed by xstore (optional saved logits); the integrator removes this after merging.
+    ExpectedFailure(
+        ("test_save_pretrained", "test_save_pretrained_pickle", "test_parameters_after_loading_model"),
+        _cases("X-PEFT", "hard"),
+        "hard-mask profiles do not save their logits (fixed by xstore)",
+        r"AssertionError.*\n\s*assert torch\.allclose\(",
+    ),
+]
