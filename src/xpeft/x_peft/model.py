@@ -101,8 +101,13 @@ class XPeftModel(XpeftTuner):
     tuner_layer_cls = XPeftLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
     uses_shared_state = True
-    mergeable = False
     unmergeable_reason = UNMERGEABLE_REASON
+
+    @property
+    def mergeable(self) -> bool:
+        # Profiles over a LoRA bank are linear in the input (ΔW = B* A*); over a bottleneck bank they are not.
+        bank = self._modules.get("xpeft_bank")
+        return bank is not None and bank.kind == "lora"
 
     def _prepare_adapter_config(self, peft_config: XPeftConfig, model_config: dict) -> XPeftConfig:
         if peft_config.target_modules is None and model_config.get("model_type") not in DEFAULT_TARGET_MODULES:
@@ -282,7 +287,8 @@ def extract_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str
     with torch.no_grad():
         return {
             layer.layer_name: {
-                part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name), strict=True)
+                part: t.detach().cpu().clone()
+                for part, t in zip(layer.xpeft_bank.part_names, layer.composed(adapter_name), strict=True)
             }
             for _, layer in _layers_holding(model, adapter_name)
         }
@@ -311,8 +317,7 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
     }
     bottleneck = {}
     for name, layer in layers:
-        A, a, B, b = layer.xpeft_bank.layer(layer.layer_name)
-        bottleneck[name] = torch.zeros(A[0].numel() + a[0].numel() + B[0].numel() + b[0].numel())
+        bottleneck[name] = torch.zeros(sum(t[0].numel() for t in layer.xpeft_bank.layer(layer.layer_name)))
     model_type = model.get_base_model().config.model_type
     lora_targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, [])
     lora = {}
