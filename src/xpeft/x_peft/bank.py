@@ -243,7 +243,10 @@ def build_bank(
     **Bottleneck bank**: each adapter maps a layer name (the module path of the adapted layer in the base model, e.g.
     `"bert.encoder.layer.0.output.dense"`) to its weights `{"A": [r, d], "a": [r], "B": [d, r], "b": [d]}` for
     `h ↦ h + B f(A h + a) + b` with `f` = `non_linearity`. Single adapters trained with this library come from
-    [`extract_adapter`]. All adapters must cover the same layers with the same shapes.
+    [`extract_adapter`]. All adapters must cover the same layers with the same shapes. An AdapterHub Pfeiffer
+    (`SeqBnConfig`, scaling 1, no gating or PHM) adapter of a BERT-style model fits a bank used with
+    `placement='pfeiffer'`: per block, `adapter_down.0` gives A and a, `adapter_up` gives B and b, under the name of the
+    block's output module (e.g. `"bert.encoder.layer.0.output"`).
 
     **LoRA bank**: each adapter is a peft LoRA adapter, given as the folder `save_pretrained` wrote
     (`adapter_config.json` + `adapter_model.safetensors`), a loaded `PeftModel` (its one active adapter) or a

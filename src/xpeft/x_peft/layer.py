@@ -6,6 +6,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -104,6 +105,54 @@ def bottleneck_delta(h: torch.Tensor, composed: Composed, activation) -> torch.T
     return torch.baddbmm(b.unsqueeze(1), activation(z), B.mT)
 
 
+PFEIFFER_TARGET_MODULES = r".*\.layer\.\d+\.output"
+"""The block output modules (`dense`, `dropout`, `LayerNorm`) of BERT, RoBERTa and DeBERTa-v2, not `attention.output`:
+the default targets of `placement='pfeiffer'`."""
+
+
+def pfeiffer_parts(module: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """`(dense, dropout, LayerNorm)` of a BERT-style block output module, whose forward is
+    `LayerNorm(dropout(dense(x)) + r)` (transformers' BertOutput, RobertaOutput, DebertaV2Output); refuses others."""
+    parts = tuple(getattr(module, name, None) for name in ("dense", "dropout", "LayerNorm"))
+    if isinstance(parts[0], BaseTunerLayer):
+        raise ValueError(
+            "This X-PEFT profile has placement='pfeiffer', but the `dense` of the block output module is already "
+            "adapted (by X-PEFT with placement='ffn_output', or another tuner). All X-PEFT profiles of a model share "
+            "one placement: use the model's, or add the profile to a fresh model."
+        )
+    if not isinstance(parts[0], nn.Linear) or not all(isinstance(part, nn.Module) for part in parts):
+        raise TypeError(
+            f"X-PEFT's placement='pfeiffer' adapts a BERT-style block output module (with `dense`, `dropout` and "
+            f"`LayerNorm`, called as `module(hidden_states, input_tensor)`, e.g. BertOutput), got a "
+            f"{type(module).__name__}. Target those modules (`target_modules=r'{PFEIFFER_TARGET_MODULES}'` for BERT, "
+            "RoBERTa and DeBERTa-v2, the default there), or use placement='ffn_output'."
+        )
+    return parts
+
+
+def adapted_features(base_layer: nn.Module, placement: str) -> tuple[int, int, bool]:
+    """`(in_features, out_features, fan_in_fan_out)` of what an X-PEFT layer with `placement` adapts: the layer itself,
+    or the `dense` projection of a Pfeiffer-placed output module."""
+    if placement == "pfeiffer":
+        return layer_features(pfeiffer_parts(base_layer)[0], "X-PEFT")
+    return layer_features(base_layer, "X-PEFT")
+
+
+def pfeiffer_output(module: nn.Module, x: torch.Tensor, residual: torch.Tensor, adapter) -> torch.Tensor:
+    """AdapterHub's Pfeiffer adapter (`SeqBnConfig`: original_ln_before, original_ln_after, residual_before_ln=True,
+    adapter_residual_before_ln=False, no adapter LayerNorms) on a BERT-style output module:
+
+    `h = dropout(dense(x))`, `z = LN(h + r)`, `y = LN(h + Δ(z) + r)`, with `Δ = adapter` (None: y = z, the module's
+    own output). The module's LayerNorm is applied twice, as AdapterHub's `pre_forward` and `post_forward` do.
+    """
+    dense, dropout, norm = pfeiffer_parts(module)
+    h = dropout(dense(x))
+    z = norm(h + residual)
+    if adapter is None:
+        return z
+    return norm(h + adapter(z).to(h.dtype) + residual)
+
+
 def composed_cache_size() -> int:
     """The current [`COMPOSED_CACHE_SIZE`], refused with the fix if it is not a non-negative int."""
     size = COMPOSED_CACHE_SIZE
@@ -156,8 +205,10 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
 
     - **bottleneck bank** of N adapters `(A_i, a_i, B_i, b_i)`, on a feed-forward output projection:
       :math:`y = h + B^* f(A^* h + a^*) + b^*`, `A^* = Σ_i w^A_i A_i` (and `a^*`), `B^* = Σ_j w^B_j B_j` (and `b^*`).
-      For BERT the adapter reads `output.dense`'s raw output, before the dropout, residual and LayerNorm. Not
-      mergeable: `f` is nonlinear, so no weight `W'` gives the same output.
+      With `placement='ffn_output'` (default) h is the raw output of the targeted projection (for BERT `output.dense`,
+      before the dropout, residual and LayerNorm). With `placement='pfeiffer'` the layer wraps a BERT-style block
+      output module and follows AdapterHub's Pfeiffer data flow, `y = LN(h + Δ(LN(h + r)) + r)` (see
+      [`pfeiffer_output`]). Not mergeable: `f` is nonlinear, so no weight `W'` gives the same output.
     - **LoRA bank** of N factor pairs `(A_i, B_i)` (scalings folded into `B_i`), on any linear layer the adapters
       targeted: :math:`y = h + B^* A^* x`, `A^* = Σ_i w^A_i A_i`, `B^* = Σ_j w^B_j B_j`, computed as `(x A*ᵀ) B*ᵀ`.
       Linear in x, so profiles merge: `W' = W + B^* A^*` (transposed for GPT-2's Conv1D).
@@ -180,7 +231,14 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         # Logits each merged profile was merged with, so that unmerge subtracts exactly what merge added.
         self._merged_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer, "X-PEFT")
+        self.placement = config.placement
+        if self.placement == "pfeiffer" and bank.kind != "bottleneck":
+            raise ValueError(
+                f"placement='pfeiffer' places a bottleneck adapter; this model's bank is a {bank.kind} bank, whose "
+                "factors act on the layers their adapters were trained on. Use placement='ffn_output' (the default) "
+                "with a LoRA bank."
+            )
+        self.in_features, self.out_features, self.fan_in_fan_out = adapted_features(base_layer, self.placement)
         # A plain reference, not a submodule: the bank is registered once, on the tuner model.
         self.__dict__["xpeft_bank"] = bank
         self.layer_name = layer_name
@@ -190,7 +248,14 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config, init_logits: torch.Tensor | None = None) -> None:
         """Add profile `adapter_name`; `init_logits` `[2, N]` (S_A, S_B) sets its masks, e.g. from a profile store."""
-        weight = self.get_base_layer().weight
+        if config.placement != self.placement:
+            # The placement decides which module this layer wraps, so all profiles of a layer share it.
+            raise ValueError(
+                f"Layer {self.layer_name!r} holds X-PEFT profiles with placement={self.placement!r}; a profile with "
+                f"placement={config.placement!r} cannot share it. Use placement={self.placement!r}, or a fresh model."
+            )
+        base = self.get_base_layer()
+        weight = (pfeiffer_parts(base)[0] if self.placement == "pfeiffer" else base).weight
         self.xpeft_bank.ensure_layer(self.layer_name, self.out_features, weight.device, self.in_features)
         if init_logits is None:
             if config.init_weights:
@@ -339,6 +404,8 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # One name per leading row of x, as in the other tuners' layers (see `check_mixed_batch_args`).
         adapter_names = check_mixed_batch_args(self, x, kwargs.pop("adapter_names", None))
+        if self.placement == "pfeiffer":
+            return self._pfeiffer_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -361,17 +428,37 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         activation = ACTIVATIONS[self.xpeft_bank.non_linearity]
         return bottleneck_delta(self._cast_input_dtype(result, composed[0].dtype), composed, activation)
 
-    def _mixed_batch_forward(
-        self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str]
-    ) -> torch.Tensor:
+    def _mixed_batch_delta(self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         composed = self._batched(adapter_names)
         # One sample per leading row group: [S, T, features] (OPT's flattened [S*T, features] rows are contiguous per
         # sample).
         samples = len(adapter_names)
-        delta = self._delta(
-            x.reshape(samples, -1, x.shape[-1]), result.reshape(samples, -1, result.shape[-1]), composed
-        )
-        return result + delta.reshape(result.shape).to(result.dtype)
+        x = None if x is None else x.reshape(samples, -1, x.shape[-1])  # None: a bottleneck reads only `result`
+        delta = self._delta(x, result.reshape(samples, -1, result.shape[-1]), composed)
+        return delta.reshape(result.shape).to(result.dtype)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str]
+    ) -> torch.Tensor:
+        return result + self._mixed_batch_delta(x, result, adapter_names)
+
+    def _pfeiffer_forward(self, x: torch.Tensor, *args, adapter_names: Sequence[str] | None, **kwargs) -> torch.Tensor:
+        """[`pfeiffer_output`] of the wrapped output module. Each active profile's adapter reads the same `z`; their
+        outputs are summed."""
+        residual = args[0] if args else kwargs.pop("input_tensor")
+        if self.disable_adapters:
+            return self.base_layer(x, residual)
+        if adapter_names is not None:
+            adapter = partial(self._mixed_batch_delta, None, adapter_names=adapter_names)
+        else:
+            active = [name for name in self.active_adapters if name in self.xpeft_mask_A]
+            if not active:
+                return self.base_layer(x, residual)
+            adapter = partial(self._active_delta, active)
+        return pfeiffer_output(self.base_layer, x, residual, adapter)
+
+    def _active_delta(self, names: Sequence[str], z: torch.Tensor) -> torch.Tensor:
+        return sum(self._delta(None, z, self.composed(name)) for name in names)
 
     # -- merging (LoRA banks only) -----------------------------------------------------------------------------
 
