@@ -84,10 +84,11 @@ def bank(adapters, tmp_path_factory):
     return get
 
 
-def xpeft_model(model_name: str, path, mask_type: str = "soft", seed: int = 0, hard_k: int = 2, **kwargs):
+def xpeft_model(model_name: str, path, mask_type: str = "soft", seed: int = 0, **kwargs):
+    kwargs = {"bank_size": N, "hard_k": 2, **kwargs}
     config = XPeftConfig(
-        target_modules=TARGETS[model_name], bank=str(path), bank_size=N, mask_type=mask_type, hard_k=hard_k,
-        init_weights=False, task_type=task_type(model_name), **kwargs,
+        target_modules=TARGETS[model_name], bank=str(path), mask_type=mask_type, init_weights=False,
+        task_type=task_type(model_name), **kwargs,
     )  # fmt: skip
     torch.manual_seed(seed)
     return get_peft_model(make_model(model_name), config).eval()
@@ -344,3 +345,46 @@ def test_unsuitable_lora_adapters_are_refused(make, match, adapters, tmp_path):
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         build_bank(make(tmp_path, good), tmp_path / "bank.safetensors")
     assert not (tmp_path / "bank.safetensors").exists()
+
+
+def test_an_extracted_profile_is_a_lora_adapter_for_a_new_bank(bank, tmp_path):
+    from xpeft.x_peft import extract_adapter
+
+    profile = xpeft_model("gpt2", bank("gpt2")[0])
+    factors = extract_adapter(profile)
+    assert all(set(parts) == {"A", "B"} for parts in factors.values())
+    path = tmp_path / "from_profile.safetensors"
+    build_bank([factors], path)
+    assert read_safetensors_metadata(path)["kind"] == "lora"
+    single = xpeft_model("gpt2", path, bank_size=1)  # one adapter: the mixing weight is 1 whatever the logits
+    inputs = make_inputs("gpt2")
+    torch.testing.assert_close(logits(single, inputs), logits(profile, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_type", ["soft", "hard"])
+def test_training_over_a_lora_bank_moves_only_the_masks_and_lowers_the_loss(mask_type, bank):
+    profile = xpeft_model("gpt2", bank("gpt2")[0], mask_type=mask_type)  # eval mode: no dropout noise in the loss
+    trainable = {name for name, p in profile.named_parameters() if p.requires_grad}
+    assert trainable and all("xpeft_mask_" in name for name in trainable)
+    inputs = make_inputs("gpt2")
+    optimizer = torch.optim.Adam([p for p in profile.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(15):
+        loss = profile(**inputs, labels=inputs["input_ids"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in profile.parameters() if p.requires_grad)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.005, losses
+
+
+def test_half_precision_model_merges_over_a_lora_bank(bank):
+    profile = xpeft_model("gpt2", bank("gpt2")[0]).to(torch.bfloat16)
+    inputs = make_inputs("gpt2")
+    unmerged = logits(profile, inputs)
+    profile.merge_adapter()
+    assert xpeft_layers(profile, "default")[0][1].get_base_layer().weight.dtype == torch.bfloat16
+    merged = logits(profile, inputs)
+    assert torch.isfinite(merged).all()
+    torch.testing.assert_close(merged.float(), unmerged.float(), rtol=0.05, atol=0.05)

@@ -250,7 +250,8 @@ def build_bank(
 
     **LoRA bank**: each adapter is a peft LoRA adapter, given as the folder `save_pretrained` wrote
     (`adapter_config.json` + `adapter_model.safetensors`), a loaded `PeftModel` (its one active adapter) or a
-    `(model, adapter_name)` pair. All must adapt the same modules (nn.Linear, or GPT-2's Conv1D with
+    `(model, adapter_name)` pair; or as factors `{layer name: {"A": [r, in], "B": [out, r]}}` with the scaling already
+    in B (what [`extract_adapter`] gives for a profile over a LoRA bank). All must adapt the same modules (nn.Linear, or GPT-2's Conv1D with
     `fan_in_fan_out`) of the same base model; ranks may differ and are zero-padded to the largest. Each adapter's
     scaling (`lora_alpha / r`, `lora_alpha / √r` with rslora, per-module `alpha_pattern`) is folded into its B.
     DoRA and other variants whose effect is not `scaling · B A x` are refused, and so are adapters that train base
@@ -258,7 +259,7 @@ def build_bank(
     """
     if not adapters:
         raise ValueError("`build_bank` needs at least one adapter.")
-    is_bottleneck = [isinstance(adapter, Mapping) for adapter in adapters]
+    is_bottleneck = [isinstance(adapter, Mapping) and not _is_factors(adapter) for adapter in adapters]
     if all(is_bottleneck):
         return _write_bank(_bottleneck_tensors(adapters), path, "bottleneck", len(adapters), non_linearity)
     if any(is_bottleneck):
@@ -433,10 +434,19 @@ def _checked_factors(factors: LoraFactors, source: str) -> LoraFactors:
     return {name: (A.detach().float().cpu(), B.detach().float().cpu()) for name, (A, B) in factors.items()}
 
 
+def _is_factors(adapter: Mapping) -> bool:
+    return bool(adapter) and all(
+        isinstance(parts, Mapping) and set(parts) == set(LORA_PARTS) for parts in adapter.values()
+    )
+
+
 def lora_factors(adapter: LoraAdapter, index: int = 0) -> LoraFactors:
     """`{layer name: (A [r, in], scaling · B [out, r])}` of one LoRA adapter given to [`build_bank`]."""
     from peft import PeftModel
 
+    if isinstance(adapter, Mapping):
+        factors = {name: (parts["A"], parts["B"]) for name, parts in adapter.items()}
+        return _checked_factors(factors, f"Adapter {index} (factors)")
     if isinstance(adapter, (str, os.PathLike)):
         return _lora_from_folder(adapter)
     if isinstance(adapter, tuple) and len(adapter) == 2 and isinstance(adapter[1], str):

@@ -92,7 +92,8 @@ def lora_delta(x: torch.Tensor, composed: Composed) -> torch.Tensor:
 
 
 def bottleneck_delta(h: torch.Tensor, composed: Composed, activation) -> torch.Tensor:
-    """The Pfeiffer bottleneck `B f(A h + a) + b` (DESIGN.md §2, "Adapter"), added to `h` by the caller.
+    """The bottleneck `B f(A h + a) + b` (DESIGN.md §2, "Adapter"), added to `h` by the caller (what `h` is depends
+    on the placement; see [`pfeiffer_output`]).
 
     `h: [..., T, d]`. One adapter: `A: [r, d]`, `a: [r]`, `B: [d, r]`, `b: [d]`. Per-sample adapters: a leading
     sample axis on all four and `h: [S, T, d]`, computed as batched matmuls.

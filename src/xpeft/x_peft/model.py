@@ -22,7 +22,7 @@ from .store import ProfileStore, pack_masks, unpack_masks
 
 MASKS_KEY = "xpeft_masks"
 PEFT_PREFIX = "base_model.model."
-# Each block's feed-forward output projection (DESIGN.md §2: Pfeiffer adapter after the feed-forward output).
+# Each block's feed-forward output projection (DESIGN.md §2; placement='ffn_output', see XPeftConfig.placement).
 # BERT-like encoders also have "attention.output.dense", which the regex excludes.
 _ENCODER_FFN_OUT = r".*\.layer\.\d+\.output\.dense"
 DEFAULT_TARGET_MODULES = {
