@@ -131,6 +131,29 @@ def pfeiffer_parts(module: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     return parts
 
 
+def default_pfeiffer_targets(model_type: str | None) -> str:
+    """[`PFEIFFER_TARGET_MODULES`] for the model types that have such output modules; refuses others."""
+    if model_type not in ("bert", "roberta", "deberta-v2"):
+        raise ValueError(
+            f"X-PEFT's placement='pfeiffer' has no default `target_modules` for model_type {model_type!r} (defaults "
+            "exist for bert, roberta and deberta-v2). Pass the BERT-style block output modules as `target_modules`, "
+            "or use placement='ffn_output'."
+        )
+    return PFEIFFER_TARGET_MODULES
+
+
+def check_one_placement(model: nn.Module, placement: str) -> None:
+    """Refuse a profile whose placement differs from that of the model's X-PEFT layers (called when its targets
+    match nothing: they lie inside, or around, the layers of the other placement)."""
+    others = {m.placement for m in model.modules() if isinstance(m, XPeftLayer)} - {placement}
+    if others:
+        raise ValueError(
+            f"This X-PEFT profile has placement={placement!r}, but the model's X-PEFT layers have "
+            f"placement={others.pop()!r}; all profiles of a model share one placement. Use the model's, or add the "
+            "profile to a fresh model."
+        )
+
+
 def adapted_features(base_layer: nn.Module, placement: str) -> tuple[int, int, bool]:
     """`(in_features, out_features, fan_in_fan_out)` of what an X-PEFT layer with `placement` adapts: the layer itself,
     or the `dense` projection of a Pfeiffer-placed output module."""

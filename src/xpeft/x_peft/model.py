@@ -17,7 +17,7 @@ from ..serialization import read_safetensors_metadata
 from ..tuners_utils import XpeftTuner, layer_features
 from .bank import XPeftBank, check_bank_allocation, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
 from .config import XPeftConfig
-from .layer import PFEIFFER_TARGET_MODULES, UNMERGEABLE_REASON, XPeftLayer, adapted_features
+from .layer import UNMERGEABLE_REASON, XPeftLayer, adapted_features, check_one_placement, default_pfeiffer_targets
 from .store import ProfileStore, pack_masks, unpack_masks
 
 MASKS_KEY = "xpeft_masks"
@@ -111,13 +111,7 @@ class XPeftModel(XpeftTuner):
 
     def _prepare_adapter_config(self, peft_config: XPeftConfig, model_config: dict) -> XPeftConfig:
         if peft_config.placement == "pfeiffer" and peft_config.target_modules is None:
-            if model_config.get("model_type") not in ("bert", "roberta", "deberta-v2"):
-                raise ValueError(
-                    f"X-PEFT's placement='pfeiffer' has no default `target_modules` for model_type "
-                    f"{model_config.get('model_type')!r} (defaults exist for bert, roberta and deberta-v2). Pass the "
-                    "BERT-style block output modules as `target_modules`, or use placement='ffn_output'."
-                )
-            peft_config.target_modules = PFEIFFER_TARGET_MODULES
+            peft_config.target_modules = default_pfeiffer_targets(model_config.get("model_type"))
         if peft_config.target_modules is None and model_config.get("model_type") not in DEFAULT_TARGET_MODULES:
             raise ValueError(
                 f"X-PEFT has no default `target_modules` for model_type {model_config.get('model_type')!r} (defaults "
@@ -139,13 +133,7 @@ class XPeftModel(XpeftTuner):
             config.bank = os.path.abspath(os.path.expanduser(os.fspath(config.bank)))
         layers = [(name, adapted_features(base, config.placement)[1]) for name, base in self._planned_targets(config)]
         if not layers:
-            placements = {m.placement for m in self.model.modules() if isinstance(m, XPeftLayer)} - {config.placement}
-            if placements:  # the targets of this placement are inside (or around) the layers of the other one
-                raise ValueError(
-                    f"This X-PEFT profile has placement={config.placement!r}, but the model's X-PEFT layers have "
-                    f"placement={placements.pop()!r}; all profiles of a model share one placement. Use the model's, "
-                    "or add the profile to a fresh model."
-                )
+            check_one_placement(self.model, config.placement)
             return  # peft refuses target modules that match nothing, with its own message
         source = bank_source_fingerprint(config)
         bank = self._modules.get("xpeft_bank")
