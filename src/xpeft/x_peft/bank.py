@@ -36,7 +36,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -232,7 +235,7 @@ def read_bank_file(path: str | os.PathLike) -> tuple[_BankFile, dict[str, str]]:
 
 
 BottleneckAdapter = Mapping[str, Mapping[str, torch.Tensor]]
-LoraAdapter = "str | os.PathLike | PeftModel | tuple[nn.Module, str]"
+LoraAdapter = str | os.PathLike | PeftModel | tuple[nn.Module, str] | Mapping[str, Mapping[str, torch.Tensor]]
 
 
 def build_bank(
@@ -396,10 +399,6 @@ def _lora_from_folder(folder: str | os.PathLike) -> LoraFactors:
 
 
 def _lora_from_model(model: nn.Module, adapter_name: str, source: str) -> LoraFactors:
-    from peft import PeftModel
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
-
     configs = getattr(model, "peft_config", {})
     if adapter_name not in configs:
         raise ValueError(
@@ -442,8 +441,6 @@ def _is_factors(adapter: Mapping) -> bool:
 
 def lora_factors(adapter: LoraAdapter, index: int = 0) -> LoraFactors:
     """`{layer name: (A [r, in], scaling · B [out, r])}` of one LoRA adapter given to [`build_bank`]."""
-    from peft import PeftModel
-
     if isinstance(adapter, Mapping):
         factors = {name: (parts["A"], parts["B"]) for name, parts in adapter.items()}
         return _checked_factors(factors, f"Adapter {index} (factors)")
