@@ -388,3 +388,15 @@ def test_half_precision_model_merges_over_a_lora_bank(bank):
     merged = logits(profile, inputs)
     assert torch.isfinite(merged).all()
     torch.testing.assert_close(merged.float(), unmerged.float(), rtol=0.05, atol=0.05)
+
+
+def test_a_profile_over_a_lora_bank_targets_the_banks_layers_by_default(bank, adapters):
+    path, _ = bank("bert")
+    explicit = xpeft_model("bert", path)
+    torch.manual_seed(0)
+    config = XPeftConfig(bank=str(path), bank_size=N, init_weights=False, task_type="SEQ_CLS")
+    default = get_peft_model(make_model("bert"), config).eval()
+    names = [layer.layer_name for _, layer in xpeft_layers(default, "default")]
+    assert names == [layer.layer_name for _, layer in xpeft_layers(explicit, "default")] and len(names) == 4
+    inputs = make_inputs("bert")
+    torch.testing.assert_close(logits(default, inputs), logits(explicit, inputs), rtol=0, atol=0)

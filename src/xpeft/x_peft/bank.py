@@ -488,6 +488,16 @@ def _lora_tensors(adapters: Sequence[LoraAdapter]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def lora_bank_targets(path: str | os.PathLike) -> list[str] | None:
+    """The layer names of the LoRA bank file `path` (the default `target_modules` of a profile over it: its factors
+    act where their adapters did), or None for a bottleneck bank file. Reads the header only."""
+    check_bank_file_exists(path)
+    if bank_kind(read_safetensors_metadata(path), path) != "lora":
+        return None
+    header = read_safetensors_header(path, fix="Rebuild it with `xpeft.x_peft.build_bank`.")
+    return sorted({name.rsplit(".", 1)[0] for name in header})
+
+
 class XPeftBank(nn.Module):
     """The bank of one model, held once by the tuner model; each X-PEFT layer keeps a reference and its layer name.
 

@@ -166,14 +166,12 @@ def pfeiffer_output(module: nn.Module, x: torch.Tensor, residual: torch.Tensor, 
     """AdapterHub's Pfeiffer adapter (`SeqBnConfig`: original_ln_before, original_ln_after, residual_before_ln=True,
     adapter_residual_before_ln=False, no adapter LayerNorms) on a BERT-style output module:
 
-    `h = dropout(dense(x))`, `z = LN(h + r)`, `y = LN(h + Δ(z) + r)`, with `Δ = adapter` (None: y = z, the module's
-    own output). The module's LayerNorm is applied twice, as AdapterHub's `pre_forward` and `post_forward` do.
+    `h = dropout(dense(x))`, `z = LN(h + r)` (the module's own output), `y = LN(h + Δ(z) + r)` with `Δ = adapter`.
+    The module's LayerNorm is applied twice, as AdapterHub's `pre_forward` and `post_forward` do.
     """
     dense, dropout, norm = pfeiffer_parts(module)
     h = dropout(dense(x))
     z = norm(h + residual)
-    if adapter is None:
-        return z
     return norm(h + adapter(z).to(h.dtype) + residual)
 
 

@@ -15,7 +15,14 @@ from torch import nn
 from ..loading import forget_source, loaded_from, weights_source
 from ..serialization import read_safetensors_metadata
 from ..tuners_utils import XpeftTuner, layer_features
-from .bank import XPeftBank, check_bank_allocation, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
+from .bank import (
+    XPeftBank,
+    check_bank_allocation,
+    check_bank_file_exists,
+    lora_bank_targets,
+    random_bank_recipe,
+    recipe_fingerprint,
+)
 from .config import XPeftConfig
 from .layer import UNMERGEABLE_REASON, XPeftLayer, adapted_features, check_one_placement, default_pfeiffer_targets
 from .store import ProfileStore, pack_masks, unpack_masks
@@ -112,6 +119,8 @@ class XPeftModel(XpeftTuner):
     def _prepare_adapter_config(self, peft_config: XPeftConfig, model_config: dict) -> XPeftConfig:
         if peft_config.placement == "pfeiffer" and peft_config.target_modules is None:
             peft_config.target_modules = default_pfeiffer_targets(model_config.get("model_type"))
+        if peft_config.target_modules is None and peft_config.bank != "random":
+            peft_config.target_modules = lora_bank_targets(peft_config.bank)  # None for a bottleneck bank file
         if peft_config.target_modules is None and model_config.get("model_type") not in DEFAULT_TARGET_MODULES:
             raise ValueError(
                 f"X-PEFT has no default `target_modules` for model_type {model_config.get('model_type')!r} (defaults "
