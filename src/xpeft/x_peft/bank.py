@@ -247,18 +247,20 @@ def build_bank(
     `"bert.encoder.layer.0.output.dense"`) to its weights `{"A": [r, d], "a": [r], "B": [d, r], "b": [d]}` for
     `h ↦ h + B f(A h + a) + b` with `f` = `non_linearity`. Single adapters trained with this library come from
     [`extract_adapter`]. All adapters must cover the same layers with the same shapes. An AdapterHub Pfeiffer
-    (`SeqBnConfig`, scaling 1, no gating or PHM) adapter of a BERT-style model fits a bank used with
-    `placement='pfeiffer'`: per block, `adapter_down.0` gives A and a, `adapter_up` gives B and b, under the name of the
-    block's output module (e.g. `"bert.encoder.layer.0.output"`).
+    adapter (`SeqBnConfig`: scaling 1, no gating, PHM or adapter LayerNorms) of a BERT-style model has the data flow of
+    `placement='pfeiffer'`: per block, `adapter_down.0` gives A and a and `adapter_up` gives B and b, under the name of
+    the block's output module (e.g. `"bert.encoder.layer.0.output"`). This mapping follows AdapterHub's source; it is
+    not tested against the `adapters` library, which is not a dependency.
 
     **LoRA bank**: each adapter is a peft LoRA adapter, given as the folder `save_pretrained` wrote
     (`adapter_config.json` + `adapter_model.safetensors`), a loaded `PeftModel` (its one active adapter) or a
-    `(model, adapter_name)` pair; or as factors `{layer name: {"A": [r, in], "B": [out, r]}}` with the scaling already
-    in B (what [`extract_adapter`] gives for a profile over a LoRA bank). All must adapt the same modules (nn.Linear, or GPT-2's Conv1D with
-    `fan_in_fan_out`) of the same base model; ranks may differ and are zero-padded to the largest. Each adapter's
-    scaling (`lora_alpha / r`, `lora_alpha / √r` with rslora, per-module `alpha_pattern`) is folded into its B.
-    DoRA and other variants whose effect is not `scaling · B A x` are refused, and so are adapters that train base
-    biases; a trained head (`modules_to_save`) is not part of the bank and is left out. `non_linearity` is unused.
+    `(model, adapter_name)` pair; or as factors `{layer name: {"A": [r, in], "B": [out, r]}}` with the scaling
+    already in B (what [`extract_adapter`] gives for a profile over a LoRA bank). All must adapt the same modules
+    (nn.Linear, or GPT-2's Conv1D with `fan_in_fan_out`) of the same base model; ranks may differ and are zero-padded
+    to the largest. Each adapter's scaling (`lora_alpha / r`, `lora_alpha / √r` with rslora, per-module
+    `alpha_pattern`) is folded into its B. DoRA and other variants whose effect is not `scaling · B A x` are refused,
+    and so are adapters that train base biases; a trained head (`modules_to_save`) is not part of the bank and is
+    left out. `non_linearity` is unused. A profile over a LoRA bank targets the bank's layers by default.
     """
     if not adapters:
         raise ValueError("`build_bank` needs at least one adapter.")
@@ -267,8 +269,9 @@ def build_bank(
         return _write_bank(_bottleneck_tensors(adapters), path, "bottleneck", len(adapters), non_linearity)
     if any(is_bottleneck):
         raise ValueError(
-            f"`build_bank` got bottleneck adapters (dicts, e.g. adapter {is_bottleneck.index(True)}) and LoRA adapters "
-            f"(e.g. adapter {is_bottleneck.index(False)}) together; a bank holds one kind. Build one bank per kind."
+            f"`build_bank` got bottleneck adapters (dicts, e.g. adapter {is_bottleneck.index(True)}) and LoRA "
+            f"adapters (e.g. adapter {is_bottleneck.index(False)}) together; a bank holds one kind. Build one bank per "
+            "kind."
         )
     return _write_bank(_lora_tensors(adapters), path, "lora", len(adapters), None)
 
@@ -468,10 +471,10 @@ def _lora_tensors(adapters: Sequence[LoraAdapter]) -> dict[str, torch.Tensor]:
     layer_names = sorted(factors[0])
     for i, other in enumerate(factors[1:], start=1):
         if sorted(other) != layer_names:
+            only_first, only_other = sorted(set(layer_names) - set(other)), sorted(set(other) - set(layer_names))
             raise ValueError(
-                f"LoRA adapters 0 and {i} adapt different modules (only in 0: {sorted(set(layer_names) - set(other))}; "
-                f"only in {i}: {sorted(set(other) - set(layer_names))}). Every adapter of a LoRA bank must target the "
-                "same modules of the same base model."
+                f"LoRA adapters 0 and {i} adapt different modules (only in 0: {only_first}; only in {i}: "
+                f"{only_other}). Every adapter of a LoRA bank must target the same modules of the same base model."
             )
     tensors = {}
     for name in layer_names:

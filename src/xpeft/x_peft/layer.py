@@ -384,7 +384,8 @@ class XPeftLayer(nn.Module, BaseTunerLayer):
         return compose(bank, weights_A, weights_B)
 
     def composed(self, name: str) -> Composed:
-        """The composed adapter (`(A*, a*, B*, b*)`, or `(A*, B*)` over a LoRA bank) of profile `name`, cached while its masks and the bank are unchanged.
+        """The composed adapter (`(A*, a*, B*, b*)`, or `(A*, B*)` over a LoRA bank) of profile `name`, cached while
+        its masks and the bank are unchanged.
 
         The cache keeps the [`COMPOSED_CACHE_SIZE`] most recently used profiles; it is bypassed while the masks are
         trained (their gradient needs the graph).
