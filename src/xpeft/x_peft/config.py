@@ -54,6 +54,8 @@ class XPeftConfig(PeftConfig):
             The name of the layer list, used only with layers_to_transform.
         modules_to_save (`Optional[list[str]]`):
             Modules besides the adapted layers that are trained and saved with the profile (e.g. a classifier head).
+        placement (`Literal['ffn_output', 'pfeiffer']`):
+            Where a bottleneck bank's adapter sits. 'ffn_output': on the raw output h of each targeted projection, y = h + B f(A h + a) + b (for BERT: before the dropout, residual and LayerNorm of `output`). 'pfeiffer': AdapterHub's Pfeiffer (SeqBn) data flow on BERT-style block output modules (`dense`, `dropout`, `LayerNorm`, called with the residual r): y = LN(h + Δ(LN(h + r)) + r) with h = dropout(dense(x)); the targets are those modules (default for BERT, RoBERTa and DeBERTa-v2: each layer's 'output'), and banks built for one placement do not fit the other. Default 'ffn_output' keeps profiles and banks made before this option unchanged. Unused by LoRA banks, whose factors act where their adapters did.
     """
 
     target_modules: list[str] | str | None = field(
@@ -127,6 +129,13 @@ class XPeftConfig(PeftConfig):
         },
     )
 
+    placement: Literal["ffn_output", "pfeiffer"] = field(
+        default="ffn_output",
+        metadata={
+            "help": "Where a bottleneck bank's adapter sits. 'ffn_output': on the raw output h of each targeted projection, y = h + B f(A h + a) + b (for BERT: before the dropout, residual and LayerNorm of `output`). 'pfeiffer': AdapterHub's Pfeiffer (SeqBn) data flow on BERT-style block output modules (`dense`, `dropout`, `LayerNorm`, called with the residual r): y = LN(h + Δ(LN(h + r)) + r) with h = dropout(dense(x)); the targets are those modules (default for BERT, RoBERTa and DeBERTa-v2: each layer's 'output'), and banks built for one placement do not fit the other. Default 'ffn_output' keeps profiles and banks made before this option unchanged. Unused by LoRA banks, whose factors act where their adapters did."
+        },
+    )
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
         # Checks the folder's files and notes the folder on the config (see xpeft.loading).
@@ -156,6 +165,8 @@ class XPeftConfig(PeftConfig):
             raise ValueError(
                 f"`non_linearity` must be one of 'relu', 'gelu', 'silu', 'tanh', got {self.non_linearity!r}."
             )
+        if self.placement not in ("ffn_output", "pfeiffer"):
+            raise ValueError(f"`placement` must be 'ffn_output' or 'pfeiffer', got {self.placement!r}.")
         if self.mask_type not in ("soft", "hard"):
             raise ValueError(f"`mask_type` must be 'soft' or 'hard', got {self.mask_type!r}.")
         if self.mask_type == "hard" and not (isinstance(self.hard_k, int) and 1 <= self.hard_k <= self.bank_size):

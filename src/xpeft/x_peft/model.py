@@ -16,14 +16,21 @@ from ..loading import forget_source, loaded_from, weights_source
 from ..saving import FULL_STATE_DICT_RECIPE, check_full_tensor
 from ..serialization import read_safetensors_metadata
 from ..tuners_utils import XpeftTuner, layer_features
-from .bank import XPeftBank, check_bank_allocation, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
+from .bank import (
+    XPeftBank,
+    check_bank_allocation,
+    check_bank_file_exists,
+    lora_bank_targets,
+    random_bank_recipe,
+    recipe_fingerprint,
+)
 from .config import XPeftConfig
-from .layer import UNMERGEABLE_REASON, XPeftLayer
+from .layer import UNMERGEABLE_REASON, XPeftLayer, adapted_features, check_one_placement, default_pfeiffer_targets
 from .store import ProfileStore, pack_masks, unpack_masks
 
 MASKS_KEY = "xpeft_masks"
 PEFT_PREFIX = "base_model.model."
-# Each block's feed-forward output projection (DESIGN.md §2: Pfeiffer adapter after the feed-forward output).
+# Each block's feed-forward output projection (DESIGN.md §2; placement='ffn_output', see XPeftConfig.placement).
 # BERT-like encoders also have "attention.output.dense", which the regex excludes.
 _ENCODER_FFN_OUT = r".*\.layer\.\d+\.output\.dense"
 DEFAULT_TARGET_MODULES = {
@@ -112,10 +119,19 @@ class XPeftModel(XpeftTuner):
     tuner_layer_cls = XPeftLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
     uses_shared_state = True
-    mergeable = False
     unmergeable_reason = UNMERGEABLE_REASON
 
+    @property
+    def mergeable(self) -> bool:
+        # Profiles over a LoRA bank are linear in the input (ΔW = B* A*); over a bottleneck bank they are not.
+        bank = self._modules.get("xpeft_bank")
+        return bank is not None and bank.kind == "lora"
+
     def _prepare_adapter_config(self, peft_config: XPeftConfig, model_config: dict) -> XPeftConfig:
+        if peft_config.placement == "pfeiffer" and peft_config.target_modules is None:
+            peft_config.target_modules = default_pfeiffer_targets(model_config.get("model_type"))
+        if peft_config.target_modules is None and peft_config.bank != "random":
+            peft_config.target_modules = lora_bank_targets(peft_config.bank)  # None for a bottleneck bank file
         if peft_config.target_modules is None and model_config.get("model_type") not in DEFAULT_TARGET_MODULES:
             raise ValueError(
                 f"X-PEFT has no default `target_modules` for model_type {model_config.get('model_type')!r} (defaults "
@@ -135,8 +151,9 @@ class XPeftModel(XpeftTuner):
         """
         if config.bank != "random":  # e.g. set to a relative path after the config was created
             config.bank = os.path.abspath(os.path.expanduser(os.fspath(config.bank)))
-        layers = [(name, layer_features(base, "X-PEFT")[1]) for name, base in self._planned_targets(config)]
+        layers = [(name, adapted_features(base, config.placement)[1]) for name, base in self._planned_targets(config)]
         if not layers:
+            check_one_placement(self.model, config.placement)
             return  # peft refuses target modules that match nothing, with its own message
         source = bank_source_fingerprint(config)
         bank = self._modules.get("xpeft_bank")
@@ -293,7 +310,8 @@ def extract_adapter(model: nn.Module, adapter_name: str = "default") -> dict[str
     with torch.no_grad():
         return {
             layer.layer_name: {
-                part: t.detach().cpu().clone() for part, t in zip("AaBb", layer.composed(adapter_name), strict=True)
+                part: t.detach().cpu().clone()
+                for part, t in zip(layer.xpeft_bank.part_names, layer.composed(adapter_name), strict=True)
             }
             for _, layer in _layers_holding(model, adapter_name)
         }
@@ -322,8 +340,7 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
     }
     bottleneck = {}
     for name, layer in layers:
-        A, a, B, b = layer.xpeft_bank.layer(layer.layer_name)
-        bottleneck[name] = torch.zeros(A[0].numel() + a[0].numel() + B[0].numel() + b[0].numel())
+        bottleneck[name] = torch.zeros(sum(t[0].numel() for t in layer.xpeft_bank.layer(layer.layer_name)))
     model_type = model.get_base_model().config.model_type
     lora_targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, [])
     lora = {}
