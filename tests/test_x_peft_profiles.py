@@ -236,7 +236,7 @@ def test_store_errors_say_how_to_fix_them(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"holds profiles of 2 layers but the model adapts 1\. Attach them to a model "
-        r"adapting the same layers.*ProfileStore.create\(path, model.peft_config\[name\], layers=1\)",
+        r"adapting the same layers.*ProfileStore.create\(path, peft_model, adapter_name=name\)",
     ):
         attach_profile(one_layer, store, "u")
     model.add_adapter("p1", config())
@@ -436,8 +436,9 @@ def test_profile_cost_lora_baseline_equals_peft_lora_on_the_same_modules(model_n
 def test_attached_profile_equals_the_original(model_name, tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(make_model(model_name), config(model_name)).eval()
-    store = ProfileStore.create(tmp_path / "s.safetensors", model.peft_config["default"], layers=2)
-    store.add({"u": profile_payload(model)}, bank_fingerprint=model.base_model.xpeft_bank.fingerprint)
+    store = ProfileStore.create(tmp_path / "s.safetensors", model)
+    store.add_from(model, ["default"])
+    store.add({"u": store.profile("default")})  # the same profile under another name
     inputs = make_inputs(model_name)
     expected = logits(model, inputs)
     model.set_adapter(attach_profile(model, store, "u", adapter_name="twin"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import save_file
 from torch import nn
 
@@ -18,7 +19,7 @@ from ..tuners_utils import XpeftTuner, layer_features
 from .bank import XPeftBank, check_bank_allocation, check_bank_file_exists, random_bank_recipe, recipe_fingerprint
 from .config import XPeftConfig
 from .layer import UNMERGEABLE_REASON, XPeftLayer
-from .store import ProfileStore, pack_masks, unpack_masks
+from .store import ProfileStore, StoredProfile, head_schema, pack_masks, unpack_masks
 
 MASKS_KEY = "xpeft_masks"
 PEFT_PREFIX = "base_model.model."
@@ -78,6 +79,24 @@ def _layers_holding(model: nn.Module, adapter_name: str) -> list[tuple[str, XPef
     return layers
 
 
+def check_own_layers(model: nn.Module, bank: XPeftBank | None) -> None:
+    """Refuse X-PEFT layers of another X-PEFT model in `model` (whose bank is `bank`).
+
+    `get_peft_model(base, ...)` and `PeftModel.from_pretrained(base, ...)` change `base` in place. Passing that base
+    model again builds a second tuner over the first one's layers, which keep composing from the first model's bank:
+    a profile with another bank would silently run on the wrong one, and the second model's bank stays empty.
+    """
+    foreign = [name for name, m in model.named_modules() if isinstance(m, XPeftLayer) and m.xpeft_bank is not bank]
+    if foreign:
+        raise ValueError(
+            f"This base model already carries the X-PEFT layers of another peft model ({foreign[0]!r} and "
+            f"{len(foreign) - 1} more): `get_peft_model` and `PeftModel.from_pretrained` change the base model in "
+            "place, so it was wrapped before, and new profiles would be composed from that model's bank, not this "
+            "one's. Add profiles to the first peft model instead (`load_adapter`, `add_adapter`, `attach_profile`), "
+            "or start from a freshly loaded base model."
+        )
+
+
 def _mask_logits(model: nn.Module, adapter_name: str, state_dict: dict | None = None) -> torch.Tensor:
     rows = []
     for name, layer in _layers_holding(model, adapter_name):
@@ -127,8 +146,9 @@ class XPeftModel(XpeftTuner):
         layers = [(name, layer_features(base, "X-PEFT")[1]) for name, base in self._planned_targets(config)]
         if not layers:
             return  # peft refuses target modules that match nothing, with its own message
-        source = bank_source_fingerprint(config)
         bank = self._modules.get("xpeft_bank")
+        check_own_layers(self.model, bank)
+        source = bank_source_fingerprint(config)
         if bank is not None and bank.source_fingerprint != source:
             raise ValueError(
                 f"This X-PEFT profile needs bank {config.bank_fingerprint or source} ({_describe_bank(config)}) but "
@@ -219,57 +239,129 @@ class XPeftModel(XpeftTuner):
 
 
 def profile_payload(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
-    """The saved form of profile `adapter_name` (what `save_pretrained` and [`ProfileStore`] keep)."""
+    """The saved form of profile `adapter_name`'s masks (what `save_pretrained` writes for them)."""
     logits = _mask_logits(model, adapter_name)  # first: it names the available adapters for an unknown name
     config = model.peft_config[adapter_name]
     return pack_masks(logits, config.mask_type, config.hard_k)
+
+
+def _head_tensors(model, adapter_name: str) -> dict[str, tuple[str, str, torch.Tensor]]:
+    """`{"module.key": (module, key, tensor)}` of the `modules_to_save` (and other auxiliary) copies of
+    `adapter_name`, as `save_pretrained` saves them; module names are relative to the base model."""
+    head = {}
+    for module_name, module in model.get_base_model().named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            for key, tensor in module.adapter_state_dict(adapter_name, module.state_dict()).items():
+                head[f"{module_name}.{key}"] = (module_name, key, tensor.detach())
+    return head
+
+
+def profile_record(model, adapter_name: str = "default") -> StoredProfile:
+    """Profile `adapter_name` as a [`ProfileStore`] keeps it: its mask payload and its head tensors."""
+    payload = profile_payload(model, adapter_name)
+    head = {name: tensor.cpu().clone() for name, (_, _, tensor) in _head_tensors(model, adapter_name).items()}
+    return StoredProfile(payload, head)
+
+
+def store_geometry(model, adapter_name: str | None = None) -> tuple[XPeftConfig, int, list[list]]:
+    """`(config, number of adapted layers, head schema)` of the peft `model`'s X-PEFT adapter `adapter_name` (default:
+    its first X-PEFT adapter), what [`ProfileStore.create`] records."""
+    if adapter_name is None:
+        adapter_name = next((n for n, c in model.peft_config.items() if isinstance(c, XPeftConfig)), None)
+    config = model.peft_config.get(adapter_name)
+    if not isinstance(config, XPeftConfig):
+        raise ValueError(
+            f"The model has no X-PEFT adapter named {adapter_name!r} (its adapters: {sorted(model.peft_config)}); "
+            "pass `adapter_name` of an X-PEFT adapter."
+        )
+    layers = _layers_holding(model, adapter_name)
+    return config, len(layers), head_schema(_head_tensors(model, adapter_name))
+
+
+def _own_template_layers(model, template_name: str) -> list[tuple[str, XPeftLayer]]:
+    """The X-PEFT layers of adapter `template_name`, from the bank's list (a few lookups, not a model walk)."""
+    bank = model.base_model.xpeft_bank
+    check_own_layers(model.get_base_model(), bank)
+    # The bank lists its layers in creation order, which is module order.
+    base_model = model.get_base_model()
+    layers = [(n, base_model.get_submodule(n)) for n in bank.layer_names()]
+    return [(n, layer) for n, layer in layers if template_name in layer.xpeft_mask_A]
+
+
+def _check_store_fits(model, store: ProfileStore, info: dict, template_name: str, layers: list) -> None:
+    template = model.peft_config[template_name]
+    if len(layers) != info["layers"]:
+        raise ValueError(
+            f"Store {store.path} holds profiles of {info['layers']} layers but the model adapts {len(layers)}. "
+            "Attach them to a model adapting the same layers as the profiles were trained on (same base model, "
+            "`target_modules` and `layers_to_transform`), or store this model's profiles in a store created for "
+            "it: `ProfileStore.create(path, peft_model, adapter_name=name)`."
+        )
+    # The new profile adapts the template's layers, so it uses the part of the bank the template's fingerprint covers.
+    if info["bank_fingerprint"] != template.bank_fingerprint:
+        raise ValueError(
+            f"Store {store.path} holds profiles of bank {info['bank_fingerprint']} but the model's bank is "
+            f"{template.bank_fingerprint}; attach them to a model built with that bank."
+        )
+    model_head = _head_shapes(head_schema(_head_tensors(model, template_name)))
+    if info.get("head") is None:
+        if model_head:
+            raise ValueError(
+                f"Store {store.path} was written by xpeft 0.2 (format v1), which kept only the masks of each profile, "
+                f"but this model's profiles have a head ({', '.join(model_head)}): attaching would give the profile "
+                "the base model's untrained head and silently different outputs. Add the profiles again, with their "
+                "heads, to a new store: `ProfileStore.create(path, peft_model)` then `store.add_from(peft_model, "
+                "names)`."
+            )
+        return
+    stored_head = _head_shapes(info["head"])
+    if stored_head != model_head:
+        raise ValueError(
+            f"Store {store.path} keeps profiles with head {stored_head or 'none'}, but this model's adapter "
+            f"{template_name!r} has head {model_head or 'none'} (`modules_to_save`): the profiles were trained on "
+            "another model or task type. Attach them to a model with the same `modules_to_save`."
+        )
+
+
+def _head_shapes(schema: list[list]) -> dict[str, list[int]]:
+    return {f"{module}.{key}": list(shape) for module, key, _, shape in schema}
 
 
 def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | None = None) -> str:
     """Add stored profile `name` to the peft `model` as adapter `adapter_name` (default: `name`); return its name.
 
     The new adapter copies the config of the model's first X-PEFT adapter, so the model must already hold the bank
-    the store was built for. Without `modules_to_save` the profile is attached directly to the existing X-PEFT
-    layers (two small tensors per layer, well under a millisecond for BERT-base); with a head, through peft's
-    `add_adapter`, which also copies the head.
+    the store was built for, and must have the same head (`modules_to_save`) as the stored profiles: the stored head
+    tensors are loaded into the new adapter's copies, so that it gives the outputs of the profile that was stored,
+    bit for bit. Without a head the profile is attached directly to the existing X-PEFT layers (two small tensors
+    per layer, well under a millisecond for BERT-base); with a head, through peft's `add_adapter`.
     """
     adapter_name = adapter_name or name
     if adapter_name in model.peft_config:
         raise ValueError(f"The model already has an adapter named {adapter_name!r}; pass another `adapter_name`.")
     template_name, template = next(iter(model.peft_config.items()))
-    bank = model.base_model.xpeft_bank
-    # The bank lists its layers in creation order, which is module order: a few lookups instead of a model walk.
-    base_model = model.get_base_model()
-    layers = [(n, base_model.get_submodule(n)) for n in bank.layer_names()]
-    layers = [(n, layer) for n, layer in layers if template_name in layer.xpeft_mask_A]
-    if len(layers) != store.info["layers"]:
-        raise ValueError(
-            f"Store {store.path} holds profiles of {store.info['layers']} layers but the model adapts {len(layers)}. "
-            "Attach them to a model adapting the same layers as the profiles were trained on (same base model, "
-            "`target_modules` and `layers_to_transform`), or store this model's profiles in a store created for "
-            f"it: `ProfileStore.create(path, model.peft_config[name], layers={len(layers)})`."
-        )
-    # The new profile adapts the template's layers, so it uses the part of the bank the template's fingerprint covers.
-    if store.info["bank_fingerprint"] != template.bank_fingerprint:
-        raise ValueError(
-            f"Store {store.path} holds profiles of bank {store.info['bank_fingerprint']} but the model's bank is "
-            f"{template.bank_fingerprint}; attach them to a model built with that bank."
-        )
-    logits = store.masks(name)  # read and validated before the model changes
+    layers = _own_template_layers(model, template_name)
+    stored, info = store.read_record(name)  # read and validated before the model changes
+    _check_store_fits(model, store, info, template_name, layers)
+    logits = unpack_masks(stored.masks, info["mask_type"], info["hard_k"], info["layers"], info["bank_size"])
     config = copy.copy(template)
     forget_source(config)  # a new adapter, whatever folder the template was read from
-    config.mask_type, config.hard_k, config.inference_mode = store.info["mask_type"], store.info["hard_k"], True
-    if config.modules_to_save:
-        model.add_adapter(adapter_name, config)
-        layers = xpeft_layers(model, adapter_name)
-        with torch.no_grad():
-            for (_, layer), row in zip(layers, logits, strict=True):
-                layer.xpeft_mask_A[adapter_name].copy_(row[0])
-                layer.xpeft_mask_B[adapter_name].copy_(row[1])
+    config.mask_type, config.hard_k, config.inference_mode = info["mask_type"], info["hard_k"], True
+    if not stored.head:
+        model.peft_config[adapter_name] = config
+        for (_, layer), row in zip(layers, logits, strict=True):
+            layer.update_layer(adapter_name, config, init_logits=row)
         return adapter_name
-    model.peft_config[adapter_name] = config
-    for (_, layer), row in zip(layers, logits, strict=True):
-        layer.update_layer(adapter_name, config, init_logits=row)
+    model.add_adapter(adapter_name, config)
+    base_model = model.get_base_model()
+    with torch.no_grad():
+        for (_, layer), row in zip(xpeft_layers(model, adapter_name), logits, strict=True):
+            layer.xpeft_mask_A[adapter_name].copy_(row[0])
+            layer.xpeft_mask_B[adapter_name].copy_(row[1])
+        for module_name, key, _, _ in info["head"]:
+            wrapper = base_model.get_submodule(module_name)
+            target = wrapper.state_dict(keep_vars=True)[wrapper.adapter_state_dict_load_map(adapter_name)[key]]
+            target.copy_(stored.head[f"{module_name}.{key}"])
     return adapter_name
 
 
@@ -298,17 +390,16 @@ def _saved_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[str, int]:
     """Trainable parameters and bytes on disk of one profile, next to a full bottleneck adapter and LoRA r=`lora_r`.
 
-    `profile_file_bytes` is the size of the profile's `adapter_model.safetensors` without a head, `with_head_bytes`
-    with its `modules_to_save` tensors (0 head bytes without a head). Baselines: a full bottleneck adapter on the
+    `payload_bytes` and `head_bytes` are the bytes of the masks and of the head (its `modules_to_save` tensors) that
+    a [`ProfileStore`] record holds; `profile_file_bytes` is the size of the profile's `adapter_model.safetensors`
+    without a head, `with_head_bytes` with it. Baselines: a full bottleneck adapter on the
     same layers (`2rd + r + d` fp32 parameters per layer) and LoRA on peft's default targets for this model type
     (`r(in + out)` per layer), as tensor bytes in safetensors files.
     """
     layers = _layers_holding(model, adapter_name)
     config = model.peft_config[adapter_name]
     payload = profile_payload(model, adapter_name)
-    head = {
-        name: param.detach() for name, param in model.named_parameters() if f"modules_to_save.{adapter_name}." in name
-    }
+    head = {name: tensor for name, (_, _, tensor) in _head_tensors(model, adapter_name).items()}
     bottleneck = {}
     for name, layer in layers:
         A, a, B, b = layer.xpeft_bank.layer(layer.layer_name)
@@ -333,6 +424,7 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
         "profile_file_bytes": _saved_bytes({MASKS_KEY: payload}),
         "with_head_bytes": _saved_bytes({MASKS_KEY: payload, **head}),
         "head_parameters": sum(t.numel() for t in head.values()),
+        "head_bytes": sum(t.numel() * t.element_size() for t in head.values()),
         "bottleneck_adapter_parameters": sum(t.numel() for t in bottleneck.values()),
         "bottleneck_adapter_file_bytes": _saved_bytes(bottleneck) if bottleneck else 0,
         "lora_parameters": sum(t.numel() for t in lora.values()),
