@@ -43,7 +43,9 @@ def test_attached_profile_has_the_trained_head_and_bit_identical_outputs(tmp_pat
     model = trained_bert(mask_type)
     store = ProfileStore.create(tmp_path / "s.safetensors", model)
     store.add_from(model, ["alice"])
+    modules_to_save = list(model.peft_config["alice"].modules_to_save)
     attach_profile(model, ProfileStore(tmp_path / "s.safetensors"), "alice", adapter_name="alice_from_store")
+    assert model.peft_config["alice"].modules_to_save == modules_to_save  # the template's config is left alone
     inputs = make_inputs("bert", batch=2)
     doubled = {key: torch.cat([value, value]) for key, value in inputs.items()}
     names = ["alice", "alice", "alice_from_store", "alice_from_store"]

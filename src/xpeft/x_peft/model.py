@@ -22,6 +22,7 @@ from .layer import UNMERGEABLE_REASON, XPeftLayer
 from .store import ProfileStore, StoredProfile, head_schema, pack_masks, unpack_masks
 
 MASKS_KEY = "xpeft_masks"
+LOGITS_KEY = "xpeft_mask_logits"  # hard masks saved with `save_mask_logits=True`: their float32 logits as well
 PEFT_PREFIX = "base_model.model."
 # Each block's feed-forward output projection (DESIGN.md §2: Pfeiffer adapter after the feed-forward output).
 # BERT-like encoders also have "attention.output.dense", which the regex excludes.
@@ -203,36 +204,156 @@ class XPeftModel(XpeftTuner):
         new_module = XPeftLayer(target, adapter_name, config, self.xpeft_bank, current_key)
         self._swap_in(parent, target_name, new_module, target, adapter_name)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # peft creates adapter weights in the base layer's dtype and upcasts float16/bfloat16 ones to float32 unless
+        # `autocast_adapter_dtype=False`. X-PEFT layers create their mask logits in float32, so with autocasting off
+        # they are put in the base dtype here, as peft's other tuners keep them.
+        if not autocast_adapter_dtype:
+            for _, layer in xpeft_layers(self.model, adapter_name):
+                dtype = layer.get_base_layer().weight.dtype
+                if not dtype.is_floating_point:  # e.g. quantized base weights: keep float32
+                    continue
+                for container in (layer.xpeft_mask_A, layer.xpeft_mask_B):
+                    mask = container[adapter_name]
+                    container[adapter_name] = nn.Parameter(mask.detach().to(dtype), requires_grad=mask.requires_grad)
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear"
+    ) -> None:
+        """Add soft profile `adapter_name` whose mixing weights over the bank are `Σ_j weights[j] softmax(S_j)`.
+
+        The mix is taken over the mixing weights, not the logits: the new profile's composed adapter is then exactly
+        the weighted sum of the given profiles' composed adapters, `A*_new = Σ_j weights[j] A*_j` (and `a*`, `B*`,
+        `b*` likewise), the X-PEFT counterpart of LoRA's linear combination. A softmax gives every distribution over
+        the bank that has no zero, so `weights` must be non-negative and sum to 1: the new logits are
+        `log Σ_j weights[j] softmax(S_j)`. Hard-mask profiles are refused (a mix of top-k selections is not a top-k
+        selection), and so are profiles with heads (`modules_to_save` copies cannot be mixed). The new profile is
+        added inactive, like peft's other new adapters.
+        """
+        if combination_type != "linear":
+            raise ValueError(
+                f"X-PEFT mixes profiles linearly only (combination_type='linear'), got {combination_type!r}: the "
+                "other combination types are LoRA's, for low-rank weight updates."
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(f"The model already has an adapter named {adapter_name!r}; pass another `adapter_name`.")
+        rows = _weighted_mix_rows(self, list(adapters), list(weights))
+        config = copy.copy(self.peft_config[adapters[0]])
+        forget_source(config)
+        config.mask_type, config.inference_mode = "soft", True
+        self.peft_config[adapter_name] = config
+        for (_, layer), row in zip(xpeft_layers(self.model, adapters[0]), rows, strict=True):
+            layer.update_layer(adapter_name, config, init_logits=row)
+
     # -- saving: one tensor of masks per profile, never the bank -------------------------------------------------
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         layers = xpeft_layers(model, adapter_name)
         prefix = PEFT_PREFIX if layers and layers[0][0].startswith(PEFT_PREFIX) else ""
-        payload = pack_masks(_mask_logits(model, adapter_name, state_dict), config.mask_type, config.hard_k)
-        return {f"{prefix}{MASKS_KEY}.{adapter_name}": payload}
+        logits = _mask_logits(model, adapter_name, state_dict)
+        saved = {f"{prefix}{MASKS_KEY}.{adapter_name}": pack_masks(logits, config.mask_type, config.hard_k)}
+        if _saves_logits(config):
+            saved[f"{prefix}{LOGITS_KEY}.{adapter_name}"] = pack_masks(logits, "soft", config.hard_k)
+        return saved
 
     @classmethod
     def _decode_checkpoint(cls, model, config, adapter_name, state_dict):
         # The masks payload becomes one checkpoint key per layer and mask, which peft's remapping then maps to the
         # model's keys (and `check_loaded_tensors` checks, with any head).
         state_dict = dict(state_dict)
-        key = next((k for k in (PEFT_PREFIX + MASKS_KEY, MASKS_KEY) if k in state_dict), None)
-        if key is None:
+        payload = _pop_saved(state_dict, MASKS_KEY)
+        if payload is None:
             raise ValueError(
                 f"{weights_source(config)} has no '{PEFT_PREFIX}{MASKS_KEY}' tensor, so it is not an X-PEFT profile "
                 "(or it is corrupted); re-save it with `save_pretrained` after `import xpeft`."
             )
-        payload = state_dict.pop(key)
+        saved_logits = _pop_saved(state_dict, LOGITS_KEY)
         layers = xpeft_layers(model, adapter_name)
         try:
             logits = unpack_masks(payload, config.mask_type, config.hard_k, len(layers), config.bank_size)
+            logits = _saved_logits(config, saved_logits, payload, len(layers)) if _saves_logits(config) else logits
         except ValueError as error:
             raise ValueError(f"{weights_source(config)}: {error}") from error
+        if saved_logits is not None and not _saves_logits(config):
+            raise ValueError(
+                f"{weights_source(config)} holds mask logits ('{LOGITS_KEY}'), which only a hard-mask profile with "
+                "`save_mask_logits=True` saves, but its config does not say so: adapter_config.json was edited or "
+                "belongs to another profile. Restore the config the profile was saved with."
+            )
         for (name, _), row in zip(layers, logits, strict=True):
             for attr, values in zip(XPeftLayer.adapter_layer_names, row, strict=True):
                 state_dict[cls._remove_adapter_name_from_key(f"{name}.{attr}.{adapter_name}", adapter_name)] = values
         return state_dict
+
+
+def _weighted_mix_rows(tuner: XPeftModel, adapters: list[str], weights: list[float]) -> torch.Tensor:
+    """The logits `[L, 2, N]` of `add_weighted_adapter`'s mix, after checking that it is defined."""
+    if not adapters or len(weights) != len(adapters):
+        raise ValueError(
+            f"`add_weighted_adapter` needs one weight per adapter, got {len(adapters)} adapters and {len(weights)} "
+            "weights."
+        )
+    missing = [name for name in adapters if name not in tuner.peft_config]
+    if missing:
+        raise ValueError(f"Unknown adapter(s) {missing}; the model's adapters are {sorted(tuner.peft_config)}.")
+    hard = [name for name in adapters if tuner.peft_config[name].mask_type != "soft"]
+    if hard:
+        raise NotImplementedError(
+            f"X-PEFT cannot mix hard-mask profiles ({', '.join(hard)}): a weighted mix of top-k selections is not a "
+            "top-k selection. Mix soft-mask profiles (`mask_type='soft'`)."
+        )
+    heads = [name for name in adapters if _head_tensors(tuner.model, name)]
+    if heads:
+        raise ValueError(
+            f"Cannot mix profiles with heads ({', '.join(heads)} have `modules_to_save` copies): a weighted mix of "
+            "heads is not defined. Mix profiles without `modules_to_save`."
+        )
+    c = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+    if not torch.isfinite(c).all() or (c < 0).any() or abs(float(c.sum()) - 1.0) > 1e-6:
+        raise ValueError(
+            f"X-PEFT mixes profiles' mixing weights over the bank, which are distributions, so `weights` must be "
+            f"non-negative and sum to 1, got {list(weights)}; pass e.g. [w / sum(weights) for w in weights]."
+        )
+    names = [[name for name, _ in xpeft_layers(tuner.model, adapter)] for adapter in adapters]
+    if any(layer_names != names[0] for layer_names in names):
+        raise ValueError(
+            f"Adapters {adapters} adapt different layers; `add_weighted_adapter` mixes profiles of the same layers."
+        )
+    mix = sum(
+        w * torch.softmax(_mask_logits(tuner.model, name).double(), -1) for w, name in zip(c, adapters, strict=True)
+    )
+    # Every softmax weight is positive; the floor only keeps an underflow to 0 from becoming -inf.
+    return mix.clamp_min(torch.finfo(torch.float32).tiny).log().float()
+
+
+def _saves_logits(config: XPeftConfig) -> bool:
+    return config.mask_type == "hard" and config.save_mask_logits
+
+
+def _pop_saved(state_dict: dict, key: str) -> torch.Tensor | None:
+    found = next((k for k in (PEFT_PREFIX + key, key) if k in state_dict), None)
+    return None if found is None else state_dict.pop(found)
+
+
+def _saved_logits(
+    config: XPeftConfig, logits: torch.Tensor | None, payload: torch.Tensor, layers: int
+) -> torch.Tensor:
+    """The saved logits of a hard profile saved with `save_mask_logits=True`, checked against its selection."""
+    if logits is None:
+        raise ValueError(
+            f"the config says `save_mask_logits=True` but the file has no '{LOGITS_KEY}' tensor: it is corrupted, or "
+            "the config was edited. Restore the config the profile was saved with (or set `save_mask_logits` false "
+            "to load the selection alone)."
+        )
+    logits = unpack_masks(logits, "soft", config.hard_k, layers, config.bank_size)  # float32 [L, 2, N], finite
+    if not torch.equal(pack_masks(logits, "hard", config.hard_k), payload):
+        raise ValueError(
+            f"the saved mask logits do not select the adapters its '{MASKS_KEY}' selects: the file is corrupted; "
+            "re-save the profile."
+        )
+    return logits
 
 
 # -- profiles as payloads: the store, attaching, extracting, cost ------------------------------------------------
@@ -245,11 +366,11 @@ def profile_payload(model: nn.Module, adapter_name: str = "default") -> torch.Te
     return pack_masks(logits, config.mask_type, config.hard_k)
 
 
-def _head_tensors(model, adapter_name: str) -> dict[str, tuple[str, str, torch.Tensor]]:
+def _head_tensors(base_model: nn.Module, adapter_name: str) -> dict[str, tuple[str, str, torch.Tensor]]:
     """`{"module.key": (module, key, tensor)}` of the `modules_to_save` (and other auxiliary) copies of
-    `adapter_name`, as `save_pretrained` saves them; module names are relative to the base model."""
+    `adapter_name` in `base_model` (the transformers model, with peft's wrappers), as `save_pretrained` saves them."""
     head = {}
-    for module_name, module in model.get_base_model().named_modules():
+    for module_name, module in base_model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
             for key, tensor in module.adapter_state_dict(adapter_name, module.state_dict()).items():
                 head[f"{module_name}.{key}"] = (module_name, key, tensor.detach())
@@ -259,7 +380,10 @@ def _head_tensors(model, adapter_name: str) -> dict[str, tuple[str, str, torch.T
 def profile_record(model, adapter_name: str = "default") -> StoredProfile:
     """Profile `adapter_name` as a [`ProfileStore`] keeps it: its mask payload and its head tensors."""
     payload = profile_payload(model, adapter_name)
-    head = {name: tensor.cpu().clone() for name, (_, _, tensor) in _head_tensors(model, adapter_name).items()}
+    head = {
+        name: tensor.cpu().clone()
+        for name, (_, _, tensor) in _head_tensors(model.get_base_model(), adapter_name).items()
+    }
     return StoredProfile(payload, head)
 
 
@@ -275,7 +399,7 @@ def store_geometry(model, adapter_name: str | None = None) -> tuple[XPeftConfig,
             "pass `adapter_name` of an X-PEFT adapter."
         )
     layers = _layers_holding(model, adapter_name)
-    return config, len(layers), head_schema(_head_tensors(model, adapter_name))
+    return config, len(layers), head_schema(_head_tensors(model.get_base_model(), adapter_name))
 
 
 def _own_template_layers(model, template_name: str) -> list[tuple[str, XPeftLayer]]:
@@ -303,7 +427,7 @@ def _check_store_fits(model, store: ProfileStore, info: dict, template_name: str
             f"Store {store.path} holds profiles of bank {info['bank_fingerprint']} but the model's bank is "
             f"{template.bank_fingerprint}; attach them to a model built with that bank."
         )
-    model_head = _head_shapes(head_schema(_head_tensors(model, template_name)))
+    model_head = _head_shapes(head_schema(_head_tensors(model.get_base_model(), template_name)))
     if info.get("head") is None:
         if model_head:
             raise ValueError(
@@ -347,6 +471,8 @@ def attach_profile(model, store: ProfileStore, name: str, adapter_name: str | No
     config = copy.copy(template)
     forget_source(config)  # a new adapter, whatever folder the template was read from
     config.mask_type, config.hard_k, config.inference_mode = info["mask_type"], info["hard_k"], True
+    # Its own list: peft's sequence-classification `add_adapter` extends it in place, which would grow the template's.
+    config.modules_to_save = list(template.modules_to_save) if template.modules_to_save else template.modules_to_save
     if not stored.head:
         model.peft_config[adapter_name] = config
         for (_, layer), row in zip(layers, logits, strict=True):
@@ -399,7 +525,10 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
     layers = _layers_holding(model, adapter_name)
     config = model.peft_config[adapter_name]
     payload = profile_payload(model, adapter_name)
-    head = {name: tensor for name, (_, _, tensor) in _head_tensors(model, adapter_name).items()}
+    saved = {MASKS_KEY: payload}
+    if _saves_logits(config):
+        saved[LOGITS_KEY] = pack_masks(_mask_logits(model, adapter_name), "soft", config.hard_k)
+    head = {name: tensor for name, (_, _, tensor) in _head_tensors(model.get_base_model(), adapter_name).items()}
     bottleneck = {}
     for name, layer in layers:
         A, a, B, b = layer.xpeft_bank.layer(layer.layer_name)
@@ -421,8 +550,8 @@ def profile_cost(model, adapter_name: str = "default", lora_r: int = 8) -> dict[
         "bank_size": config.bank_size,
         "trainable_parameters": 2 * len(layers) * config.bank_size,
         "payload_bytes": payload.numel() * payload.element_size(),
-        "profile_file_bytes": _saved_bytes({MASKS_KEY: payload}),
-        "with_head_bytes": _saved_bytes({MASKS_KEY: payload, **head}),
+        "profile_file_bytes": _saved_bytes(saved),
+        "with_head_bytes": _saved_bytes({**saved, **head}),
         "head_parameters": sum(t.numel() for t in head.values()),
         "head_bytes": sum(t.numel() * t.element_size() for t in head.values()),
         "bottleneck_adapter_parameters": sum(t.numel() for t in bottleneck.values()),
