@@ -405,7 +405,6 @@ def store_geometry(model, adapter_name: str | None = None) -> tuple[XPeftConfig,
 def _own_template_layers(model, template_name: str) -> list[tuple[str, XPeftLayer]]:
     """The X-PEFT layers of adapter `template_name`, from the bank's list (a few lookups, not a model walk)."""
     bank = model.base_model.xpeft_bank
-    check_own_layers(model.get_base_model(), bank)
     # The bank lists its layers in creation order, which is module order.
     base_model = model.get_base_model()
     layers = [(n, base_model.get_submodule(n)) for n in bank.layer_names()]
@@ -415,6 +414,7 @@ def _own_template_layers(model, template_name: str) -> list[tuple[str, XPeftLaye
 def _check_store_fits(model, store: ProfileStore, info: dict, template_name: str, layers: list) -> None:
     template = model.peft_config[template_name]
     if len(layers) != info["layers"]:
+        check_own_layers(model.get_base_model(), model.base_model.xpeft_bank)  # the likelier cause, if it is one
         raise ValueError(
             f"Store {store.path} holds profiles of {info['layers']} layers but the model adapts {len(layers)}. "
             "Attach them to a model adapting the same layers as the profiles were trained on (same base model, "
@@ -427,7 +427,10 @@ def _check_store_fits(model, store: ProfileStore, info: dict, template_name: str
             f"Store {store.path} holds profiles of bank {info['bank_fingerprint']} but the model's bank is "
             f"{template.bank_fingerprint}; attach them to a model built with that bank."
         )
-    model_head = _head_shapes(head_schema(_head_tensors(model.get_base_model(), template_name)))
+    # Heads come from `modules_to_save`: without it there is nothing to find, and no model walk on this fast path.
+    model_head = {}
+    if template.modules_to_save:
+        model_head = _head_shapes(head_schema(_head_tensors(model.get_base_model(), template_name)))
     if info.get("head") is None:
         if model_head:
             raise ValueError(
