@@ -36,7 +36,8 @@ STORE_FORMAT_V1 = "xpeft-profile-store/v1"
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _HEAD_DTYPES = {
     str(dtype).removeprefix("torch."): dtype
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool)
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16)
+    + (torch.int8, torch.uint8, torch.bool)
 }
 
 
@@ -243,6 +244,12 @@ class ProfileStore:
                 )
         if config.bank_fingerprint is None:
             raise ValueError("The config has no bank fingerprint yet; create the store from an attached config.")
+        unsupported = sorted({dtype for _, _, dtype, _ in head} - set(_HEAD_DTYPES))
+        if unsupported:
+            raise ValueError(
+                f"The profiles' head has tensors of dtype {unsupported}, which a profile store cannot keep (it keeps "
+                f"{sorted(_HEAD_DTYPES)}); cast the `modules_to_save` modules to one of these first."
+            )
         info = {
             "bank_fingerprint": config.bank_fingerprint,
             "mask_type": config.mask_type,
