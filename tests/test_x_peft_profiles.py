@@ -236,7 +236,7 @@ def test_store_errors_say_how_to_fix_them(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"holds profiles of 2 layers but the model adapts 1\. Attach them to a model "
-        r"adapting the same layers.*ProfileStore.create\(path, model.peft_config\[name\], layers=1\)",
+        r"adapting the same layers.*ProfileStore.create\(path, peft_model, adapter_name=name\)",
     ):
         attach_profile(one_layer, store, "u")
     model.add_adapter("p1", config())
@@ -306,13 +306,11 @@ def test_profile_on_a_bank_file_loads_from_any_directory_and_a_moved_bank_is_nam
     loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile")
     torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
     (tmp_path / "bank.safetensors").rename(elsewhere / "moved.safetensors")
-    match = f"`bank` points to {re.escape(str(tmp_path / 'bank.safetensors'))}.*config.bank = .*config=config"
+    match = r"bank file 'bank.safetensors' .* not found; searched: .*profile/\.\./bank.safetensors.*bank_path="
     with pytest.raises(FileNotFoundError, match=match):
         PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile")
     # the fix the message gives, with a path relative to the current directory
-    moved = XPeftConfig.from_pretrained(tmp_path / "profile")
-    moved.bank = "moved.safetensors"
-    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile", config=moved)
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "profile", bank_path="moved.safetensors")
     torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
     assert loaded.peft_config["default"].bank == str(elsewhere / "moved.safetensors")
 
@@ -436,8 +434,9 @@ def test_profile_cost_lora_baseline_equals_peft_lora_on_the_same_modules(model_n
 def test_attached_profile_equals_the_original(model_name, tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(make_model(model_name), config(model_name)).eval()
-    store = ProfileStore.create(tmp_path / "s.safetensors", model.peft_config["default"], layers=2)
-    store.add({"u": profile_payload(model)}, bank_fingerprint=model.base_model.xpeft_bank.fingerprint)
+    store = ProfileStore.create(tmp_path / "s.safetensors", model)
+    store.add_from(model, ["default"])
+    store.add({"u": store.profile("default")})  # the same profile under another name
     inputs = make_inputs(model_name)
     expected = logits(model, inputs)
     model.set_adapter(attach_profile(model, store, "u", adapter_name="twin"))
@@ -472,3 +471,129 @@ def test_saved_random_bank_reproduces_the_random_bank_and_bank_geometry_errors(t
         get_peft_model(wider, config("gpt2", bank=str(path)))
     with pytest.raises(ValueError, match="d=32 < reduction_factor=64.*lower `reduction_factor`"):
         get_peft_model(make_model("gpt2"), config("gpt2", reduction_factor=64))
+
+
+# -- peft conformance: adapter dtype, resumable hard masks, weighted mixes -----------------------------------------
+
+
+def _mask_params(model, name):
+    return [p for _, layer in xpeft_layers(model, name) for p in (layer.xpeft_mask_A[name], layer.xpeft_mask_B[name])]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masks_follow_peft_autocast_adapter_dtype(dtype, tmp_path):
+    base = make_model("llama").to(dtype)
+    model = get_peft_model(base, config(), autocast_adapter_dtype=False)
+    assert {p.dtype for p in _mask_params(model, "default")} == {dtype}
+    assert all(p.requires_grad for p in _mask_params(model, "default"))
+    model.add_adapter("other", config(), autocast_adapter_dtype=False)
+    assert {p.dtype for p in _mask_params(model, "other")} == {dtype}
+    model.add_adapter("upcast", config())  # peft's default: float32 adapter weights
+    assert {p.dtype for p in _mask_params(model, "upcast")} == {torch.float32}
+    out = model(**make_inputs("llama")).logits
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model("llama").to(dtype), tmp_path, autocast_adapter_dtype=False)
+    assert {p.dtype for p in _mask_params(loaded, "default")} == {dtype}
+    expected = [p.to(dtype) for p in _mask_params(model, "default")]
+    assert all(torch.equal(p, q) for p, q in zip(_mask_params(loaded, "default"), expected, strict=True))
+
+
+def _train(model, steps, inputs):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**inputs).logits.square().mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("save_mask_logits", [True, False])
+def test_hard_profile_saved_with_its_logits_resumes_training_exactly(tmp_path, save_mask_logits):
+    torch.manual_seed(0)
+    cfg = config(mask_type="hard", hard_k=2, save_mask_logits=save_mask_logits)
+    model = get_peft_model(make_model("llama"), cfg).train()
+    inputs = make_inputs("llama")
+    _train(model, 3, inputs)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    logits_key = {"base_model.model.xpeft_mask_logits"} if save_mask_logits else set()
+    assert set(saved) == {"base_model.model.xpeft_masks"} | logits_key
+    resumed = PeftModel.from_pretrained(make_model("llama"), tmp_path, is_trainable=True).train()
+    _train(model, 3, inputs)
+    _train(resumed, 3, inputs)
+    same = [
+        torch.equal(p, q)
+        for p, q in zip(_mask_params(model, "default"), _mask_params(resumed, "default"), strict=True)
+    ]
+    # without the logits the selection reloads (same outputs) but training continues from 0/1 logits elsewhere
+    assert all(same) if save_mask_logits else not all(same)
+
+
+def test_saved_mask_logits_must_agree_with_the_config_and_the_selection(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), config(mask_type="hard", hard_k=2, save_mask_logits=True))
+    model.save_pretrained(tmp_path)
+    file, config_file = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    tensors = load_file(file)
+    assert tensors["base_model.model.xpeft_mask_logits"].shape == (2, 2, N)
+    original = config_file.read_text()
+    config_file.write_text(original.replace('"save_mask_logits": true', '"save_mask_logits": false'))
+    with pytest.raises(ValueError, match="holds mask logits .* but its config does not say so"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    config_file.write_text(original)
+    flipped = dict(tensors)
+    flipped["base_model.model.xpeft_mask_logits"] = -tensors["base_model.model.xpeft_mask_logits"]
+    save_file(flipped, file, metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match="do not select the adapters its 'xpeft_masks' selects: the file is corrupted"
+    ):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    save_file(
+        {"base_model.model.xpeft_masks": tensors["base_model.model.xpeft_masks"]}, file, metadata={"format": "pt"}
+    )
+    with pytest.raises(ValueError, match="says `save_mask_logits=True` but the file has no 'xpeft_mask_logits'"):
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+
+
+def test_weighted_adapter_mixes_the_composed_adapters():
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), config())
+    model.add_adapter("b", config())
+    model.add_adapter("c", config())
+    weights = [0.5, 0.2, 0.3]
+    model.add_weighted_adapter(["default", "b", "c"], weights, adapter_name="mix")
+    assert model.peft_config["mix"].mask_type == "soft"
+    for _, layer in xpeft_layers(model, "mix"):
+        bank = layer.xpeft_bank.layer(layer.layer_name)
+        mixed = layer.composed("mix")
+        for part, (tensor, bank_part) in enumerate(zip(mixed, bank, strict=True)):
+            masks = layer.xpeft_mask_A if part < 2 else layer.xpeft_mask_B
+            # independent: each profile's adapter from its softmax weights, then the weighted sum
+            manual = sum(
+                w * torch.einsum("n,n...->...", torch.softmax(masks[name].double(), -1), bank_part.double())
+                for w, name in zip(weights, ["default", "b", "c"], strict=True)
+            )
+            torch.testing.assert_close(tensor.double(), manual, rtol=1e-5, atol=1e-6)
+    model.eval().set_adapter("mix")
+    assert torch.isfinite(logits(model, make_inputs("llama"))).all()
+
+
+def test_weighted_adapter_refusals():
+    model = get_peft_model(make_model("llama"), config())
+    model.add_adapter("b", config())
+    model.add_adapter("h", config(mask_type="hard", hard_k=2))
+    with pytest.raises(NotImplementedError, match=r"cannot mix hard-mask profiles \(h\).*Mix soft-mask profiles"):
+        model.add_weighted_adapter(["default", "h"], [0.5, 0.5], adapter_name="m")
+    with pytest.raises(ValueError, match=r"`weights` must be non-negative and sum to 1, got \[1.0, 1.0\]"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], adapter_name="m")
+    with pytest.raises(ValueError, match=r"`weights` must be non-negative and sum to 1, got \[1.5, -0.5\]"):
+        model.add_weighted_adapter(["default", "b"], [1.5, -0.5], adapter_name="m")
+    with pytest.raises(ValueError, match="combination_type='linear'"):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], adapter_name="m", combination_type="svd")
+    with pytest.raises(ValueError, match="already has an adapter named 'b'"):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], adapter_name="b")
+    assert "m" not in model.peft_config
+    bert = get_peft_model(make_model("bert"), config("bert"))
+    bert.add_adapter("b", config("bert"))
+    with pytest.raises(ValueError, match=r"Cannot mix profiles with heads \(default, b have `modules_to_save`"):
+        bert.add_weighted_adapter(["default", "b"], [0.5, 0.5], adapter_name="m")

@@ -2,20 +2,101 @@
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
 from ..config_utils import check_scalar_fields, normalize_module_selection
-from ..loading import read_adapter_config
+from ..loading import loaded_from, read_adapter_config
+from ..serialization import TEMP_INFIX, read_safetensors_metadata
 
 NAME = "xpeft"
 # 1000x the paper's N=100. Each layer's bank and each profile's masks grow with N; the bank's memory is bounded
 # separately, from the model's layer sizes, by `xpeft.x_peft.bank.MAX_BANK_BYTES`.
 MAX_BANK_SIZE = 100_000
+BANK_PATH_ENV = "XPEFT_BANK_PATH"
+"""Environment variable: folders (or bank files), separated by `os.pathsep`, searched for a loaded profile's bank."""
+# Set while `XPeftConfig.from_pretrained` builds a config from a file: a relative `bank` there is relative to the
+# profile folder, not to the current directory, and is resolved once the folder is known.
+_READING_SAVED_CONFIG = contextvars.ContextVar("xpeft_reading_saved_config", default=False)
+_STAGED_FOLDER = re.compile(r"\.(.+)" + re.escape(TEMP_INFIX) + "[0-9a-f]{32}")
+
+
+def portable_bank_path(bank: str, save_directory: str | os.PathLike) -> str:
+    """The `bank` a profile saved in `save_directory` records: the bank file's path relative to the profile folder
+    (POSIX separators), or only its file name when the two share no folder but the file system's root (e.g.
+    `push_to_hub` saves into a temporary folder), so that no absolute local path is ever written."""
+    folder = Path(os.path.realpath(save_directory))
+    # A crash-safe save (xpeft.saving) writes into a temporary sibling `.{name}.xpeft-tmp-<hex>` of the folder.
+    folder = Path(*(m.group(1) if (m := _STAGED_FOLDER.fullmatch(part)) else part for part in folder.parts))
+    target = Path(os.path.realpath(bank))
+    try:
+        common = Path(os.path.commonpath([folder, target]))
+    except ValueError:  # another drive
+        return target.name
+    if common == Path(common.anchor):
+        return target.name
+    return Path(os.path.relpath(target, folder)).as_posix()
+
+
+def _fingerprint_of(path: Path) -> str | None:
+    try:
+        return read_safetensors_metadata(path).get("fingerprint")
+    except (OSError, ValueError):  # unreadable or not a safetensors file: not the bank
+        return None
+
+
+def resolve_bank_path(recorded: str, fingerprint: str | None, folder: Path | None, bank_path=None) -> str:
+    """The absolute path of a loaded profile's bank file, found by its recorded path and checked by fingerprint.
+
+    Searched in order: `bank_path` (a bank file, or a folder holding one with the recorded file name; used alone when
+    given), then each entry of `$XPEFT_BANK_PATH` (folders or files, separated by `os.pathsep`), then the recorded
+    path, relative to the profile `folder` (an absolute path of an older profile is used as is). The first file whose
+    header records the profile's `fingerprint` wins.
+    """
+    name = Path(recorded).name
+
+    def candidate(entry) -> Path:
+        path = Path(os.path.expanduser(os.fspath(entry)))
+        return path / name if path.is_dir() else path
+
+    if bank_path is not None:
+        candidates = [("`bank_path`", candidate(bank_path))]
+    else:
+        entries = [e for e in os.environ.get(BANK_PATH_ENV, "").split(os.pathsep) if e]
+        candidates = [(f"${BANK_PATH_ENV}", candidate(entry)) for entry in entries]
+        if Path(recorded).is_absolute():
+            candidates.append(("the recorded absolute path", Path(recorded)))
+        elif folder is not None:
+            candidates.append(("the path recorded relative to the profile", folder / recorded))
+    others = []
+    for origin, path in candidates:
+        if not path.is_file():
+            continue
+        found = _fingerprint_of(path)
+        if fingerprint is None or found == fingerprint:
+            return os.path.abspath(path)
+        others.append(f"{path} (from {origin}: fingerprint {found})")
+    if others:
+        raise ValueError(
+            f"This X-PEFT profile was trained against bank {fingerprint}, but the bank files found for it are other "
+            f"banks: {'; '.join(others)}. Point `bank_path` or ${BANK_PATH_ENV} at the bank the profile was trained "
+            "with."
+        )
+    searched = "; ".join(f"{path} (from {origin})" for origin, path in candidates) or "nowhere"
+    raise FileNotFoundError(
+        f"X-PEFT bank file {name!r} (fingerprint {fingerprint}) of this profile not found; searched: {searched}. A "
+        "bank is never saved with its profiles: pass its path, `PeftModel.from_pretrained(base, profile_dir, "
+        f"bank_path='path/to/{name}')` (a file or its folder), or list its folder in ${BANK_PATH_ENV}, or put it "
+        f"at the path recorded relative to the profile ({recorded!r})."
+    )
 
 
 @dataclass
@@ -41,13 +122,15 @@ class XPeftConfig(PeftConfig):
         hard_k (`int`):
             Number of bank adapters each hard mask selects per layer (only used when mask_type is 'hard').
         bank (`str`):
-            'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`. A relative path is made absolute (against the current directory) when the config is created or attached, so that a saved profile finds its bank from any working directory; the bank itself is never saved with a profile.
+            'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`; a relative path is made absolute against the current directory. The bank is never saved with a profile: `save_pretrained` records its path relative to the profile folder (only its file name if the two share no folder but the root, so no absolute local path is written) next to `bank_fingerprint`. Loading looks for the bank, in order: at `bank_path` (a file or its folder) if passed to `XPeftConfig.from_pretrained` or `PeftModel.from_pretrained`; in each folder of the environment variable XPEFT_BANK_PATH (separated by `os.pathsep`); at the recorded path, relative to the profile folder (an absolute path of an older profile as is). The first file with the recorded fingerprint is used.
         bank_seed (`int`):
             Seed of the random bank (only used when bank is 'random'); an integer, never a bool or a string.
         bank_fingerprint (`Optional[str]`):
             Fingerprint of the bank the profile was trained against (of a random bank: its recipe and the adapted layers' names and sizes); filled in automatically for a new profile, required and checked when a saved profile is loaded.
         init_weights (`bool`):
             If True, soft mask logits start at zero (a uniform mix of the bank) and hard mask logits at small random values; if False, all logits are drawn from N(0, 1) (for tests).
+        save_mask_logits (`bool`):
+            Hard masks only (soft masks always save their logits): if True, `save_pretrained` also writes the float32 mask logits, 4·2·L·N bytes instead of the 2·L·N bits of the selection (32x larger: 9.6 KB instead of 300 bytes for L=12, N=100), so that training resumes exactly where it stopped. If False (default), a reloaded hard profile gives the same outputs (the selection is exact) but its logits restart at 1 for the selected adapters and 0 for the others, so further training takes another path.
         layers_to_transform (`Optional[Union[list[int], int]]`):
             The layer indices to adapt; all matching layers if None.
         layers_pattern (`Optional[Union[list[str], str]]`):
@@ -95,7 +178,7 @@ class XPeftConfig(PeftConfig):
     bank: str = field(
         default="random",
         metadata={
-            "help": "'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`. A relative path is made absolute (against the current directory) when the config is created or attached, so that a saved profile finds its bank from any working directory; the bank itself is never saved with a profile."
+            "help": "'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`; a relative path is made absolute against the current directory. The bank is never saved with a profile: `save_pretrained` records its path relative to the profile folder (only its file name if the two share no folder but the root, so no absolute local path is written) next to `bank_fingerprint`. Loading looks for the bank, in order: at `bank_path` (a file or its folder) if passed to `XPeftConfig.from_pretrained` or `PeftModel.from_pretrained`; in each folder of the environment variable XPEFT_BANK_PATH (separated by `os.pathsep`); at the recorded path, relative to the profile folder (an absolute path of an older profile as is). The first file with the recorded fingerprint is used."
         },
     )
     bank_seed: int = field(
@@ -114,6 +197,12 @@ class XPeftConfig(PeftConfig):
         default=True,
         metadata={
             "help": "If True, soft mask logits start at zero (a uniform mix of the bank) and hard mask logits at small random values; if False, all logits are drawn from N(0, 1) (for tests)."
+        },
+    )
+    save_mask_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "Hard masks only (soft masks always save their logits): if True, `save_pretrained` also writes the float32 mask logits, 4·2·L·N bytes instead of the 2·L·N bits of the selection (32x larger: 9.6 KB instead of 300 bytes for L=12, N=100), so that training resumes exactly where it stopped. If False (default), a reloaded hard profile gives the same outputs (the selection is exact) but its logits restart at 1 for the selected adapters and 0 for the others, so further training takes another path."
         },
     )
     layers_to_transform: list[int] | int | None = field(
@@ -137,9 +226,27 @@ class XPeftConfig(PeftConfig):
     )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
-        # Checks the folder's files and notes the folder on the config (see xpeft.loading).
-        return read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, bank_path=None, **kwargs):
+        """Read a saved profile's config; `bank_path` (a bank file, or the folder holding it) is where to find its
+        bank first (see `bank`). Also reached as `PeftModel.from_pretrained(base, profile_dir, bank_path=...)`."""
+        token = _READING_SAVED_CONFIG.set(True)
+        try:
+            # Checks the folder's files and notes the folder on the config (see xpeft.loading).
+            config = read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
+        finally:
+            _READING_SAVED_CONFIG.reset(token)
+        if config.bank != "random":
+            source = loaded_from(config)
+            folder = source.folder if source is not None else None
+            config.bank = resolve_bank_path(config.bank, config.bank_fingerprint, folder, bank_path)
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        if self.bank == "random":
+            return super().save_pretrained(save_directory, **kwargs)
+        saved = copy.copy(self)
+        saved.bank = portable_bank_path(self.bank, save_directory)
+        return PeftConfig.save_pretrained(saved, save_directory, **kwargs)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,8 +255,8 @@ class XPeftConfig(PeftConfig):
             raise ValueError(
                 f"`bank` must be 'random' or the path of a bank file, got {self.bank!r} ({type(self.bank).__name__})."
             )
-        if self.bank != "random":
-            # Saved profiles record this path: make it independent of the directory the profile is later loaded from.
+        if self.bank != "random" and not _READING_SAVED_CONFIG.get():
+            # A path given in code is relative to the current directory; make it independent of later `chdir`s.
             self.bank = os.path.abspath(os.path.expanduser(os.fspath(self.bank)))
         normalize_module_selection(self)
         if not isinstance(self.bank_size, int) or self.bank_size < 1:
