@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from xpeft import EtherConfig, PedroConfig, XPeftConfig
 
 # A small random bank: the bottleneck is d / 2 features (lin0: 10, lin1: 1).
@@ -59,7 +57,15 @@ TEST_CASES = [
         "MLP 3 X-PEFT hard",
         "MLP",
         XPeftConfig,
-        {"target_modules": ["lin0"], "mask_type": "hard", "hard_k": 2, "modules_to_save": ["lin1"], **_BANK},
+        {
+            "target_modules": ["lin0"],
+            "mask_type": "hard",
+            "hard_k": 2,
+            "modules_to_save": ["lin1"],
+            **_BANK,
+            # peft's save/reload tests compare the trained logits: a hard profile keeps them only with this flag
+            "save_mask_logits": True,
+        },
     ),
     # PEDRO: on a transformer block (see the module docstring).
     ("TinyLlama 1 PEDRO", "TinyLlama", PedroConfig, {"vg_rank": 4}),
@@ -67,12 +73,17 @@ TEST_CASES = [
 ]
 
 
-
 # Rows of peft's `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`: `(test name, tuner method, config class, kwargs of adapter 1,
 # kwargs of adapter 2)`, on MLP (PEDRO: TinyLlama); "Same" adapters share a layer, "Different" ones do not. Adapters are
 # random (`init_weights=False`) so that each visibly changes the output.
 def _pair(name, method, config_cls, first, second, **kwargs):
-    return (name, method, config_cls, {**first, **kwargs, "init_weights": False}, {**second, **kwargs, "init_weights": False})
+    return (
+        name,
+        method,
+        config_cls,
+        {**first, **kwargs, "init_weights": False},
+        {**second, **kwargs, "init_weights": False},
+    )
 
 
 _LIN0, _LIN1 = {"target_modules": ["lin0"]}, {"target_modules": ["lin1"]}
@@ -84,8 +95,16 @@ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
     _pair("X-PEFT Same", "x_peft", XPeftConfig, _LIN0, _LIN0, **_BANK),
     _pair("X-PEFT Different", "x_peft", XPeftConfig, _LIN0, _LIN1, **_BANK),
     _pair("PEDRO Same", "pedro", PedroConfig, {}, {}, vg_rank=4),
-    _pair("PEDRO Different", "pedro", PedroConfig, {"target_modules": ["q_proj"]}, {"target_modules": ["v_proj"]}, vg_rank=4),
+    _pair(
+        "PEDRO Different",
+        "pedro",
+        PedroConfig,
+        {"target_modules": ["q_proj"]},
+        {"target_modules": ["v_proj"]},
+        vg_rank=4,
+    ),
 ]
+
 
 @dataclass(frozen=True)
 class ExpectedFailure:
@@ -178,33 +197,5 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
         _cases("PEDRO"),
         "PEDRO's prompt-dependent vectors cannot be merged",
         r"ValueError: PedroModel adapters cannot be merged into the base weights",
-    ),
-    # Not the math: the unmerge guard refuses min |u.v| < 0.2 whatever the dtype's actual error. Fixed by ether-core
-    # (an error estimate per dtype); the integrator removes this entry after merging it.
-    ExpectedFailure(
-        UNMERGE_TESTS,
-        _cases("ETHER+"),
-        "ETHER+ unmerge guard too strict for random v (fixed by ether-core)",
-        r"ValueError: Cannot unmerge ETHER\+ adapter .* nearly singular",
-    ),
-    # Not the math (issue 17 item 5): with autocast_adapter_dtype=False on a half-precision base, peft expects adapter
-    # parameters in the base dtype; X-PEFT keeps float32. Fixed by xstore; the integrator removes these after merging.
-    *(
-        ExpectedFailure(
-            ("test_adapter_dtype_autocast",),
-            _cases("X-PEFT"),
-            "X-PEFT keeps float32 masks with autocast_adapter_dtype=False (fixed by xstore)",
-            r"AssertionError.*\n\s*assert all\(p\.dtype == expected_dtype for p in peft_params\)",
-            {"autocast_adapter_dtype": False, "dtype": dtype},
-        )
-        for dtype in (torch.float16, torch.bfloat16)
-    ),
-    # Not the math (issue 17 item 5): a hard-mask profile saves its selection, not its logits, so the reloaded logits
-    # differ. Fixed by xstore (optional saved logits); the integrator removes this after merging.
-    ExpectedFailure(
-        ("test_save_pretrained", "test_save_pretrained_pickle", "test_parameters_after_loading_model"),
-        _cases("X-PEFT", "hard"),
-        "hard-mask profiles do not save their logits (fixed by xstore)",
-        r"AssertionError.*\n\s*assert torch\.allclose\(",
     ),
 ]
