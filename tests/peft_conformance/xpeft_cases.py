@@ -191,6 +191,16 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
         "X-PEFT's bottleneck adapters are nonlinear and cannot be merged",
         r"ValueError: XPeftModel adapters cannot be merged into the base weights",
     ),
+    # The math, at peft's random vectors: `init_weights=False` draws v independently of u, so |u.v| is about 0.04
+    # here and H+ is nearly singular (condition ~ 4/(u.v)^2 per side). Unmerging would restore the float32 weight
+    # only to a relative error bound of 3e-2 or more, above the documented tolerance (ether.layer.UNMERGE_RTOL = 1e-3),
+    # so the guard refuses (the weight is left merged and unchanged). Trained ETHER+ adapters start at v = -u.
+    ExpectedFailure(
+        UNMERGE_TESTS,
+        tuple(name for name in _cases("ETHER+") if "one-sided" not in name),  # one side: bound 2.7e-4, it unmerges
+        "ETHER+ with peft's random v is nearly singular: unmerge error bound above UNMERGE_RTOL, refused",
+        r"ValueError: .*Cannot unmerge ETHER\+ adapter .* nearly singular",
+    ),
     # The math: PEDRO's vectors depend on each prompt, so no fixed weight reproduces them.
     ExpectedFailure(
         MERGE_TESTS,
