@@ -603,10 +603,14 @@ class EtherLinear(_EtherModule):
 
     def _reference_code_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """One adapter: `W x + b` plus [`reference_code_delta`], then the output side. Stacked adapters (the input side
-        of one would act on the weight the previous ones changed): the base layer run with the transformed weight,
-        through `torch.func.functional_call`, which puts it on the module for the call (not thread-safe)."""
+        of one would act on the weight the previous ones changed): the base layer run with the transformed weight, by
+        `F.linear` for a plain `nn.Linear`/`Conv1D` (nothing is put on the module, so threads are safe), else through
+        `torch.func.functional_call`, which puts it on the module for the call (not thread-safe)."""
         if len(names) > 1:
-            return functional_call(self.base_layer, {"weight": self._adapted_weight(names)}, (x, *args), kwargs)
+            weight = self._adapted_weight(names)
+            if fused.is_plain_linear(self.base_layer):
+                return F.linear(x, weight_as_out_in(weight, self.fan_in_fan_out), self.base_layer.bias)
+            return functional_call(self.base_layer, {"weight": weight}, (x, *args), kwargs)
         y = self.base_layer(x, *args, **kwargs) + self._reference_code_delta(x, names[0])
         return self._output_chain(y, names)
 
