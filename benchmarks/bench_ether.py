@@ -200,7 +200,11 @@ def make_step(method: str, shape: dict):
 def run_one(method: str, shape: dict, warmup: int, steps: int, threads: int) -> dict:
     """One method alone (its own process in a full run): peak memory, and step time for the slow methods."""
     torch.set_num_threads(threads)
-    step, n_params = make_step(method, shape)
+    return measure_alone(*make_step(method, shape), warmup, steps)
+
+
+def measure_alone(step: Callable[[], float], n_params: int, warmup: int, steps: int) -> dict:
+    """Step times and peak memory (VmHWM, reset just before the steps) of one built method's `step`."""
     rss_before = reset_peak_rss()
     times = [step() for _ in range(warmup + steps)][warmup:]
     peak = _status_mb("VmHWM")

@@ -29,10 +29,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ether import (  # noqa: E402
     RESULTS,
-    _status_mb,
     build_model,
     machine_info,
-    reset_peak_rss,
+    measure_alone,
     same_cycle_ratio,
     same_cycle_ratio_interval,
     write_report,
@@ -122,16 +121,9 @@ def alone(method: str, shape: dict, args) -> dict:
 def run_one_4bit(method: str, shape: dict, warmup: int, steps: int, threads: int) -> dict:
     """`method` alone: peak memory during its steps (as `bench_ether.run_one`, on the 4-bit base)."""
     torch.set_num_threads(threads)
-    step, n_params = make_step(method, shape)
-    rss_before = reset_peak_rss()
-    times = [step() for _ in range(warmup + steps)][warmup:]
-    peak = _status_mb("VmHWM")
-    return {
-        "step_s_median": statistics.median(times),
-        "trainable_params": n_params,
-        "peak_rss_mb": peak,
-        "peak_rss_increase_mb": peak - rss_before,
-    }
+    result = measure_alone(*make_step(method, shape), warmup, steps)
+    del result["step_s_all"]  # the report keeps the median only
+    return result
 
 
 def _ratio(value: float, baseline: float) -> float | None:
