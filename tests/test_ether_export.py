@@ -68,6 +68,27 @@ def dense_delta(layer: EtherLayer, name: str, weight: torch.Tensor) -> torch.Ten
     return h_out @ weight @ h_in - weight
 
 
+def dense_reference_code_delta(layer: EtherLayer, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """W' − W for the official code's layout, written from its formula: `W_in'[R_r, C_c] = W[R_r, C_c] H_r` for every
+    output row group `R_r` and input chunk `C_c` (block by block), then `W' = H_out W_in'` (paper output side)."""
+    variant = layer.ether_variant[name]
+    u = layer.ether_u[name].detach()
+    v = layer.ether_v[name].detach() if variant != "ether" else None
+    n = len(u)
+    rows, size = weight.shape[0] // n, weight.shape[1] // n
+    transformed = weight.clone()
+    for r in range(n):
+        h_r = dense_block_transform(u[r : r + 1], None if v is None else v[r : r + 1])
+        for c in range(n):
+            block = weight[r * rows : (r + 1) * rows, c * size : (c + 1) * size]
+            transformed[r * rows : (r + 1) * rows, c * size : (c + 1) * size] = block @ h_r
+    if variant == "ether_plus":
+        transformed = dense_block_transform(layer.ether_u_out[name].detach(), layer.ether_v_out[name].detach()) @ (
+            transformed
+        )
+    return transformed - weight
+
+
 # -- helpers --------------------------------------------------------------------------------------------------------
 
 
@@ -85,9 +106,13 @@ def ether_layers(model) -> list[EtherLayer]:
     return [module for module in model.modules() if isinstance(module, EtherLayer)]
 
 
-def ether_model(model_name: str, variant: str, n_blocks: int, seed: int = 0):
+def ether_model(model_name: str, variant: str, n_blocks: int, seed: int = 0, block_layout: str = "paper"):
     config = EtherConfig(
-        task_type=task_type(model_name), target_modules="all-linear", n_blocks=n_blocks, variant=variant
+        task_type=task_type(model_name),
+        target_modules="all-linear",
+        n_blocks=n_blocks,
+        variant=variant,
+        block_layout=block_layout,
     )
     model = get_peft_model(make_model(model_name), config)
     randomize(model, seed=seed)
@@ -152,6 +177,32 @@ def test_factors_equal_the_dense_weight_change(variant, n_blocks, shape, rank):
     torch.testing.assert_close(b @ a, dense_delta(layer, "default", weight), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("variant", "n_blocks", "shape", "rank"),
+    [
+        ("ether", 2, (8, 12), 4),  # n² = 4
+        ("ether", 3, (12, 12), 9),
+        ("ether_plus_one_sided", 2, (8, 12), 8),  # 2n² = 8
+        ("ether_plus", 2, (16, 24), 12),  # 2n + 2n² = 12
+        ("ether_plus", 4, (16, 24), 16),  # 8 + 32 = 40 > min(16, 24): the dense ΔW against an identity
+    ],
+)
+def test_reference_code_factors_equal_the_official_formula(variant, n_blocks, shape, rank):
+    torch.manual_seed(0)
+    out_features, in_features = shape
+    config = EtherConfig(target_modules=["lin"], n_blocks=n_blocks, variant=variant, block_layout="reference_code")
+    model = get_peft_model(Wide(in_features, out_features), config)
+    randomize(model)
+    (layer,) = ether_layers(model)
+    weight = torch.randn(shape, dtype=torch.float64)
+    b, a = ether_export.smallest_factors(*ether_export.FACTORS["reference_code"][variant](layer, "default", weight))
+    assert b.shape == (out_features, rank) and a.shape == (rank, in_features)
+    expected = dense_reference_code_delta(layer, "default", weight)
+    torch.testing.assert_close(b @ a, expected, rtol=0, atol=1e-12)
+    # The layouts differ for n > 1, so this is not the paper's ΔW.
+    assert (dense_delta(layer, "default", weight) - expected).abs().max() > 1e-2
+
+
 def test_ether_factors_are_the_issue_formula():
     """ETHER: column b of B is −2 W_{:,b} û_b and row b of A is û_b in block b, zero elsewhere."""
     torch.manual_seed(0)
@@ -209,6 +260,19 @@ def test_exported_lora_equals_the_ether_model(tmp_path, model_name, variant, n_b
     tensors = saved_tensors(tmp_path)
     assert all(tensor.dtype == torch.float32 for tensor in tensors.values())
     assert len([key for key in tensors if key.endswith("lora_A.weight")]) == len(adapted)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_reference_code_layout_exports_exactly(tmp_path, model_name, variant):
+    model = ether_model(model_name, variant, 4, block_layout="reference_code")
+    inputs = make_inputs(model_name)
+    expected = logits(model, inputs)
+    paper = ether_model(model_name, variant, 4)
+    assert (logits(paper, inputs) - expected).abs().max() > 1e-3  # the same vectors in the other layout differ
+    to_lora(model, tmp_path)
+    lora = load_lora(make_model(model_name), tmp_path)
+    torch.testing.assert_close(logits(lora, inputs), expected, **TOLERANCE)
 
 
 def test_rank_pattern_lists_the_layers_with_a_dense_delta(tmp_path):
@@ -337,12 +401,14 @@ CONVS = {
 }
 
 
+@pytest.mark.parametrize("block_layout", ["paper", "reference_code"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", list(CONVS))
-def test_convolutions_export_exactly(tmp_path, kind, variant):
+def test_convolutions_export_exactly(tmp_path, kind, variant, block_layout):
     make_conv, shape = CONVS[kind]
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(make_conv()), EtherConfig(target_modules=["0"], n_blocks=2, variant=variant))
+    config = EtherConfig(target_modules=["0"], n_blocks=2, variant=variant, block_layout=block_layout)
+    model = get_peft_model(nn.Sequential(make_conv()), config)
     randomize(model)
     model.eval()
     x = torch.randn(3, *shape)
@@ -393,13 +459,6 @@ def test_merged_adapter_is_refused(tmp_path):
         to_lora(model, tmp_path)
     model.unmerge_adapter()
     to_lora(model, tmp_path)
-
-
-def test_block_layout_without_an_export_is_refused(tmp_path):
-    model = ether_model("llama", "ether", 4)
-    model.peft_config["default"].block_layout = "reference_code"
-    with pytest.raises(NotImplementedError, match=r"block_layout='reference_code' has no LoRA factorisation here"):
-        to_lora(model, tmp_path)
 
 
 def test_wrong_model_adapter_or_dtype_is_refused(tmp_path):

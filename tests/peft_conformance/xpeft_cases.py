@@ -152,14 +152,6 @@ MERGE_TESTS = (
     "test_sequential_merge_matches_batch_merge",
     "test_unmerge_after_sequential_merge_restores_base",
 )
-# peft's merge tests use `init_weights=False` (random v for ETHER+) and unmerge afterwards.
-UNMERGE_TESTS = (
-    "test_merge_layers",
-    "test_delete_merged_adapter_raises_without_mutation",
-    "test_delete_merged_adapter_only_rejects_the_merged_one",
-    "test_multiple_active_adapters_merge_and_unmerge",
-    "test_unmerge_after_sequential_merge_restores_base",
-)
 # Each failing test's error, then the source line that raised it (see conftest.py), is matched against `error`.
 # (test_disable_adapters compares the fresh adapter with the base model; test_disable_adapters_with_merging compares the
 # disabled model with the fresh adapter.)
@@ -191,15 +183,29 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
         "X-PEFT's bottleneck adapters are nonlinear and cannot be merged",
         r"ValueError: XPeftModel adapters cannot be merged into the base weights",
     ),
-    # The math, at peft's random vectors: `init_weights=False` draws v independently of u, so |u.v| is about 0.04
-    # here and H+ is nearly singular (condition ~ 4/(u.v)^2 per side). Unmerging would restore the float32 weight
-    # only to a relative error bound of 3e-2 or more, above the documented tolerance (ether.layer.UNMERGE_RTOL = 1e-3),
-    # so the guard refuses (the weight is left merged and unchanged). Trained ETHER+ adapters start at v = -u.
-    ExpectedFailure(
-        UNMERGE_TESTS,
-        tuple(name for name in _cases("ETHER+") if "one-sided" not in name),  # one side: bound 2.7e-4, it unmerges
-        "ETHER+ with peft's random v is nearly singular: unmerge error bound above UNMERGE_RTOL, refused",
-        r"ValueError: .*Cannot unmerge ETHER\+ adapter .* nearly singular",
+    # The math, at peft's random vectors: `init_weights=False` draws v independently of u, so |u.v| is 0.01-0.04 in
+    # these rows and H+ is nearly singular on both sides (it scales one direction per block by (u.v)^2 / 2). Unmerging
+    # cannot restore the float32 weight from its rounded merge closer than about 1e-4 relative (the estimate,
+    # `ether.layer.unmerge_error_estimate`, tracks the measured error within 1.5x). Where the estimate is above the
+    # documented tolerance (UNMERGE_RTOL = 1e-3: 2.1e-2 in "MLP 3 ETHER+ blocks", 2.7e-3 in "MLP 1 ETHER+", 29 for two
+    # adapters merged in turn in "ETHER+ Same") the guard refuses and leaves the weight merged; in "ETHER+ Different"
+    # each layer's estimate is below it, so it unmerges, and the outputs differ from the base by up to 9e-3 at
+    # magnitudes up to 13, against peft's atol of 1e-4. The other ETHER+ rows pass the same tests (one-sided ETHER+,
+    # and draws with larger |u.v|). Trained ETHER+ adapters start at v = -u, |u.v| = 1.
+    *(
+        ExpectedFailure(
+            tests,
+            cases,
+            "ETHER+ with peft's random v is nearly singular on both sides: float32 unmerge error above peft's 1e-4",
+            r"ValueError: .*Cannot unmerge ETHER\+ adapter .* nearly singular"
+            r"|AssertionError.*\n\s*assert torch\.allclose\(disabled_adapter_output, base_output",
+        )
+        for tests, cases in (
+            (("test_merge_layers", "test_delete_merged_adapter_raises_without_mutation"), ("MLP 3 ETHER+ blocks",)),
+            (("test_delete_merged_adapter_only_rejects_the_merged_one",), ("MLP 1 ETHER+",)),
+            (("test_multiple_active_adapters_merge_and_unmerge",), ("ETHER+ Same", "ETHER+ Different")),
+            (("test_unmerge_after_sequential_merge_restores_base",), ("ETHER+ Same",)),
+        )
     ),
     # The math: PEDRO's vectors depend on each prompt, so no fixed weight reproduces them.
     ExpectedFailure(

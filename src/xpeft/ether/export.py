@@ -9,6 +9,9 @@ Every transform here is `H = I + D` per layer side, with `D` block-diagonal and 
 Written with the placement `P` (`[n·j, d]`, row `(b, i)` holds basis vector `i` of block `b` in block `b`'s columns)
 and the mix `M` (`j × j`: `[[−2]]`, or `[[0, −1], [−1, 1]]` on the basis `[û, ŵ]`): `D = Pᵀ (I_n ⊗ M) P`, so
 `X D = (X Pᵀ (I_n ⊗ M)) P` is a product of an `n·j`-column factor and an `n·j`-row one: that is the LoRA.
+
+With `block_layout="reference_code"` block `r`'s transform acts on every input chunk `C_c` of output row group `R_r`:
+`ΔW[R_r, C_c] = W[R_r, C_c] D_r = (W[R_r, C_c] P_rᵀ M) P_r`, one rank-`j` term per pair `(r, c)`, rank `n²·j`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -93,45 +97,74 @@ def input_side_factors(w: torch.Tensor, side_in: Side) -> tuple[torch.Tensor, to
     return side_in.right_factors(w)
 
 
-def two_sided_factors(w: torch.Tensor, side_in: Side, side_out: Side) -> tuple[torch.Tensor, torch.Tensor]:
-    """`H_out W H_in − W = D_out (W H_in) + W D_in = B A` for `W` `[out, in]` (float64), rank `n_out·j + n_in·j`:
+def reference_code_input_factors(w: torch.Tensor, side_in: Side) -> tuple[torch.Tensor, torch.Tensor]:
+    """`W' − W = B A` for `block_layout="reference_code"`, `W'[R_r, C_c] = W[R_r, C_c] H_r` (`W` `[out, in]`, float64;
+    row groups `R_r` of `out/n` rows, input chunks `C_c` of `in/n` features): rank `n²·j`.
 
-    `D_out (W H_in) = P_outᵀ (I ⊗ M_out) · (P_out W H_in)`, with `P_out W H_in = Y + Y D_in` for `Y = P_out W`, and
-    `W D_in` as in [`input_side_factors`]. So `B = [P_outᵀ (I ⊗ M_out) | W P_inᵀ (I ⊗ M_in)]` and
-    `A = [P_out W H_in ; P_in]`.
+    Column `(r, c, i)` of `B` is `(W[R_r, C_c] P_rᵀ M)_{:, i}` on the rows `R_r` (zero elsewhere); row `(r, c, i)` of `A`
+    is basis vector `i` of block `r` on the columns `C_c`.
     """
-    b_in, a_in = side_in.right_factors(w)
-    y = side_out.coefficients(w.T).T  # P_out W, [n_out·j, in]
-    y_b, y_a = side_in.right_factors(y)
+    n, j, size = side_in.basis.shape
+    out_features = w.shape[0]
+    left = torch.einsum("rgcm,rkm->rgck", w.reshape(n, out_features // n, n, size), side_in.basis) @ side_in.mix
+    eye = torch.eye(n, dtype=w.dtype)
+    b = torch.einsum("rgci,rs->rgsci", left, eye).reshape(out_features, n * n * j)
+    a = torch.einsum("sim,cd->scidm", side_in.basis, eye).reshape(n * n * j, n * size)
+    return b, a
+
+
+InputFactors = Callable[[torch.Tensor, Side], tuple[torch.Tensor, torch.Tensor]]
+# How the input side's blocks act on `W` in each `block_layout`: `(W [out, in] float64, side) -> (B, A)`.
+INPUT_FACTORS: dict[str, InputFactors] = {"paper": input_side_factors, "reference_code": reference_code_input_factors}
+
+
+def two_sided_factors(
+    w: torch.Tensor, side_in: Side, side_out: Side, input_factors: InputFactors = input_side_factors
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`H_out W' − W = D_out W' + (W' − W) = B A` for `W` `[out, in]` (float64), with `W' = W + B_in A_in` the input
+    side's transform (`input_factors`), rank `n_out·j` more than the input side's:
+
+    `D_out W' = P_outᵀ (I ⊗ M_out) · (P_out W + (P_out B_in) A_in)`. So `B = [P_outᵀ (I ⊗ M_out) | B_in]` and
+    `A = [P_out W + (P_out B_in) A_in ; A_in]`.
+    """
+    b_in, a_in = input_factors(w, side_in)
+    projected = side_out.coefficients(w.T).T + side_out.coefficients(b_in.T).T @ a_in  # P_out W', [n_out·j, in]
     b_out = side_out.placement().T @ side_out.block_mix()
-    return torch.cat([b_out, b_in], dim=1), torch.cat([y + y_b @ y_a, a_in], dim=0)
+    return torch.cat([b_out, b_in], dim=1), torch.cat([projected, a_in], dim=0)
 
 
-def ether_factors(layer: EtherLayer, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ETHER, `W' = W H`: rank n."""
-    return input_side_factors(w, reflection_side(layer.ether_u[name]))
+def ether_factors(
+    layer: EtherLayer, name: str, w: torch.Tensor, layout: str = "paper"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ETHER, `W' = W H`: rank n (`n²` in the reference code's layout)."""
+    return INPUT_FACTORS[layout](w, reflection_side(layer.ether_u[name]))
 
 
-def ether_plus_factors(layer: EtherLayer, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ETHER+, `W' = H⁺_out W H⁺_in`: rank 2·n_out + 2·n_in."""
+def ether_plus_factors(
+    layer: EtherLayer, name: str, w: torch.Tensor, layout: str = "paper"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ETHER+, `W' = H⁺_out W H⁺_in`: rank 2·n_out + 2·n_in (`2n + 2n²` in the reference code's layout)."""
     side_in = ether_plus_side(layer.ether_u[name], layer.ether_v[name])
     side_out = ether_plus_side(layer.ether_u_out[name], layer.ether_v_out[name])
-    return two_sided_factors(w, side_in, side_out)
+    return two_sided_factors(w, side_in, side_out, INPUT_FACTORS[layout])
 
 
-def ether_plus_one_sided_factors(layer: EtherLayer, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-sided ETHER+, `W' = W H⁺_in`: rank 2·n."""
-    return input_side_factors(w, ether_plus_side(layer.ether_u[name], layer.ether_v[name]))
+def ether_plus_one_sided_factors(
+    layer: EtherLayer, name: str, w: torch.Tensor, layout: str = "paper"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-sided ETHER+, `W' = W H⁺_in`: rank 2·n (`2n²` in the reference code's layout)."""
+    return INPUT_FACTORS[layout](w, ether_plus_side(layer.ether_u[name], layer.ether_v[name]))
 
 
 Factors = Callable[[EtherLayer, str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # The factor function of each block layout and variant: `(layer, adapter name, W [out, in] float64) -> (B, A)`.
 FACTORS: dict[str, dict[str, Factors]] = {
-    "paper": {
-        "ether": ether_factors,
-        "ether_plus": ether_plus_factors,
-        "ether_plus_one_sided": ether_plus_one_sided_factors,
-    },
+    layout: {
+        "ether": partial(ether_factors, layout=layout),
+        "ether_plus": partial(ether_plus_factors, layout=layout),
+        "ether_plus_one_sided": partial(ether_plus_one_sided_factors, layout=layout),
+    }
+    for layout in INPUT_FACTORS
 }
 
 
@@ -162,6 +195,8 @@ def to_lora(
     - ETHER, `W' = W H`, `H = diag_b(I − 2 û_b û_bᵀ)`: `ΔW = −2 Σ_b (W_{:,b} û_b)(e_b ⊗ û_b)ᵀ`, rank n.
     - ETHER+, `W' = H⁺_out W H⁺_in`, `H⁺ = I + D`, `D = diag_b(−û_b û_bᵀ + v̂_b v̂_bᵀ)`:
       `ΔW = D_out (W H⁺_in) + W D_in`, rank 2·n_out + 2·n_in (one-sided ETHER+: `ΔW = W D_in`, rank 2·n).
+    - `block_layout="reference_code"`: the input side's `ΔW[R_r, C_c] = W[R_r, C_c] D_r` has one term per output row
+      group `r` and input chunk `c`, so ranks n², 2n² + 2n and 2n² for the three variants.
 
     Where that rank exceeds `min(out, in)` the layer gets the dense `ΔW` against an identity instead (rank
     `min(out, in)`); layers whose rank differs from the largest, `r`, are listed in `rank_pattern`/`alpha_pattern`.
@@ -194,15 +229,9 @@ def to_lora(
         ValueError: `adapter_name` is not an ETHER adapter of `model`, a layer has adapters merged into its weight,
             or a layer is one peft's LoRA would not compute the same way (grouped, dilated or non-zero-padded
             convolutions, layer subclasses with their own forward).
-        NotImplementedError: the adapter's `block_layout` has no exact export yet.
     """
     config = _ether_config(model, adapter_name)
     layout = getattr(config, "block_layout", "paper")
-    if layout not in FACTORS:
-        raise NotImplementedError(
-            f"to_lora cannot export ETHER adapter {adapter_name!r} yet: its block_layout={layout!r} has no LoRA "
-            f"factorisation here (implemented: {', '.join(map(repr, FACTORS))})."
-        )
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"`dtype` must be a floating-point torch.dtype or None, got {dtype!r}.")
     layers = _adapted_layers(model, adapter_name)
