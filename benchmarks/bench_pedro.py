@@ -102,9 +102,13 @@ class StepTimer:
         self.durations.append((time.perf_counter() - wall, time.process_time() - cpu))
 
 
-def timed_generate(model, timer: StepTimer, inputs, new_tokens: int, adapter_names) -> tuple[tuple, list[tuple]]:
-    """Prefill time and the decode step times of one greedy generate call."""
+def timed_generate(
+    model, timer: StepTimer, inputs, new_tokens: int, adapter_names, num_beams: int = 1
+) -> tuple[tuple, list[tuple]]:
+    """Prefill time and the decode step times of one generate call (greedy, or beam search with `num_beams`)."""
     kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    if num_beams > 1:
+        kwargs.update(num_beams=num_beams, early_stopping=False)
     timer.durations.clear()
     with torch.no_grad():
         out = model.generate(
