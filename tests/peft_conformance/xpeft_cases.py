@@ -9,13 +9,41 @@ block and pools the block input over the prompt, which none of peft's custom mod
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from xpeft import EtherConfig, PedroConfig, XPeftConfig
+import torch
+
+from xpeft import EtherConfig, PedroConfig, XPeftConfig, build_bank
 
 # A small random bank: the bottleneck is d / 2 features (lin0: 10, lin1: 1).
 _BANK = {"bank_size": 4, "reduction_factor": 2}
+
+
+def _lora_bank_file() -> str:
+    """A bank of 4 random rank-2 LoRA adapters on the MLP's `lin0` (10->20) and `lin1` (20->2), written once per
+    session to a temporary folder (removed at exit): X-PEFT over a LoRA bank is linear, hence mergeable."""
+    folder = Path(tempfile.mkdtemp(prefix="xpeft-conformance-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"lin0": (20, 10), "lin1": (2, 20)}
+    adapters = [
+        {
+            name: {"A": 0.5 * torch.randn(2, d_in, generator=generator), "B": 0.5 * torch.randn(d_out, 2, generator=generator)}
+            for name, (d_out, d_in) in shapes.items()
+        }
+        for _ in range(4)
+    ]
+    path = folder / "lora_bank.safetensors"
+    build_bank(adapters, path)
+    return str(path)
+
+
+_LORA_BANK = {"bank_size": 4, "bank": _lora_bank_file()}
 
 TEST_CASES = [
     # ETHER: n_blocks must divide each adapted feature axis (lin0 in=10, lin1 in=20, conv2d fan-in 5*3*3=45).
@@ -67,6 +95,15 @@ TEST_CASES = [
             "save_mask_logits": True,
         },
     ),
+    # X-PEFT over a LoRA bank (named "X-PEFT-LoRA"): masks mix the bank's LoRA factors; linear, so it merges.
+    ("MLP 1 X-PEFT-LoRA soft", "MLP", XPeftConfig, {"target_modules": ["lin0"], **_LORA_BANK}),
+    ("MLP 2 X-PEFT-LoRA soft", "MLP", XPeftConfig, {"target_modules": ["lin0", "lin1"], **_LORA_BANK}),
+    (
+        "MLP 3 X-PEFT-LoRA hard",
+        "MLP",
+        XPeftConfig,
+        {"target_modules": ["lin0"], "mask_type": "hard", "hard_k": 2, "save_mask_logits": True, **_LORA_BANK},
+    ),
     # PEDRO: on a transformer block (see the module docstring).
     ("TinyLlama 1 PEDRO", "TinyLlama", PedroConfig, {"vg_rank": 4}),
     ("TinyLlama 2 PEDRO", "TinyLlama", PedroConfig, {"target_modules": ["v_proj"], "vg_rank": 4, "pooler": "mean"}),
@@ -94,6 +131,8 @@ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = [
     _pair("ETHER+ Different", "ether", EtherConfig, _LIN0, _LIN1, n_blocks=1, variant="ether_plus"),
     _pair("X-PEFT Same", "x_peft", XPeftConfig, _LIN0, _LIN0, **_BANK),
     _pair("X-PEFT Different", "x_peft", XPeftConfig, _LIN0, _LIN1, **_BANK),
+    _pair("X-PEFT-LoRA Same", "x_peft", XPeftConfig, _LIN0, _LIN0, **_LORA_BANK),
+    _pair("X-PEFT-LoRA Different", "x_peft", XPeftConfig, _LIN0, _LIN1, **_LORA_BANK),
     _pair("PEDRO Same", "pedro", PedroConfig, {}, {}, vg_rank=4),
     _pair(
         "PEDRO Different",
@@ -174,6 +213,14 @@ EXPECTED_FAILURES: list[ExpectedFailure] = [
         ("test_disable_adapters",),
         _cases("X-PEFT"),
         "an X-PEFT profile is a mix of nonzero bank adapters, never the identity",
+        _NOT_IDENTITY_AT_INIT,
+    ),
+    # The math, the same over a LoRA bank: a fresh profile mixes nonzero LoRA adapters, so it changes the output. Every
+    # merge test passes for these rows (the mix B* A* is linear).
+    ExpectedFailure(
+        ("test_disable_adapters", "test_disable_adapters_with_merging"),
+        _cases("X-PEFT-LoRA"),
+        "an X-PEFT profile over a LoRA bank is a mix of nonzero LoRA adapters, never the identity",
         _NOT_IDENTITY_AT_INIT,
     ),
     # The math: the bottleneck B f(A h + a) + b is nonlinear in h, so no weight matrix reproduces it.
