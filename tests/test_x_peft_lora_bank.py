@@ -6,6 +6,7 @@ References are independent of xpeft's code: each LoRA adapter's own peft model, 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from models import make_inputs, make_model, task_type
-from xpeft import XPeftConfig, build_bank
+from xpeft import ProfileStore, XPeftConfig, attach_profile, build_bank
 from xpeft.serialization import read_safetensors_metadata, tensor_fingerprint
 from xpeft.x_peft.model import xpeft_layers
 
@@ -269,6 +270,28 @@ def test_profile_over_a_lora_bank_saves_and_loads(bank, tmp_path):
     loaded = PeftModel.from_pretrained(make_model("bert"), tmp_path / "profile").eval()
     torch.testing.assert_close(logits(loaded, inputs), logits(profile, inputs), rtol=0, atol=0)
     assert loaded.base_model.mergeable and loaded.base_model.xpeft_bank.kind == "lora"
+
+
+@pytest.mark.parametrize("mask_type", ["soft", "hard"])
+def test_a_profile_store_over_a_lora_bank_returns_bit_identical_profiles(bank, tmp_path, mask_type):
+    """Many profiles over a LoRA bank in one `ProfileStore`: each attached copy (masks and trained head) gives exactly
+    the logits of the profile it was stored from, in one mixed batch with the originals."""
+    path, _ = bank("bert")
+    model = xpeft_model("bert", path, mask_type=mask_type)  # profile "default", random masks (init_weights=False)
+    model.add_adapter("bob", copy.deepcopy(model.peft_config["default"]))  # its own random masks
+    with torch.no_grad():
+        for name in ("default", "bob"):  # distinct trained heads, so that the head must come along
+            model.get_base_model().classifier.modules_to_save[name].weight.normal_()
+    store = ProfileStore.create(tmp_path / "store.safetensors", model)
+    store.add_from(model, ["default", "bob"])
+    for name in ("default", "bob"):
+        attach_profile(model, ProfileStore(tmp_path / "store.safetensors"), name, adapter_name=f"{name}_stored")
+    inputs = make_inputs("bert", batch=2)
+    quadrupled = {key: torch.cat([value] * 4) for key, value in inputs.items()}
+    names = ["default"] * 2 + ["bob"] * 2 + ["default_stored"] * 2 + ["bob_stored"] * 2
+    mixed = logits(model.eval(), quadrupled, adapter_names=names)
+    assert torch.equal(mixed[:4], mixed[4:])
+    assert not torch.allclose(mixed[:2], mixed[2:4], atol=1e-3)  # the two profiles differ
 
 
 def test_the_fingerprint_covers_the_bank_kind(bank, tmp_path):

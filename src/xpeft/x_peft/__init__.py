@@ -4,13 +4,14 @@ from .._registry import register_method
 from .bank import XPeftBank, build_bank, save_bank
 from .config import NAME, XPeftConfig
 from .layer import XPeftLayer, bottleneck_delta, compose_adapter, mask_weights
-from .model import XPeftModel, attach_profile, extract_adapter, profile_cost, profile_payload
-from .store import ProfileStore, pack_masks, unpack_masks
+from .model import XPeftModel, attach_profile, extract_adapter, profile_cost, profile_payload, profile_record
+from .store import ProfileStore, StoredProfile, pack_masks, unpack_masks
 
 register_method(NAME, XPeftConfig, XPeftModel)
 
 __all__ = [
     "ProfileStore",
+    "StoredProfile",
     "XPeftBank",
     "XPeftConfig",
     "XPeftLayer",
@@ -24,6 +25,7 @@ __all__ = [
     "pack_masks",
     "profile_cost",
     "profile_payload",
+    "profile_record",
     "save_bank",
     "unpack_masks",
 ]
