@@ -119,6 +119,35 @@ def timed_generate(
     return timer.durations[0], timer.durations[1:]
 
 
+def interleaved_rounds(runs: dict, new_tokens: int, repeats: int) -> tuple[dict, dict]:
+    """`(prefill, decode)` step durations per model: a warm-up call each, then `repeats` rounds that call every model's
+    `runs[key](new_tokens)` in turn, so that a change of machine load hits every model alike."""
+    prefill, decode = {key: [] for key in runs}, {key: [] for key in runs}
+    for run in runs.values():
+        run(3)
+    for _ in range(repeats):
+        for key, run in runs.items():
+            first, steps = run(new_tokens + 1)
+            prefill[key].append(first)
+            decode[key].extend(steps)
+    return prefill, decode
+
+
+def step_summary(prefill: list[tuple], decode: list[tuple], batch: int) -> dict:
+    """Median decode step (CPU and wall time), the decode throughput of `batch` requests, and the median prefill."""
+    cpu = statistics.median(c for _, c in decode)
+    wall = statistics.median(w for w, _ in decode)
+    return {
+        "decode_step_cpu_median_s": cpu,
+        "decode_tokens_per_cpu_s": batch / cpu,
+        "decode_step_wall_median_s": wall,
+        "decode_tokens_per_wall_s": batch / wall,
+        "prefill_wall_median_s": statistics.median(w for w, _ in prefill),
+        "prefill_cpu_median_s": statistics.median(c for _, c in prefill),
+        "decode_steps_timed": len(decode),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run to check the script (figures not reported)")
@@ -141,29 +170,12 @@ def main() -> None:
         "pedro_multi": ["default"] + [f"t{i}" for i in range(1, args.tenants)],
     }
     timers = {key: StepTimer(model.get_base_model() if key != "base" else model) for key, model in models.items()}
-    prefill = {key: [] for key in models}
-    decode = {key: [] for key in models}
-    for key, model in models.items():  # warm-up
-        timed_generate(model, timers[key], inputs, 3, names[key])
-    for _ in range(args.repeats):  # interleaved rounds: a change of machine load hits every model alike
-        for key, model in models.items():
-            first, steps = timed_generate(model, timers[key], inputs, args.new_tokens + 1, names[key])
-            prefill[key].append(first)
-            decode[key].extend(steps)
-
-    results = {}
-    for key in models:
-        wall = statistics.median(w for w, _ in decode[key])
-        cpu = statistics.median(c for _, c in decode[key])
-        results[key] = {
-            "decode_step_cpu_median_s": cpu,
-            "decode_tokens_per_cpu_s": args.tenants / cpu,
-            "decode_step_wall_median_s": wall,
-            "decode_tokens_per_wall_s": args.tenants / wall,
-            "prefill_wall_median_s": statistics.median(w for w, _ in prefill[key]),
-            "prefill_cpu_median_s": statistics.median(c for _, c in prefill[key]),
-            "decode_steps_timed": len(decode[key]),
-        }
+    runs = {
+        key: lambda tokens, key=key: timed_generate(models[key], timers[key], inputs, tokens, names[key])
+        for key in models
+    }
+    prefill, decode = interleaved_rounds(runs, args.new_tokens, args.repeats)
+    results = {key: step_summary(prefill[key], decode[key], args.tenants) for key in models}
     ratios = {}
     for clock in ("cpu", "wall"):
         pedro, base, lora, ia3 = (

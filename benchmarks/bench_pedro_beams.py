@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +31,16 @@ from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ether import _status_mb, machine_info, reset_peak_rss, write_report  # noqa: E402
-from bench_pedro import TARGETS, StepTimer, base_model, perturb, timed_generate, trainable  # noqa: E402
+from bench_pedro import (  # noqa: E402
+    TARGETS,
+    StepTimer,
+    base_model,
+    interleaved_rounds,
+    perturb,
+    step_summary,
+    timed_generate,
+    trainable,
+)
 
 from xpeft import PedroConfig  # noqa: E402
 
@@ -76,34 +85,17 @@ def time_interleaved(args, beams: int) -> dict:
         models[key], params[key] = build_one(key, args)
     inputs = make_inputs(args)
     timers = {key: StepTimer(m.get_base_model() if key != "base" else m) for key, m in models.items()}
-    decode = {key: [] for key in models}
-    prefill = {key: [] for key in models}
 
     def run(key: str, new_tokens: int):
         names = adapter_names(key, args.tenants)
         return timed_generate(models[key], timers[key], inputs, new_tokens, names, num_beams=beams)
 
-    for key in models:  # warm-up
-        run(key, 3)
-    for _ in range(args.repeats):
-        for key in models:
-            first, steps = run(key, args.new_tokens + 1)
-            prefill[key].append(first)
-            decode[key].extend(steps)
-    results = {}
-    for key in models:
-        cpu = statistics.median(c for _, c in decode[key])
-        wall = statistics.median(w for w, _ in decode[key])
-        results[key] = {
-            "decode_step_cpu_median_s": cpu,
-            "decode_step_wall_median_s": wall,
-            "request_tokens_per_cpu_s": args.tenants / cpu,
-            "request_tokens_per_wall_s": args.tenants / wall,
-            "prefill_cpu_median_s": statistics.median(c for _, c in prefill[key]),
-            "decode_steps_timed": len(decode[key]),
-            "trainable_params_per_adapter": params[key],
-        }
-    return results
+    runs = {key: partial(run, key) for key in models}
+    prefill, decode = interleaved_rounds(runs, args.new_tokens, args.repeats)
+    return {
+        key: {**step_summary(prefill[key], decode[key], args.tenants), "trainable_params_per_adapter": params[key]}
+        for key in models
+    }
 
 
 def peak_memory(args, key: str, beams: int) -> dict:
@@ -143,7 +135,7 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 def ratios_of(timing: dict, memory: dict) -> dict:
     pedro, lora, base = timing["pedro_multi"], timing["lora_multi"], timing["base"]
     return {
-        "pedro_over_lora_throughput_cpu": pedro["request_tokens_per_cpu_s"] / lora["request_tokens_per_cpu_s"],
+        "pedro_over_lora_throughput_cpu": pedro["decode_tokens_per_cpu_s"] / lora["decode_tokens_per_cpu_s"],
         "pedro_over_base_decode_time_cpu": pedro["decode_step_cpu_median_s"] / base["decode_step_cpu_median_s"],
         "lora_over_base_decode_time_cpu": lora["decode_step_cpu_median_s"] / base["decode_step_cpu_median_s"],
         "pedro_over_lora_peak_increase": _ratio(
@@ -201,7 +193,7 @@ def main(argv=None) -> dict:
         for key in MODELS:
             t, m = timing[key], memory[key]
             print(
-                f"beam {beams} {key:12s} {t['request_tokens_per_cpu_s']:7.1f} request tok/cpu-s, step "
+                f"beam {beams} {key:12s} {t['decode_tokens_per_cpu_s']:7.1f} request tok/cpu-s, step "
                 f"{1e3 * t['decode_step_cpu_median_s']:7.2f} cpu-ms; peak +{m['peak_rss_increase_mb']:7.1f} MB "
                 f"(abs {m['peak_rss_mb']:7.1f} MB)",
                 flush=True,
