@@ -264,13 +264,16 @@ def encode_chat(tok, pairs, max_len):
 
 
 def answer_loss(model, tensors, batch=8) -> dict:
-    """Mean cross-entropy over answer tokens of the held-out pairs (the same token set for every method)."""
+    """Mean cross-entropy over answer tokens of the held-out pairs (the same token set for every method).
+
+    The labels go into the forward as in training: PEDRO takes its prompt boundary from them (the tokens before the
+    first supervised one). Without them it pools the whole text, the answer it is scored on included."""
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for i in range(0, len(tensors["labels"]), batch):
             part = {k: v[i : i + batch] for k, v in tensors.items()}
-            logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits[:, :-1]
+            logits = model(**part).logits[:, :-1]
             target = part["labels"][:, 1:]
             total += float(
                 torch.nn.functional.cross_entropy(
