@@ -4,9 +4,9 @@ whole text pooled: reference computed here with an explicit `prompt_mask`."""
 import math
 
 import torch
+from benchmarks.evaluate import answer_loss
 from peft import get_peft_model
 
-from benchmarks.evaluate import answer_loss
 from models import VOCAB_SIZE, make_model
 from xpeft import PedroConfig
 
