@@ -21,6 +21,12 @@ from xpeft.pedro.generator import GELU_RATIONAL_INIT
 from xpeft.pedro.rational_fit import fit_gelu_rational, max_gelu_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rational_fit.json"
+# The (5, 4) initialisation xpeft used before this script (an earlier fit on the mean squared error, whose L-BFGS
+# stopped early); recorded for comparison. Adapters saved with it keep their own trained coefficients.
+PREVIOUS_5_4 = (
+    (0.0054859826, 0.49999626, 0.40565782, 0.11853811, 0.014811942, 0.00067074730),
+    (-0.000094716641, 0.23704453, 0.000021004393, 0.0013394460),
+)
 
 
 def errors(numerator, denominator) -> dict:
@@ -53,6 +59,8 @@ def main() -> None:
         print(degrees, f"{seconds:.1f} s", errors(numerator, denominator))
         print("  numerator =", repr(numerator))
         print("  denominator =", repr(denominator))
+    report["previous_5_4"] = {"numerator": PREVIOUS_5_4[0], "denominator": PREVIOUS_5_4[1], **errors(*PREVIOUS_5_4)}
+    print("previous (5, 4)", report["previous_5_4"])
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print("wrote", RESULTS)
 
