@@ -48,7 +48,9 @@ class PedroConfig(PeftConfig):
             or the last prompt token.
         activation (`Literal["rational", "gelu", "relu"]`):
             Activation between down and up: a learnable rational activation initialised to GeLU (degrees
-            `rational_degrees`), GeLU or ReLU.
+            `rational_degrees`), GeLU or ReLU. The rational's coefficients train with the other parameters under
+            `Trainer`, or on a held-out split with `xpeft.pedro.BilevelTrainer` (the sibling papers' bi-level
+            training).
         rational_degrees (`tuple[int, int]`, *optional*):
             Degrees (m, n) of the rational activation R(x) = (a_0 + ... + a_m x^m) / (1 + |b_1 x + ... + b_n x^n|):
             (6, 5), the form of the PEDRO group's sibling papers, or (5, 4). None (the default) means (6, 5) for a new
@@ -91,7 +93,9 @@ class PedroConfig(PeftConfig):
         default="rational",
         metadata={
             "help": "Activation between down and up: a learnable rational activation initialised to GeLU (degrees "
-            "`rational_degrees`), GeLU or ReLU."
+            "`rational_degrees`), GeLU or ReLU. The rational's coefficients train with the other parameters under "
+            "`Trainer`, or on a held-out split with `xpeft.pedro.BilevelTrainer` (the sibling papers' bi-level "
+            "training)."
         },
     )
     rational_degrees: tuple[int, int] | None = field(
