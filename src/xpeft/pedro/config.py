@@ -10,6 +10,12 @@ from peft.config import PeftConfig
 from .._registry import ensure_peft_type
 from ..config_utils import check_scalar_fields, normalize_module_selection
 from ..loading import read_adapter_config
+from .generator import GELU_RATIONAL_INIT
+
+# The degrees of the rational activation (see `rational_degrees`): the paper's for a new config, and the only ones
+# xpeft had before the field existed for a config read from an adapter saved then (its dict has no such key).
+PAPER_RATIONAL_DEGREES = (6, 5)
+LEGACY_RATIONAL_DEGREES = (5, 4)
 
 # Per architecture: the module names PEDRO scales and their role in the block. "q" is the query projection, "v" the
 # value projection, "u" the FFN up projection (the first FFN linear of non-gated FFNs) and "qv" GPT-2's fused
@@ -41,7 +47,15 @@ class PedroConfig(PeftConfig):
             How the prompt's hidden states are pooled: a learned softmax attention over prompt positions, their mean,
             or the last prompt token.
         activation (`Literal["rational", "gelu", "relu"]`):
-            Activation between down and up: a learnable rational (Padé) activation initialised to GeLU, GeLU or ReLU.
+            Activation between down and up: a learnable rational activation initialised to GeLU (degrees
+            `rational_degrees`), GeLU or ReLU. The rational's coefficients train with the other parameters under
+            `Trainer`, or on a held-out split with `xpeft.pedro.BilevelTrainer` (the sibling papers' bi-level
+            training).
+        rational_degrees (`tuple[int, int]`, *optional*):
+            Degrees (m, n) of the rational activation R(x) = (a_0 + ... + a_m x^m) / (1 + |b_1 x + ... + b_n x^n|):
+            (6, 5), the form of the PEDRO group's sibling papers, or (5, 4). None (the default) means (6, 5) for a new
+            config and (5, 4) for a config read from an adapter saved before this field existed (a dict with
+            `peft_type` and without this key), which is what those adapters were trained with.
         init_weights (`bool`):
             If True the up projections start at zero, so every vector is 1 and the model equals the base model.
         layers_to_transform (`list[int] | int`, *optional*):
@@ -78,8 +92,19 @@ class PedroConfig(PeftConfig):
     activation: Literal["rational", "gelu", "relu"] = field(
         default="rational",
         metadata={
-            "help": "Activation between down and up: a learnable rational (Padé) activation initialised to GeLU, "
-            "GeLU or ReLU."
+            "help": "Activation between down and up: a learnable rational activation initialised to GeLU (degrees "
+            "`rational_degrees`), GeLU or ReLU. The rational's coefficients train with the other parameters under "
+            "`Trainer`, or on a held-out split with `xpeft.pedro.BilevelTrainer` (the sibling papers' bi-level "
+            "training)."
+        },
+    )
+    rational_degrees: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Degrees (m, n) of the rational activation R(x) = (a_0 + ... + a_m x^m) / (1 + |b_1 x + ... + "
+            "b_n x^n|): (6, 5), the form of the PEDRO group's sibling papers, or (5, 4). None (the default) means "
+            "(6, 5) for a new config and (5, 4) for a config read from an adapter saved before this field existed (a "
+            "dict with `peft_type` and without this key), which is what those adapters were trained with."
         },
     )
     init_weights: bool = field(
@@ -110,6 +135,8 @@ class PedroConfig(PeftConfig):
         return read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
 
     def __post_init__(self) -> None:
+        # Before `peft_type` is set below: a `peft_type` already present means the config is built from a saved dict.
+        built_from_saved_dict = self.peft_type is not None
         super().__post_init__()
         self.peft_type = ensure_peft_type("PEDRO")
         if isinstance(self.target_modules, str):
@@ -125,4 +152,17 @@ class PedroConfig(PeftConfig):
             raise ValueError(f"`pooler` must be 'attention', 'mean' or 'last', got {self.pooler!r}.")
         if self.activation not in ("rational", "gelu", "relu"):
             raise ValueError(f"`activation` must be 'rational', 'gelu' or 'relu', got {self.activation!r}.")
+        self.rational_degrees = _resolve_rational_degrees(self.rational_degrees, built_from_saved_dict)
         check_scalar_fields(self)  # last: the checks above give the more specific message where they apply
+
+
+def _resolve_rational_degrees(degrees, built_from_saved_dict: bool) -> tuple[int, int]:
+    if degrees is None:
+        return LEGACY_RATIONAL_DEGREES if built_from_saved_dict else PAPER_RATIONAL_DEGREES
+    pair = tuple(degrees) if isinstance(degrees, (list, tuple)) else degrees
+    if pair not in GELU_RATIONAL_INIT:
+        raise ValueError(
+            f"`rational_degrees` must be one of {', '.join(map(str, GELU_RATIONAL_INIT))} (the degrees (m, n) with a "
+            f"fitted GeLU initialisation), got {degrees!r}. Pass e.g. (6, 5) (in adapter_config.json: [6, 5])."
+        )
+    return pair

@@ -7,11 +7,26 @@ from torch import nn
 
 IGNORE_INDEX = -100
 
-# Padé (5, 4) coefficients of GeLU: P(x) = Σ_{i≤5} a_i x^i, Q(x) = 1 + |Σ_{1≤j≤4} b_j x^j|. Fitted once offline in
-# float64: linearised least squares (P - y·(Q - 1) = y) on 8001 points of [-8, 8] as the start, then L-BFGS on the mean
-# squared error of P/Q against torch's exact GeLU on the same grid. Max error 0.0078 on [-3, 3] (tested).
-GELU_NUMERATOR = (0.0054859826, 0.49999626, 0.40565782, 0.11853811, 0.014811942, 0.00067074730)
-GELU_DENOMINATOR = (-0.000094716641, 0.23704453, 0.000021004393, 0.0013394460)
+# GeLU initialisations of the rational activation `R(x) = P(x) / (1 + |B(x)|)`, `P(x) = Σ_{i≤m} a_i x^i`,
+# `B(x) = Σ_{1≤j≤n} b_j x^j`, per degrees (m, n): `(a_0..a_m), (b_1..b_n)`. Fitted once offline in float64 by
+# `benchmarks/fit_rational.py` (`xpeft.pedro.rational_fit`: linearised least squares, then L-BFGS on the root mean
+# squared error against the exact GeLU on 8001 points of [-8, 8]), which records their max errors in
+# `benchmarks/results/rational_fit.json`: 0.0039 (5, 4) and 0.0040 (6, 5), on [-3, 3] and on [-8, 8] alike (the largest
+# error is at x = 0, the value of a_0).
+GELU_RATIONAL_INIT: dict[tuple[int, int], tuple[tuple[float, ...], tuple[float, ...]]] = {
+    (5, 4): (
+        (-0.0038907410985748944, 0.49999999998658146, 0.42116165779203957, 0.1276487170301438, 0.016553541996743665,
+         0.0007774615015768638),
+        (-5.806902577505356e-10, 0.25529743454545856, -1.1286604132462675e-10, 0.0015549230107518132),
+    ),
+    (6, 5): (
+        (-0.004024161754704575, 0.5000913338412222, 0.42149753039759746, 0.12827310659650717, 0.016855244091988277,
+         0.0008304710927792665, 3.083514570018072e-06),
+        (-0.00042446785138052553, 0.2570477238886455, -0.00017852136940665255, 0.0016867899278460463,
+         -1.3188497777147681e-06),
+    ),
+}  # fmt: skip
+GELU_NUMERATOR, GELU_DENOMINATOR = GELU_RATIONAL_INIT[(5, 4)]
 
 
 def prompt_mask_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -72,18 +87,22 @@ def pedro_vectors(code: torch.Tensor, up: nn.Linear) -> torch.Tensor:
 
 
 class RationalActivation(nn.Module):
-    """Learnable rational activation (Molina et al., arXiv 1907.06732), initialised to GeLU."""
+    """Learnable rational activation (Molina et al., arXiv 1907.06732), initialised to GeLU:
+    :math:`R(x) = (a_0 + a_1 x + \\dots + a_m x^m) / (1 + |b_1 x + \\dots + b_n x^n|)`, degrees `(m, n)` one of
+    [`GELU_RATIONAL_INIT`]. `numerator` holds `a_0..a_m`, `denominator` `b_1..b_n`.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, degrees: tuple[int, int] = (6, 5)) -> None:
         super().__init__()
-        self.numerator = nn.Parameter(torch.tensor(GELU_NUMERATOR))
-        self.denominator = nn.Parameter(torch.tensor(GELU_DENOMINATOR))
+        numerator, denominator = GELU_RATIONAL_INIT[tuple(degrees)]
+        self.numerator = nn.Parameter(torch.tensor(numerator))
+        self.denominator = nn.Parameter(torch.tensor(denominator))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rational(x, self.numerator, self.denominator)
 
 
-GENERATOR_ACTIVATIONS = {"rational": RationalActivation, "gelu": nn.GELU, "relu": nn.ReLU}
+GENERATOR_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # "rational" is built with its degrees
 
 
 class VectorGenerator(nn.Module):
@@ -93,14 +112,19 @@ class VectorGenerator(nn.Module):
     product is the same and each projection only reads its slice.
     """
 
-    def __init__(self, hidden_size: int, rank: int, pooler: str, activation: str) -> None:
+    def __init__(
+        self, hidden_size: int, rank: int, pooler: str, activation: str, rational_degrees: tuple[int, int] = (6, 5)
+    ) -> None:
         super().__init__()
         self.pooler = pooler
         if pooler == "attention":
             # Zero scores: the attention pooler starts as the mean over the prompt.
             self.score = nn.Parameter(torch.zeros(hidden_size))
         self.down = nn.Linear(hidden_size, rank)
-        self.act = GENERATOR_ACTIVATIONS[activation]()
+        if activation == "rational":
+            self.act = RationalActivation(rational_degrees)
+        else:
+            self.act = GENERATOR_ACTIVATIONS[activation]()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         hidden = hidden.to(self.down.weight.dtype)

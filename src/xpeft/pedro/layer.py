@@ -146,7 +146,9 @@ class PedroLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: PedroConfig, owns_generator: bool) -> None:
         if owns_generator:
-            generator = VectorGenerator(self.in_features, config.vg_rank, config.pooler, config.activation)
+            generator = VectorGenerator(
+                self.in_features, config.vg_rank, config.pooler, config.activation, config.rational_degrees
+            )
             self.pedro_generator[adapter_name] = generator
         up = nn.Linear(config.vg_rank, sum(high - low for low, high in self.segments))
         if config.init_weights:

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..loading import weights_source
 from ..tuners_utils import XpeftTuner, layer_features
 from .calls import (
     _output_cache,  # noqa: F401  (re-exported: the tests read caches through it)
@@ -70,6 +71,26 @@ class PedroModel(XpeftTuner):
         # the adapter name second to last, would leave it in; drop it right after the container name instead.
         containers = "|".join(re.escape(name) for name in PedroLayer.adapter_layer_names)
         return re.sub(rf"\.({containers})\.{re.escape(adapter_name)}(?=\.|$)", r".\1", key)
+
+    @classmethod
+    def _decode_checkpoint(cls, model, config: PedroConfig, adapter_name: str, state_dict: dict) -> dict:
+        # The generic shape check would blame an edited config or another base model; for the activation's
+        # coefficients the cause is `rational_degrees`, which adapters saved before it existed do not record.
+        if config.activation == "rational":
+            expected = {"numerator": config.rational_degrees[0] + 1, "denominator": config.rational_degrees[1]}
+            for key, tensor in state_dict.items():
+                coefficients = key.rsplit(".", 1)[-1]
+                if key.endswith(f".act.{coefficients}") and coefficients in expected:
+                    if tensor.shape != (expected[coefficients],):
+                        raise ValueError(
+                            f"{weights_source(config)}: the rational activation's {coefficients} {key!r} has "
+                            f"{tensor.numel()} coefficient(s), but `rational_degrees`={list(config.rational_degrees)}"
+                            f" expects {expected[coefficients]}: the adapter was saved with other degrees. Set "
+                            "`rational_degrees` in adapter_config.json to the degrees it was saved with ([m, n] for "
+                            "m + 1 numerator and n denominator coefficients; [5, 4] for adapters saved before the "
+                            "field existed)."
+                        )
+        return state_dict
 
     def _pre_injection_hook(self, model: nn.Module, config: PedroConfig, adapter_name: str) -> None:
         if hasattr(self, "_hook_handles"):
