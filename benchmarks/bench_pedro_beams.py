@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(peak_memory(args, args.child, args.beams[0])))
         return {}
-    load_before = os.getloadavg()
+    load_before, revision = os.getloadavg(), machine_info((0.0, 0.0, 0.0))["code_revision"]
     report = {
         "setup": {
             "model": f"LlamaForCausalLM(hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, "
@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
             )
         for name, value in report["beams"][str(beams)]["ratios"].items():
             print(f"  {name:36s} {value if value is None else round(value, 3)}")
-    report["machine"] = machine_info(load_before)
+    report["machine"] = {**machine_info(load_before), "code_revision": revision}  # the code that ran, not later
     if not args.quick:
         write_report(report, args.out or RESULTS)
     return report
