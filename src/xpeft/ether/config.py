@@ -53,8 +53,9 @@ class EtherConfig(PeftConfig):
         init_weights (`bool`):
             If True, the paper's initialization: u Kaiming-uniform and, for ETHER+, v = -u so that H+ = I and the
             model starts unchanged. If False, v is drawn independently of u (ETHER+ then does not start at the
-            identity; |u.v| is then about sqrt(n/d), H+ nearly singular, and unmerging in float32 is often refused,
-            see `EtherLayer.unmerge_error`). Plain ETHER always starts from a random reflection: H = I is out of its reach.
+            identity; |u.v| is then about sqrt(n/d), H+ nearly singular, and unmerging in float32 is often
+            refused, see `EtherLayer.unmerge_error`). Plain ETHER always starts from a random reflection: H = I is
+            out of its reach.
         block_layout (`Literal['paper', 'reference_code']`):
             Which weight blocks each input-side transform acts on. 'paper' (the paper's equations): W' = W diag(H_1 ..
             H_n), block c of the input features transformed by H_c. 'reference_code': what the official code
@@ -127,8 +128,9 @@ class EtherConfig(PeftConfig):
             "help": (
                 "If True, the paper's initialization: u Kaiming-uniform and, for ETHER+, v = -u so that H+ = I and the "
                 "model starts unchanged. If False, v is drawn independently of u (ETHER+ then does not start at the "
-                "identity; |u.v| is then about sqrt(n/d), H+ nearly singular, and unmerging in float32 is often refused, "
-                "see `EtherLayer.unmerge_error`). Plain ETHER always starts from a random reflection: H = I is out of its reach."
+                "identity; |u.v| is then about sqrt(n/d), H+ nearly singular, and unmerging in float32 is often "
+                "refused, see `EtherLayer.unmerge_error`). Plain ETHER always starts from a random reflection: H = I "
+                "is out of its reach."
             )
         },
     )
