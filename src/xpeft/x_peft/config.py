@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,11 +17,15 @@ from .._registry import ensure_peft_type
 from ..config_utils import check_scalar_fields, normalize_module_selection
 from ..loading import loaded_from, read_adapter_config
 from ..serialization import TEMP_INFIX, read_safetensors_metadata
+from .bank import LEGACY_INIT_SCALE
 
 NAME = "xpeft"
 # 1000x the paper's N=100. Each layer's bank and each profile's masks grow with N; the bank's memory is bounded
 # separately, from the model's layer sizes, by `xpeft.x_peft.bank.MAX_BANK_BYTES`.
 MAX_BANK_SIZE = 100_000
+# A random adapter at scale 1 already adds a residual about 0.7x the norm of MiniLM's FFN output; 1000x that only
+# drowns the model.
+MAX_BANK_INIT_SCALE = 1000.0
 BANK_PATH_ENV = "XPEFT_BANK_PATH"
 """Environment variable: folders (or bank files), separated by `os.pathsep`, searched for a loaded profile's bank."""
 # Set while `XPeftConfig.from_pretrained` builds a config from a file: a relative `bank` there is relative to the
@@ -99,6 +104,17 @@ def resolve_bank_path(recorded: str, fingerprint: str | None, folder: Path | Non
     )
 
 
+def _default_missing_init_scale(config: XPeftConfig) -> None:
+    """A profile saved before `bank_init_scale` existed has no such key in its adapter_config.json: it was trained on
+    the legacy bank (scale 1.0), whatever today's default is, and must load with that bank and its fingerprint."""
+    source = loaded_from(config)
+    if source is None:
+        return
+    saved = json.loads(source.config_file.read_text())
+    if "bank_init_scale" not in saved:
+        config.bank_init_scale = LEGACY_INIT_SCALE
+
+
 @dataclass
 class XPeftConfig(PeftConfig):
     """Configuration of an X-PEFT profile: mask logits over a frozen bank of bottleneck adapters.
@@ -125,6 +141,8 @@ class XPeftConfig(PeftConfig):
             'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`; a relative path is made absolute against the current directory. The bank is never saved with a profile: `save_pretrained` records its path relative to the profile folder (only its file name if the two share no folder but the root, so no absolute local path is written) next to `bank_fingerprint`. Loading looks for the bank, in order: at `bank_path` (a file or its folder) if passed to `XPeftConfig.from_pretrained` or `PeftModel.from_pretrained`; in each folder of the environment variable XPEFT_BANK_PATH (separated by `os.pathsep`); at the recorded path, relative to the profile folder (an absolute path of an older profile as is). The first file with the recorded fingerprint is used.
         bank_seed (`int`):
             Seed of the random bank (only used when bank is 'random'); an integer, never a bool or a string.
+        bank_init_scale (`float`):
+            Scale s of the random bank (only used when bank is 'random'; a bank file is used as trained and ignores it): each random adapter's up projection B and output bias b are drawn s times larger, so every composed adapter adds exactly s times the residual of the unscaled bank (1.0, the bank of profiles saved before this field, which load with it). A float in (0, 1000], part of the random bank's recipe and fingerprint.
         bank_fingerprint (`Optional[str]`):
             Fingerprint of the bank the profile was trained against (of a random bank: its recipe and the adapted layers' names and sizes); filled in automatically for a new profile, required and checked when a saved profile is loaded.
         init_weights (`bool`):
@@ -187,6 +205,12 @@ class XPeftConfig(PeftConfig):
             "help": "Seed of the random bank (only used when bank is 'random'); an integer, never a bool or a string."
         },
     )
+    bank_init_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Scale s of the random bank (only used when bank is 'random'; a bank file is used as trained and ignores it): each random adapter's up projection B and output bias b are drawn s times larger, so every composed adapter adds exactly s times the residual of the unscaled bank (1.0, the bank of profiles saved before this field, which load with it). A float in (0, 1000], part of the random bank's recipe and fingerprint."
+        },
+    )
     bank_fingerprint: str | None = field(
         default=None,
         metadata={
@@ -235,6 +259,7 @@ class XPeftConfig(PeftConfig):
             config = read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
         finally:
             _READING_SAVED_CONFIG.reset(token)
+        _default_missing_init_scale(config)
         if config.bank != "random":
             source = loaded_from(config)
             folder = source.folder if source is not None else None
@@ -281,4 +306,11 @@ class XPeftConfig(PeftConfig):
                 f"`hard_k` must be an integer between 1 and bank_size={self.bank_size}, got {self.hard_k!r}; "
                 "lower `hard_k` or raise `bank_size`."
             )
+        scale = self.bank_init_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_BANK_INIT_SCALE:
+            raise ValueError(
+                f"`bank_init_scale` must be a number in (0, {MAX_BANK_INIT_SCALE:g}], got {scale!r}; pass e.g. "
+                "1.0 (the bank of xpeft before this field) or a larger scale for a stronger random bank."
+            )
+        self.bank_init_scale = float(scale)
         check_scalar_fields(self)  # last: the checks above give the more specific message where they apply
