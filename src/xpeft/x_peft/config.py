@@ -206,7 +206,7 @@ class XPeftConfig(PeftConfig):
         },
     )
     bank_init_scale: float = field(
-        default=1.0,
+        default=10.0,
         metadata={
             "help": "Scale s of the random bank (only used when bank is 'random'; a bank file is used as trained and ignores it): each random adapter's up projection B and output bias b are drawn s times larger, so every composed adapter adds exactly s times the residual of the unscaled bank (1.0, the bank of profiles saved before this field, which load with it). A float in (0, 1000], part of the random bank's recipe and fingerprint."
         },
