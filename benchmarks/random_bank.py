@@ -206,11 +206,12 @@ def run_cached_heads(lrs, train_t: dict, test_t: dict, steps: int, batch: int, s
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         model.eval()
         with torch.no_grad():
             pred = model.classifier(test_x).argmax(-1)
         row = {"kind": "head_cached", "lr": lr, "mask_type": None, "hard_k": None, "scale": None, "steps": steps}
+        row["default"] = False
         row.update(batch=batch, seed=seed, trainable_params=sum(p.numel() for p in model.classifier.parameters()))
         row["final_loss"] = sum(losses[-20:]) / len(losses[-20:])
         row["diverged"] = not math.isfinite(row["final_loss"])
@@ -223,13 +224,14 @@ def run_cached_heads(lrs, train_t: dict, test_t: dict, steps: int, batch: int, s
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
-def spam_data(seed: int, max_len: int, test_limit: int | None):
+def spam_data(seed: int, max_len: int, test_limit: int | None, train_limit: int | None = None):
     from transformers import AutoTokenizer
 
     splits = data.spam_assassin(seed=seed)
     tok = AutoTokenizer.from_pretrained(data.minilm_path())
     test = splits["test"] if test_limit is None else _test_subset(splits["test"], test_limit, seed)
-    return encode_cls(tok, splits["train"], max_len), encode_cls(tok, test, max_len)
+    train = splits["train"] if train_limit is None else splits["train"][:train_limit]
+    return encode_cls(tok, train, max_len), encode_cls(tok, test, max_len)
 
 
 def topic_data(seed: int, max_len: int, n_topics: int) -> dict[str, tuple[dict, dict]]:
@@ -353,7 +355,7 @@ def render_markdown(res: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------ main
 def run_spam(res, path, settings, args, default_keys=()):
-    train_t, test_t = spam_data(args.seed, args.max_len, 32 if args.smoke else None)
+    train_t, test_t = spam_data(args.seed, args.max_len, *((32, 64) if args.smoke else (None, None)))
     res["meta"]["spam_train"], res["meta"]["spam_test"] = len(train_t["labels"]), len(test_t["labels"])
     if args.cached_heads and not all(f"head_cached lr={lr:g}" in res["spam"] for lr in args.cached_heads):
         res["spam"].update(
@@ -406,7 +408,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--name", default="random_bank", help="results file name: <out>/<name>.json and .md")
     parser.add_argument("--tasks", default="spam,topics")
     parser.add_argument("--only", nargs="*", help="spam settings to run, by key (default: the whole grid)")
-    parser.add_argument("--smoke", action="store_true", help="3 steps per row, 32 test mails, 1 topic, tiny grid")
+    parser.add_argument(
+        "--smoke", action="store_true", help="3 steps per row, 64 train and 32 test mails, 1 topic, tiny grid"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.smoke:
