@@ -407,6 +407,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--with-defaults", action="store_true", help="add rows for the library defaults")
     parser.add_argument("--name", default="random_bank", help="results file name: <out>/<name>.json and .md")
     parser.add_argument("--tasks", default="spam,topics")
+    parser.add_argument("--topic-only", nargs="*", help="topic settings, by key (default: the best of the spam rows)")
     parser.add_argument("--only", nargs="*", help="spam settings to run, by key (default: the whole grid)")
     parser.add_argument(
         "--smoke", action="store_true", help="3 steps per row, 64 train and 32 test mails, 1 topic, tiny grid"
@@ -433,7 +434,10 @@ def main(argv=None) -> dict:
             grid = [s for s in grid if s.key in args.only]
         run_spam(res, path, grid + defaults, args, default_keys)
     if "topics" in tasks:
-        run_topics(res, path, best_settings(res["spam"]) + defaults, args, default_keys)
+        chosen = (
+            [s for s in spam_grid() if s.key in args.topic_only] if args.topic_only else best_settings(res["spam"])
+        )
+        run_topics(res, path, chosen + defaults, args, default_keys)
     res["meta"]["runs"][-1]["seconds"] = time.perf_counter() - START
     res["meta"]["runs"][-1]["load_average_end"] = list(os.getloadavg())
     save(res, path)
