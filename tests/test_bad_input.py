@@ -385,7 +385,7 @@ LOAD_CASES = [
     (
         "xpeft-mask-type-edited",
         "xpeft",
-        set_config(mask_type="hard"),
+        set_config(mask_type="hard", hard_k=1),
         llama,
         ValueError,
         rf"{WEIGHTS}: Hard X-PEFT masks for this model are 4 bytes of uint8.*saved for another model or config",

@@ -105,7 +105,9 @@ def test_a_bank_file_ignores_the_scale(tmp_path):
     models = [build(bank=str(path), bank_init_scale=scale) for scale in (1.0, 10.0)]
     assert {bank(m).fingerprint for m in models} == {fingerprint}
     for name in bank(models[0]).layer_names():
-        assert all(torch.equal(a, b) for a, b in zip(bank(models[0]).layer(name), bank(models[1]).layer(name)))
+        assert all(
+            torch.equal(a, b) for a, b in zip(bank(models[0]).layer(name), bank(models[1]).layer(name), strict=True)
+        )
 
 
 # -- the effect of the scale, against float64 math on the unscaled bank -----------------------------------------------
