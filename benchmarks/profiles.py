@@ -209,8 +209,9 @@ def task_profiles(budget, seed: int) -> dict:
         for t in tqdm(eval_topics, desc="profiles: new topics"):
             for mask_type in ("soft", "hard"):
                 name = f"X-PEFT {mask_type} (trained bank)"
+                # hard_k=1: the bank holds only `profile_bank_topics` adapters, fewer than the default k of 32.
                 cfg = xpeft.XPeftConfig(
-                    task_type="SEQ_CLS", bank=bank_path, bank_size=len(bank_entries), mask_type=mask_type
+                    task_type="SEQ_CLS", bank=bank_path, bank_size=len(bank_entries), mask_type=mask_type, hard_k=1
                 )
                 model = get_peft_model(fresh(), cfg)
                 train_loop(model, enc[t][0], budget.profile_steps, budget.cls_batch, lr_mask, seed, f"{name} {t}")

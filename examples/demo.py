@@ -137,7 +137,7 @@ def main() -> None:
         xpeft.build_bank(train_bank_adapters(args.steps), bank_path)
         methods["X-PEFT soft masks, trained bank (N=3)"] = (XPeftConfig(bank=str(bank_path), bank_size=3), 1e-1)
         methods["X-PEFT hard masks, trained bank (k=1)"] = (
-            XPeftConfig(bank=str(bank_path), bank_size=3, mask_type="hard"),
+            XPeftConfig(bank=str(bank_path), bank_size=3, mask_type="hard", hard_k=1),
             3e-1,
         )
         for index, (name, (config, lr)) in enumerate(methods.items()):

@@ -153,8 +153,12 @@ def header_with(entries: dict, data: bytes) -> bytes:
 
 
 def legacy_fingerprint(folder):
-    # The fingerprint xpeft 0.1 recorded for a random bank: the recipe without the adapted layers.
-    set_config(bank_fingerprint=recipe_fingerprint(random_bank_recipe(0, N, 4, "relu")))(folder)
+    # The fingerprint xpeft 0.1 recorded for a random bank: the recipe without the adapted layers (and a config
+    # without `bank_init_scale`, which came later).
+    path = folder / CONFIG
+    saved = json.loads(path.read_text())
+    del saved["bank_init_scale"]
+    path.write_text(json.dumps(saved | {"bank_fingerprint": recipe_fingerprint(random_bank_recipe(0, N, 4, "relu"))}))
 
 
 def remove(name):
@@ -385,7 +389,7 @@ LOAD_CASES = [
     (
         "xpeft-mask-type-edited",
         "xpeft",
-        set_config(mask_type="hard"),
+        set_config(mask_type="hard", hard_k=1),
         llama,
         ValueError,
         rf"{WEIGHTS}: Hard X-PEFT masks for this model are 4 bytes of uint8.*saved for another model or config",

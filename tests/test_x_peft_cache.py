@@ -21,7 +21,13 @@ PROFILES = [f"p{i}" for i in range(12)]
 
 
 def config(**kwargs):
-    kwargs = {"bank_size": N, "reduction_factor": 4, "init_weights": False, "task_type": task_type("llama")} | kwargs
+    kwargs = {
+        "bank_size": N,
+        "hard_k": 1,
+        "reduction_factor": 4,
+        "init_weights": False,
+        "task_type": task_type("llama"),
+    } | kwargs
     return XPeftConfig(**kwargs)
 
 

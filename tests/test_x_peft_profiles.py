@@ -262,7 +262,9 @@ def test_trained_bank_from_single_adapters(tmp_path):
     path = tmp_path / "bank.safetensors"
     fingerprint = build_bank(singles, path)
     # a hard k=1 profile that selects adapter 1 for both A and B reproduces the single adapter "t0" exactly
-    trained = get_peft_model(make_model("gpt2"), config("gpt2", bank=str(path), bank_size=3, mask_type="hard"))
+    trained = get_peft_model(
+        make_model("gpt2"), config("gpt2", bank=str(path), bank_size=3, mask_type="hard", hard_k=1)
+    )
     assert trained.base_model.xpeft_bank.fingerprint == fingerprint
     with torch.no_grad():
         for _, layer in xpeft_layers(trained, "default"):

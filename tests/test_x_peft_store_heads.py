@@ -34,7 +34,11 @@ def trained_bert(mask_type="soft", seed=0):
 
 def make_config(model_name="bert", **kwargs):
     return XPeftConfig(
-        **({"bank_size": N, "reduction_factor": 4, "init_weights": False, "task_type": task_type(model_name)} | kwargs)
+        **(
+            {"bank_size": N, "hard_k": 1, "reduction_factor": 4, "init_weights": False}
+            | {"task_type": task_type(model_name)}
+            | kwargs
+        )
     )
 
 

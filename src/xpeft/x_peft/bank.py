@@ -61,6 +61,9 @@ PARTS = ("A", "a", "B", "b")
 LORA_PARTS = ("A", "B")
 KINDS = {"bottleneck": PARTS, "lora": LORA_PARTS}
 """The tensors each layer of a bank of each kind holds."""
+LEGACY_INIT_SCALE = 1.0
+"""The `bank_init_scale` of every random bank made before the field existed (and of a profile whose saved config lacks
+it): the bank is drawn exactly as then and its recipe, hence its fingerprint, omits the scale."""
 BIAS_STD = 0.02  # [open] random-bank biases: small, so that composition of biases is exercised but does not dominate
 MAX_BANK_BYTES = 16 * 2**30
 """Largest bank (all its layers, in bytes) a model may hold: 16 GiB by default. A bank takes
@@ -75,9 +78,13 @@ def random_bank_recipe(
     reduction_factor: int,
     non_linearity: str,
     layers: Sequence[tuple[str, int]] | None = None,
+    init_scale: float = LEGACY_INIT_SCALE,
 ) -> dict:
     """The recipe that determines a random bank; with `layers` (`(name, d)` of each adapted layer), the bank of those
-    layers exactly. Without them it names the generator and its settings only (and is xpeft 0.1's fingerprint)."""
+    layers exactly. Without them it names the generator and its settings only (and is xpeft 0.1's fingerprint).
+
+    `init_scale` enters the recipe only when it is not the legacy 1.0, so that every random bank made before the
+    field existed keeps its fingerprint."""
     recipe = {
         "kind": "random",
         "generator": RANDOM_GENERATOR,
@@ -87,6 +94,8 @@ def random_bank_recipe(
         "non_linearity": non_linearity,
         "dtype": "float32",
     }
+    if init_scale != LEGACY_INIT_SCALE:
+        recipe["init_scale"] = float(init_scale)
     if layers is not None:
         recipe["layers"] = [[name, d, d // reduction_factor] for name, d in sorted(layers)]
     return recipe
@@ -103,20 +112,30 @@ def bottleneck_size(layer_name: str, d: int, reduction_factor: int) -> int:
     return r
 
 
-def random_bank_layer(bank_seed: int, layer_name: str, bank_size: int, d: int, r: int) -> dict[str, torch.Tensor]:
-    """Draw one layer's random bank on the CPU: `A ~ N(0, 1/d)`, `B ~ N(0, 1/r)`, biases `~ N(0, 0.02²)`.
+def random_bank_layer(
+    bank_seed: int, layer_name: str, bank_size: int, d: int, r: int, init_scale: float = LEGACY_INIT_SCALE
+) -> dict[str, torch.Tensor]:
+    """Draw one layer's random bank on the CPU: `A ~ N(0, 1/d)`, `a ~ N(0, 0.02²)`, `B ~ N(0, s²/r)`,
+    `b ~ N(0, (0.02 s)²)` with `s = init_scale`.
 
-    The generator seed mixes `bank_seed` with the layer name, so a layer's adapters do not depend on which other
-    layers are adapted or in which order they are created.
+    The scale multiplies each adapter's up projection and output bias only, so every composition of the bank (any
+    mask, any non-linearity) adds exactly `s` times the residual `B f(A h + a) + b` of the unscaled bank; the same
+    random draws are scaled, so banks of one seed differ only by that factor. The generator seed mixes `bank_seed`
+    with the layer name, so a layer's adapters do not depend on which other layers are adapted or in which order
+    they are created.
     """
     digest = hashlib.sha256(f"{RANDOM_GENERATOR}|{bank_seed}|{layer_name}".encode()).digest()
     generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return {
+    tensors = {
         "A": torch.randn(bank_size, r, d, generator=generator) / d**0.5,
         "a": torch.randn(bank_size, r, generator=generator) * BIAS_STD,
         "B": torch.randn(bank_size, d, r, generator=generator) / r**0.5,
         "b": torch.randn(bank_size, d, generator=generator) * BIAS_STD,
     }
+    if init_scale != LEGACY_INIT_SCALE:  # the legacy bank is left untouched, bit for bit
+        tensors["B"] *= init_scale
+        tensors["b"] *= init_scale
+    return tensors
 
 
 def _buffer_key(layer_name: str) -> str:
@@ -508,10 +527,20 @@ class XPeftBank(nn.Module):
     ever contains them.
     """
 
-    def __init__(self, source: str, bank_seed: int, bank_size: int, reduction_factor: int, non_linearity: str):
+    def __init__(
+        self,
+        source: str,
+        bank_seed: int,
+        bank_size: int,
+        reduction_factor: int,
+        non_linearity: str,
+        init_scale: float = LEGACY_INIT_SCALE,
+    ):
         super().__init__()
         self.source, self.bank_seed, self.bank_size = source, bank_seed, bank_size
         self.reduction_factor, self.non_linearity = reduction_factor, non_linearity
+        # Only a random bank is drawn at a scale; a bank file's tensors are used as trained.
+        self.init_scale = init_scale if source == "random" else LEGACY_INIT_SCALE
         self.kind = "bottleneck"  # a random bank's; a file's is read below
         self.parts = nn.ModuleDict({part: BufferDict({}, persistent=False) for part in PARTS})
         # A trained bank's file, verified once here; each layer's tensors are read from it when the layer is created,
@@ -519,7 +548,7 @@ class XPeftBank(nn.Module):
         self._file: _BankFile | None = None
         self._file_layer_names: set[str] = set()
         if source == "random":
-            recipe = random_bank_recipe(bank_seed, bank_size, reduction_factor, non_linearity)
+            recipe = random_bank_recipe(bank_seed, bank_size, reduction_factor, non_linearity, init_scale=init_scale)
             # Names the generator and its settings: two random banks are the same bank exactly when this matches.
             self.source_fingerprint = recipe_fingerprint(recipe)
             return
@@ -551,7 +580,7 @@ class XPeftBank(nn.Module):
             return
         if self._file is None:
             r = bottleneck_size(layer_name, d, self.reduction_factor)
-            tensors = random_bank_layer(self.bank_seed, layer_name, self.bank_size, d, r)
+            tensors = random_bank_layer(self.bank_seed, layer_name, self.bank_size, d, r, self.init_scale)
         else:
             if layer_name not in self._file_layer_names:
                 raise ValueError(
@@ -585,7 +614,7 @@ class XPeftBank(nn.Module):
         if self._file is not None:
             return self.source_fingerprint
         recipe = random_bank_recipe(
-            self.bank_seed, self.bank_size, self.reduction_factor, self.non_linearity, layers=layers
+            self.bank_seed, self.bank_size, self.reduction_factor, self.non_linearity, layers, self.init_scale
         )
         return recipe_fingerprint(recipe)
 

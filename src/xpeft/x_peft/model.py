@@ -51,7 +51,13 @@ def bank_source_fingerprint(config: XPeftConfig) -> str:
     """What names the bank `config` describes, whatever layers it adapts: the random recipe's generator and settings,
     or the bank file's fingerprint. Two profiles can share a model's bank exactly when this matches."""
     if config.bank == "random":
-        recipe = random_bank_recipe(config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity)
+        recipe = random_bank_recipe(
+            config.bank_seed,
+            config.bank_size,
+            config.reduction_factor,
+            config.non_linearity,
+            init_scale=config.bank_init_scale,
+        )
         return recipe_fingerprint(recipe)
     # The header is enough here: the bank's tensors are checked against it once, when the model's bank is built.
     check_bank_file_exists(config.bank)
@@ -63,7 +69,7 @@ def bank_source_fingerprint(config: XPeftConfig) -> str:
 
 def _describe_bank(config: XPeftConfig) -> str:
     if config.bank == "random":
-        return f"bank='random', bank_seed={config.bank_seed}"
+        return f"bank='random', bank_seed={config.bank_seed}, bank_init_scale={config.bank_init_scale:g}"
     return config.bank
 
 
@@ -187,7 +193,12 @@ class XPeftModel(XpeftTuner):
         check_bank_allocation(config.bank, config.bank_size, config.reduction_factor, layers, held=bank)
         if bank is None:
             bank = XPeftBank(
-                config.bank, config.bank_seed, config.bank_size, config.reduction_factor, config.non_linearity
+                config.bank,
+                config.bank_seed,
+                config.bank_size,
+                config.reduction_factor,
+                config.non_linearity,
+                config.bank_init_scale,
             )
         fingerprint = bank.profile_fingerprint(layers)
         self._check_recorded_fingerprint(config, bank, fingerprint, layers)
