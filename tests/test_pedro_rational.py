@@ -68,13 +68,16 @@ def test_gradients_pass_gradcheck(degrees):
 
 def assert_fit_reproduces(degrees):
     """The fit's function (not its coefficients: the least-squares surface is flat, and L-BFGS lands on slightly
-    different coefficients from one process to the next) matches the committed constants, and so does its error."""
+    different coefficients from one process to the next) matches the committed constants, and so does its error.
+
+    Tolerance 1e-3, a quarter of the fit's own error (4e-3): alone in a process the (6, 5) refit agrees to below 1e-4,
+    but after other tests in the same process it was measured 3e-4 away (float64 reductions in another order)."""
     fitted = [torch.tensor(c, dtype=torch.float64) for c in fit_gelu_rational(degrees)]
     committed = [torch.tensor(c, dtype=torch.float64) for c in GELU_RATIONAL_INIT[degrees]]
     x = torch.linspace(-8, 8, 8001, dtype=torch.float64)
-    assert (direct_rational(x, *fitted) - direct_rational(x, *committed)).abs().max() < 1e-4
+    assert (direct_rational(x, *fitted) - direct_rational(x, *committed)).abs().max() < 1e-3
     errors = [(direct_rational(x, *c) - exact_gelu(x)).abs().max() for c in (fitted, committed)]
-    assert abs(errors[0] - errors[1]) < 1e-4
+    assert abs(errors[0] - errors[1]) < 1e-3
 
 
 def test_fit_reproduces_the_committed_5_4_constants():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 
 from models import make_inputs, make_model
 from xpeft import XPeftConfig
@@ -33,10 +33,18 @@ def bank(model):
 
 
 # -- the field ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [0, -1.0, 0.0, 1000.5, math.nan, math.inf, True, "10", None])
+@pytest.mark.parametrize("value", [0, -1.0, 0.0, 1000.5, math.nan, math.inf, True, "10"])
 def test_bad_scales_are_refused_naming_the_field(value):
     with pytest.raises(ValueError, match=r"`bank_init_scale` must be a number in \(0, 1000\]"):
         XPeftConfig(bank_init_scale=value)
+
+
+def test_an_unset_scale_is_the_new_default_in_code_and_the_legacy_one_in_a_saved_dict():
+    assert XPeftConfig().bank_init_scale == XPeftConfig(bank_init_scale=None).bank_init_scale == 10.0
+    saved = XPeftConfig().to_dict()
+    assert XPeftConfig(**saved).bank_init_scale == 10.0  # saved with the field: kept
+    del saved["bank_init_scale"]
+    assert XPeftConfig(**saved).bank_init_scale == 1.0  # saved before the field existed
 
 
 def test_an_integer_scale_is_stored_as_a_float():
@@ -90,6 +98,9 @@ def test_a_config_saved_without_the_field_loads_the_legacy_bank_bit_for_bit(tmp_
     config_file.write_text(json.dumps(saved))
     assert XPeftConfig().bank_init_scale != 1.0, "the test needs a default that differs from the legacy scale"
 
+    # peft's generic loader (what transformers' `load_adapter` calls) bypasses XPeftConfig.from_pretrained: same result
+    assert PeftConfig.from_pretrained(tmp_path).bank_init_scale == 1.0
+    assert XPeftConfig(**{**saved, "bank_init_scale": 3.0}).bank_init_scale == 3.0  # a saved value is kept
     loaded = PeftModel.from_pretrained(make_model("bert"), tmp_path).eval()
     assert loaded.peft_config["default"].bank_init_scale == 1.0
     assert loaded.peft_config["default"].bank_fingerprint == saved["bank_fingerprint"]

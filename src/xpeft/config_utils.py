@@ -13,6 +13,23 @@ from peft.config import PeftConfig
 _STRING_LISTS = ("list", "set", "tuple")
 
 
+def built_from_saved_config(config: PeftConfig) -> bool:
+    """Whether `config` is being built from a saved `adapter_config.json`, which records `peft_type`, where a config
+    written in code leaves it to `__post_init__`. Call before `super().__post_init__()` sets it. Every load path goes
+    through here, including those that bypass the config class's own `from_pretrained` (transformers' `load_adapter`
+    calls `PeftConfig.from_pretrained`, which builds the subclass from the dict)."""
+    return config.peft_type is not None
+
+
+def default_for_new_field(value, *, from_saved_config: bool, default, legacy):
+    """The value of a field added after adapters had been saved without it, whose default is None (not given): the
+    given `value`; else `legacy`, the behaviour before the field existed, for a config built from a saved file (so
+    that such adapters load as they were trained); else `default` for a new config."""
+    if value is not None:
+        return value
+    return legacy if from_saved_config else default
+
+
 def check_scalar_fields(config: PeftConfig) -> None:
     """Refuse a value of the wrong type in every field annotated `bool`, `bool | None` or `int`.
 

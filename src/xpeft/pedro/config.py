@@ -8,7 +8,12 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
-from ..config_utils import check_scalar_fields, normalize_module_selection
+from ..config_utils import (
+    built_from_saved_config,
+    check_scalar_fields,
+    default_for_new_field,
+    normalize_module_selection,
+)
 from ..loading import read_adapter_config
 from .generator import GELU_RATIONAL_INIT
 
@@ -135,8 +140,7 @@ class PedroConfig(PeftConfig):
         return read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
 
     def __post_init__(self) -> None:
-        # Before `peft_type` is set below: a `peft_type` already present means the config is built from a saved dict.
-        built_from_saved_dict = self.peft_type is not None
+        from_saved_config = built_from_saved_config(self)
         super().__post_init__()
         self.peft_type = ensure_peft_type("PEDRO")
         if isinstance(self.target_modules, str):
@@ -152,13 +156,18 @@ class PedroConfig(PeftConfig):
             raise ValueError(f"`pooler` must be 'attention', 'mean' or 'last', got {self.pooler!r}.")
         if self.activation not in ("rational", "gelu", "relu"):
             raise ValueError(f"`activation` must be 'rational', 'gelu' or 'relu', got {self.activation!r}.")
-        self.rational_degrees = _resolve_rational_degrees(self.rational_degrees, built_from_saved_dict)
+        self.rational_degrees = _check_rational_degrees(
+            default_for_new_field(
+                self.rational_degrees,
+                from_saved_config=from_saved_config,
+                default=PAPER_RATIONAL_DEGREES,
+                legacy=LEGACY_RATIONAL_DEGREES,
+            )
+        )
         check_scalar_fields(self)  # last: the checks above give the more specific message where they apply
 
 
-def _resolve_rational_degrees(degrees, built_from_saved_dict: bool) -> tuple[int, int]:
-    if degrees is None:
-        return LEGACY_RATIONAL_DEGREES if built_from_saved_dict else PAPER_RATIONAL_DEGREES
+def _check_rational_degrees(degrees) -> tuple[int, int]:
     pair = tuple(degrees) if isinstance(degrees, (list, tuple)) else degrees
     if pair not in GELU_RATIONAL_INIT:
         raise ValueError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import copy
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,10 +13,18 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
-from ..config_utils import check_scalar_fields, normalize_module_selection
+from ..config_utils import (
+    built_from_saved_config,
+    check_scalar_fields,
+    default_for_new_field,
+    normalize_module_selection,
+)
 from ..loading import loaded_from, read_adapter_config
 from ..serialization import TEMP_INFIX, read_safetensors_metadata
 from .bank import LEGACY_INIT_SCALE
+
+DEFAULT_INIT_SCALE = 10.0
+"""`bank_init_scale` of a new config (see `XPeftConfig`)."""
 
 NAME = "xpeft"
 # 1000x the paper's N=100. Each layer's bank and each profile's masks grow with N; the bank's memory is bounded
@@ -104,17 +111,6 @@ def resolve_bank_path(recorded: str, fingerprint: str | None, folder: Path | Non
     )
 
 
-def _default_missing_init_scale(config: XPeftConfig) -> None:
-    """A profile saved before `bank_init_scale` existed has no such key in its adapter_config.json: it was trained on
-    the legacy bank (scale 1.0), whatever today's default is, and must load with that bank and its fingerprint."""
-    source = loaded_from(config)
-    if source is None:
-        return
-    saved = json.loads(source.config_file.read_text())
-    if "bank_init_scale" not in saved:
-        config.bank_init_scale = LEGACY_INIT_SCALE
-
-
 @dataclass
 class XPeftConfig(PeftConfig):
     """Configuration of an X-PEFT profile: mask logits over a frozen bank of bottleneck adapters.
@@ -153,8 +149,8 @@ class XPeftConfig(PeftConfig):
             'random' for a seeded random bank regenerated from its recipe, or the path of a bank file written by `save_bank` or `build_bank`; a relative path is made absolute against the current directory. The bank is never saved with a profile: `save_pretrained` records its path relative to the profile folder (only its file name if the two share no folder but the root, so no absolute local path is written) next to `bank_fingerprint`. Loading looks for the bank, in order: at `bank_path` (a file or its folder) if passed to `XPeftConfig.from_pretrained` or `PeftModel.from_pretrained`; in each folder of the environment variable XPEFT_BANK_PATH (separated by `os.pathsep`); at the recorded path, relative to the profile folder (an absolute path of an older profile as is). The first file with the recorded fingerprint is used.
         bank_seed (`int`):
             Seed of the random bank (only used when bank is 'random'); an integer, never a bool or a string.
-        bank_init_scale (`float`):
-            Scale s of the random bank (only used when bank is 'random'; a bank file is used as trained and ignores it): each random adapter's up projection B and output bias b are drawn s times larger, so every composed adapter, soft or hard, adds exactly s times the residual of the scale-1 bank (the hidden f(A h + a) is untouched, so this holds for any non-linearity). It scales the bank, not a mask type: the bank stays shared by soft and hard profiles, and the size of a mix (the mean of N adapters for a uniform soft mask, of k for a hard one) is set by the mask (see `hard_k`). 1.0 is the bank of profiles saved before this field, which load with it. A float in (0, 1000], part of the random bank's recipe and fingerprint.
+        bank_init_scale (`Optional[float]`):
+            Scale s of the random bank (only used when bank is 'random'; a bank file is used as trained and ignores it): each random adapter's up projection B and output bias b are drawn s times larger, so every composed adapter, soft or hard, adds exactly s times the residual of the scale-1 bank (the hidden f(A h + a) is untouched, so this holds for any non-linearity). It scales the bank, not a mask type: the bank stays shared by soft and hard profiles, and the size of a mix (the mean of N adapters for a uniform soft mask, of k for a hard one) is set by the mask (see `hard_k`). None (the default) means 10.0 for a new config and 1.0, the bank of profiles saved before this field existed, for a config read from such a profile (a saved dict without this key), so that it loads with its own bank. A float in (0, 1000], part of the random bank's recipe and fingerprint.
         bank_fingerprint (`Optional[str]`):
             Fingerprint of the bank the profile was trained against (of a random bank: its recipe and the adapted layers' names and sizes); filled in automatically for a new profile, required and checked when a saved profile is loaded.
         init_weights (`bool`):
@@ -217,10 +213,10 @@ class XPeftConfig(PeftConfig):
             "help": "Seed of the random bank (only used when bank is 'random'); an integer, never a bool or a string."
         },
     )
-    bank_init_scale: float = field(
-        default=10.0,
+    bank_init_scale: float | None = field(
+        default=None,
         metadata={
-            "help": "Scale s of the random bank (only used when bank is 'random'; a bank file is used as trained and ignores it): each random adapter's up projection B and output bias b are drawn s times larger, so every composed adapter, soft or hard, adds exactly s times the residual of the scale-1 bank (the hidden f(A h + a) is untouched, so this holds for any non-linearity). It scales the bank, not a mask type: the bank stays shared by soft and hard profiles, and the size of a mix (the mean of N adapters for a uniform soft mask, of k for a hard one) is set by the mask (see `hard_k`). 1.0 is the bank of profiles saved before this field, which load with it. A float in (0, 1000], part of the random bank's recipe and fingerprint."
+            "help": "Scale s of the random bank (only used when bank is 'random'; a bank file is used as trained and ignores it): each random adapter's up projection B and output bias b are drawn s times larger, so every composed adapter, soft or hard, adds exactly s times the residual of the scale-1 bank (the hidden f(A h + a) is untouched, so this holds for any non-linearity). It scales the bank, not a mask type: the bank stays shared by soft and hard profiles, and the size of a mix (the mean of N adapters for a uniform soft mask, of k for a hard one) is set by the mask (see `hard_k`). None (the default) means 10.0 for a new config and 1.0, the bank of profiles saved before this field existed, for a config read from such a profile (a saved dict without this key), so that it loads with its own bank. A float in (0, 1000], part of the random bank's recipe and fingerprint."
         },
     )
     bank_fingerprint: str | None = field(
@@ -271,7 +267,6 @@ class XPeftConfig(PeftConfig):
             config = read_adapter_config(super().from_pretrained, pretrained_model_name_or_path, subfolder, **kwargs)
         finally:
             _READING_SAVED_CONFIG.reset(token)
-        _default_missing_init_scale(config)
         if config.bank != "random":
             source = loaded_from(config)
             folder = source.folder if source is not None else None
@@ -286,6 +281,7 @@ class XPeftConfig(PeftConfig):
         return PeftConfig.save_pretrained(saved, save_directory, **kwargs)
 
     def __post_init__(self) -> None:
+        from_saved_config = built_from_saved_config(self)
         super().__post_init__()
         self.peft_type = ensure_peft_type(NAME.upper())
         if not isinstance(self.bank, (str, os.PathLike)):
@@ -318,7 +314,9 @@ class XPeftConfig(PeftConfig):
                 f"`hard_k` must be an integer between 1 and bank_size={self.bank_size}, got {self.hard_k!r} (the "
                 "default is 32, for the paper's bank of 100); lower `hard_k` or raise `bank_size`."
             )
-        scale = self.bank_init_scale
+        scale = default_for_new_field(
+            self.bank_init_scale, from_saved_config=from_saved_config, default=DEFAULT_INIT_SCALE, legacy=LEGACY_INIT_SCALE
+        )
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_BANK_INIT_SCALE:
             raise ValueError(
                 f"`bank_init_scale` must be a number in (0, {MAX_BANK_INIT_SCALE:g}], got {scale!r}; pass e.g. "
