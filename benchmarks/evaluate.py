@@ -5,6 +5,7 @@
     python -m benchmarks.evaluate --quick      # shorter budget (about 40 min on a shared CPU); writes eval_quick*
     python -m benchmarks.evaluate --smoke      # a few steps per method, a few minutes; writes eval_smoke*
     python -m benchmarks.evaluate --tasks spam # one task (spam, instruct, profiles)
+    python -m benchmarks.evaluate --tasks bank_size --threads 1   # X-PEFT bank-size study -> bank_size.{json,md,png}
     python -m benchmarks.evaluate --tasks "" --merge A/eval.json B/eval.json --readme benchmarks/README.md
                                                # join tasks run in parallel elsewhere; regenerate the README block
 
@@ -19,6 +20,8 @@ Tasks, all methods on the same splits, the same step budget, the same batch orde
 3. ``profiles``: X-PEFT's own setting on MiniLM: each chatterbot topic is a profile (one-vs-rest topic detection);
    bottleneck adapters trained on the first topics form a bank, the remaining topics train masks only; compared with
    a dedicated adapter and LoRA per topic.
+4. ``bank_size`` (a study with its own files, see ``bank_study.py``): the profiles setting with leave-one-out banks of
+   1, 4 and 16 (at most the usable topics minus one) bottleneck or LoRA adapters, soft and hard masks.
 
 Outputs: ``<out>/<prefix>.json`` (every number), ``<prefix>.md`` (tables generated from that JSON) and PNG plots
 (if matplotlib is installed). xpeft methods missing from the installed xpeft are recorded as skipped, never faked.
@@ -1247,7 +1250,15 @@ def main(argv=None) -> dict:
         "--tasks",
         default="spam,instruct,profiles",
         help="comma-separated subset of spam,instruct,profiles; or ether_quality: the ETHER lr / target / n_blocks "
-        "study against LoRA on the instruct task, written to <out>/ether_quality.json (resumes an unfinished one)",
+        "study against LoRA on the instruct task, written to <out>/ether_quality.json (resumes an unfinished one); "
+        "or bank_size: the X-PEFT bank-size study, written to <out>/bank_size.{json,md,png} (see bank_study.py)",
+    )
+    parser.add_argument(
+        "--mask-lr",
+        type=float,
+        default=None,
+        help="bank_size only: use this mask learning rate for every run instead of choosing one on the validation "
+        "split (recorded as not swept)",
     )
     parser.add_argument(
         "--shard",
@@ -1279,9 +1290,13 @@ def main(argv=None) -> dict:
     budget = SMOKE if args.smoke else QUICK if args.quick else FULL
     prefix = "eval_smoke" if args.smoke else "eval_quick" if args.quick else "eval"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in (*TASKS, "profiles", "ether_quality", "ether_init")]
+    unknown = [t for t in tasks if t not in (*TASKS, "profiles", "ether_quality", "ether_init", "bank_size")]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles, ether_quality, ether_init")
+        parser.error(
+            f"unknown task(s) {unknown}; choose from spam, instruct, profiles, ether_quality, ether_init, bank_size"
+        )
+    if args.mask_lr is not None and "bank_size" not in tasks:
+        parser.error("--mask-lr sets the bank_size study's mask learning rate: pass --tasks bank_size")
     if args.shard and tasks != ["ether_quality"]:
         parser.error("--shard splits the ether_quality study only: pass --tasks ether_quality")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1289,6 +1304,18 @@ def main(argv=None) -> dict:
     if "ether_init" in tasks:
         tasks.remove("ether_init")
         task_ether_init(SMOKE if args.smoke else FULL, args.seed, args.out, args.smoke, command)
+        if not tasks:
+            return {}
+    if "bank_size" in tasks:
+        tasks.remove("bank_size")
+        from dataclasses import replace
+
+        from .bank_study import FULL_PLAN, SMOKE_PLAN, run_bank_study
+
+        plan = SMOKE_PLAN if args.smoke else FULL_PLAN
+        if args.mask_lr is not None:
+            plan = replace(plan, mask_lrs=(args.mask_lr,), swept=False)
+        run_bank_study(SMOKE if args.smoke else FULL, plan, args.seed, args.out, args.smoke, command)
         if not tasks:
             return {}
     if "ether_quality" in tasks:
