@@ -63,6 +63,7 @@ HARD_K = 1  # set explicitly: the study must not follow a change of XPeftConfig'
 LR_HEAD = 1e-2  # the spam task's head-only learning rate
 GOAL_POINTS = {"soft": 3.0, "hard": 5.0}  # largest accuracy gap to LoRA r=8, in points
 GOAL_BYTES = 1024  # largest saved profile (masks only)
+README_BEGIN, README_END = "<!-- bank_size:begin -->", "<!-- bank_size:end -->"
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class BankPlan:
 
 
 FULL_PLAN = BankPlan()
-SMOKE_PLAN = BankPlan(eval_topics=2, bank_sizes=(1, 2), mask_lrs=(1e-1, 3e-1))
+SMOKE_PLAN = BankPlan(eval_topics=2, bank_sizes=(1, 2), mask_lrs=(1e-1,))  # one lr: the sweep path, at half the cost
 
 
 def bank_order(usable: list[str], n_eval: int) -> list[str]:
@@ -185,16 +186,22 @@ class BankStudy:
         """The record of run `key` from the cache, or `compute()`'s, written to the cache first."""
         slug = re.sub(r"[^A-Za-z0-9.=+-]+", "_", key) + "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
         path = self.cache / "runs" / f"{slug}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while not _claim(path.with_suffix(".claim")):
+            time.sleep(2)  # another worker (`--jobs 2`) is computing this run: wait for its result
         if path.is_file():
+            path.with_suffix(".claim").unlink()
             self.reused += 1
             return json.loads(path.read_text())
         start, load = time.perf_counter(), os.getloadavg()[0]
-        record = {"key": key, **compute()}
-        record["seconds"], record["load_average_start"] = time.perf_counter() - start, load
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+        try:
+            record = {"key": key, **compute()}
+            record["seconds"], record["load_average_start"] = time.perf_counter() - start, load
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(path)
+        finally:
+            path.with_suffix(".claim").unlink()
         self.computed += 1
         print(f"[bank_size] {key}: {record.get('accuracy', float('nan')):.4f}", flush=True)
         return record
@@ -307,8 +314,28 @@ class BankStudy:
                 "validation_loss": _mean(r["loss"] for r in runs),
                 "per_topic": [{"topic": r["topic"], "accuracy": r["accuracy"], "examples": r["examples"]} for r in runs],
             })  # fmt: skip
-        best = max(sweep, key=lambda s: (s["validation_accuracy"], -s["validation_loss"]))
-        return {"kind": kind, "mask": mask, "K": k, "chosen_lr": best["lr"], "swept": True, "sweep": sweep}
+        return {"kind": kind, "mask": mask, "K": k, "chosen_lr": choose_lr(sweep), "swept": True, "sweep": sweep}
+
+
+def choose_lr(sweep: list[dict]) -> float:
+    """The learning rate of the best mean validation accuracy; a tie goes to the lower validation loss."""
+    return max(sweep, key=lambda s: (s["validation_accuracy"], -s["validation_loss"]))["lr"]
+
+
+def _claim(path: Path) -> bool:
+    """Take the claim file `path` for this process; False while a live process holds it (a dead one's is taken)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # its process died (or it was just released): try again
+            return _claim(path)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
 
 
 def default_cache(settings: dict) -> Path:
@@ -368,7 +395,9 @@ def goals(rows: list[dict], baselines: list[dict]) -> list[dict]:
     return out
 
 
-def run_bank_study(budget, plan: BankPlan, seed: int, out: Path, smoke: bool, command: str, cache=None) -> dict:
+def run_bank_study(
+    budget, plan: BankPlan, seed: int, out: Path, smoke: bool, command: str, cache=None, reverse: bool = False
+) -> dict:
     """Run (or resume from the cache) the whole study; write JSON, markdown and plot after each group of runs."""
     from .evaluate import machine_info
 
@@ -407,18 +436,23 @@ def run_bank_study(budget, plan: BankPlan, seed: int, out: Path, smoke: bool, co
         }  # fmt: skip
         write_outputs(res, paths)
 
+    # A helper worker (`reverse`) takes the work in the opposite order; the two meet through the cache.
+    ordered = reversed if reverse else list
+    for kind, t in ordered([(kind, t) for kind in KINDS for t in study.adapter_topics]):
+        study.adapter(kind, t)
     res["bank_adapters"] = [study.adapter(kind, t) for kind in KINDS for t in study.adapter_topics]
     res["baselines"] = baseline_rows(study)
-    res["mask_lr"], res["rows"] = [], []
+    groups = [(kind, mask) for kind in KINDS for mask in MASKS]
+    choices = {group: study.mask_lr(*group) for group in ordered(groups)}
+    res["mask_lr"], res["rows"] = [choices[group] for group in groups], []
     write()
-    for kind in KINDS:
-        for mask in MASKS:
-            choice = study.mask_lr(kind, mask)
-            res["mask_lr"].append(choice)
-            for k in study.bank_sizes:
-                res["rows"].append(xpeft_row(study, kind, mask, k, choice["chosen_lr"]))
-                res["goals"] = goals(res["rows"], res["baselines"])
-                write()
+    # The largest bank first (the goals are judged there), then the smallest, so that an unfinished run has both ends.
+    sizes = sorted(study.bank_sizes, key=lambda k: (k != max(study.bank_sizes), k))
+    for k, (kind, mask) in ordered([(k, group) for k in sizes for group in groups]):
+        res["rows"].append(xpeft_row(study, kind, mask, k, choices[kind, mask]["chosen_lr"]))
+        res["rows"].sort(key=lambda r: (KINDS.index(r["kind"]), MASKS.index(r["mask"]), r["K"]))
+        res["goals"] = goals(res["rows"], res["baselines"])
+        write()
     res["complete"] = True
     write()
     return res
@@ -486,6 +520,15 @@ def render_markdown(res: dict, json_name: str = "bank_size.json") -> str:
             tried = ", ".join(f"{e['lr']:g}: {e['validation_accuracy']:.3f}" for e in c["sweep"])
             out.append(f"- {c['kind']} {c['mask']}: **{c['chosen_lr']:g}** (validation accuracy {tried})")
         out.append("")
+    out += results_table(res)
+    if meta.get("plots"):
+        out += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in meta["plots"])]
+    return "\n".join(out) + "\n"
+
+
+def results_table(res: dict) -> list[str]:
+    """The rows and the goals, as markdown lines (the markdown file and the README block share them)."""
+    meta, out = res["meta"], []
     topics = meta["eval_topics"]
     lora = next((b["accuracy"] for b in res.get("baselines", []) if b["method"] == "LoRA r=8"), None)
     out += [
@@ -525,9 +568,35 @@ def render_markdown(res: dict, json_name: str = "bank_size.json") -> str:
                 f"- {g['kind']} {g['mask']}, K = {g['K']}: accuracy {acc}; size {size} "
                 f"({g['saved_bytes_with_head']:,} B with the head)"
             )
-    if meta.get("plots"):
-        out += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in meta["plots"])]
-    return "\n".join(out) + "\n"
+    return out
+
+
+def render_readme_block(res: dict) -> str:
+    """The README's bank-size block: the run, the table and the goals, generated from `bank_size.json`."""
+    run = res["run"]
+    lines = [
+        README_BEGIN,
+        "",
+        f"Generated from `results/bank_size.json` (`{run['command']}`, {run['seconds'] / 60:.0f} min, "
+        f"{run['torch_threads']} torch thread, load average {run['load_average_start'][0]:.1f} → "
+        f"{run['load_average_end'][0]:.1f}, commit `{run['git_commit'][:10]}`"
+        + ("" if res.get("complete") else "; **incomplete run**")
+        + f"). Bank sizes {res['meta']['bank_sizes']}: {res['meta']['bank_sizes_note']}.",
+        "",
+        *results_table(res),
+        "",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, res: dict) -> None:
+    text = Path(path).read_text()
+    start = text.find(README_BEGIN)
+    end = text.find(README_END, max(start, 0))
+    if start < 0 or end < start:
+        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to fill; add the two markers first.")
+    Path(path).write_text(text[:start] + render_readme_block(res) + text[end + len(README_END) :])
 
 
 def render_plot(res: dict, path: Path) -> list[str]:
@@ -557,3 +626,21 @@ def render_plot(res: dict, path: Path) -> list[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path.name]
+
+
+def main(argv=None) -> None:
+    """Re-render `bank_size.md`, `.png` and the README block from a finished `bank_size.json` (no training)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "bank_size.json")
+    parser.add_argument("--readme", type=Path, default=None, help="also regenerate this README's bank_size block")
+    args = parser.parse_args(argv)
+    res = json.loads(args.json.read_text())
+    write_outputs(res, {ext: args.json.with_suffix(f".{ext}") for ext in ("json", "md", "png")})
+    if args.readme:
+        update_readme(args.readme, res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1297,8 +1297,10 @@ def main(argv=None) -> dict:
         )
     if args.mask_lr is not None and "bank_size" not in tasks:
         parser.error("--mask-lr sets the bank_size study's mask learning rate: pass --tasks bank_size")
-    if args.shard and tasks != ["ether_quality"]:
-        parser.error("--shard splits the ether_quality study only: pass --tasks ether_quality")
+    if args.shard and tasks not in (["ether_quality"], ["bank_size"]):
+        parser.error(
+            "--shard splits the ether_quality or bank_size study only: pass --tasks ether_quality or bank_size"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.evaluate", *(argv if argv is not None else sys.argv[1:])])
     if "ether_init" in tasks:
@@ -1310,12 +1312,31 @@ def main(argv=None) -> dict:
         tasks.remove("bank_size")
         from dataclasses import replace
 
-        from .bank_study import FULL_PLAN, SMOKE_PLAN, run_bank_study
+        from . import bank_study
 
-        plan = SMOKE_PLAN if args.smoke else FULL_PLAN
+        plan = bank_study.SMOKE_PLAN if args.smoke else bank_study.FULL_PLAN
         if args.mask_lr is not None:
             plan = replace(plan, mask_lrs=(args.mask_lr,), swept=False)
-        run_bank_study(SMOKE if args.smoke else FULL, plan, args.seed, args.out, args.smoke, command)
+        helper = None
+        if args.jobs > 1 and not args.shard:
+            # One helper process takes the runs in the opposite order; the two share the cache of finished runs and
+            # only this process writes the results.
+            cmd = [sys.executable, "-m", "benchmarks.evaluate", "--tasks", "bank_size", "--shard", "1/2"]
+            cmd += ["--seed", str(args.seed), "--threads", str(args.threads or 1), "--out", tempfile.mkdtemp()]
+            cmd += (["--smoke"] if args.smoke else []) + (
+                [] if args.mask_lr is None else ["--mask-lr", str(args.mask_lr)]
+            )
+            helper = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+        if args.shard:
+            _parse_shard(parser, args.shard)
+        budget_ = SMOKE if args.smoke else FULL
+        study = bank_study.run_bank_study(
+            budget_, plan, args.seed, args.out, args.smoke, command, reverse=bool(args.shard)
+        )
+        if helper is not None and helper.wait() != 0:
+            raise SystemExit("the bank_size helper process failed; see its output above (finished runs are cached)")
+        if args.readme:
+            bank_study.update_readme(args.readme, study)  # its own block; the eval block only with eval tasks
         if not tasks:
             return {}
     if "ether_quality" in tasks:
