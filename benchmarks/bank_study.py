@@ -56,7 +56,7 @@ from .profiles import (
 )
 from .training import f1_accuracy, saved_profile_bytes, tensor_bytes, train_loop, trainable
 
-CACHE_VERSION = 1  # raise when a change makes cached adapters or runs stale
+CACHE_VERSION = 2  # raise when a change makes cached adapters or runs stale
 KINDS = ("bottleneck", "lora")
 MASKS = ("soft", "hard")
 HARD_K = 1  # set explicitly: the study must not follow a change of XPeftConfig's default
@@ -156,6 +156,7 @@ class BankStudy:
                 self.val[t] = (encode(tok, part, budget.cls_len), encode(tok, held, budget.cls_len))
         torch.manual_seed(seed)  # the classifier head's init, the same for every method (as profiles.py's reload)
         self._template = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        self._rng_after_load = torch.get_rng_state()
         self.names = xpeft_target_names(self.fresh())
         self.cache = Path(cache) if cache is not None else default_cache(self.settings())
         self.computed, self.reused = 0, 0
@@ -174,7 +175,11 @@ class BankStudy:
         }
 
     def fresh(self):
-        return copy.deepcopy(self._template)
+        """A copy of the seeded model, with the random state `profiles.py`'s reload leaves: every run draws the same
+        adapter inits and dropout masks whatever ran before it in this process (or in the other worker)."""
+        model = copy.deepcopy(self._template)
+        torch.set_rng_state(self._rng_after_load)
+        return model
 
     def train(self, model, tensors: dict, lr: float, desc: str) -> dict:
         b = self.budget

@@ -13,11 +13,15 @@ from benchmarks.bank_study import (
     SMOKE_PLAN,
     bank_order,
     bank_topics,
+    choose_lr,
     goals,
+    render_readme_block,
     run_bank_study,
     split_validation,
 )
-from benchmarks.evaluate import SMOKE
+from benchmarks.evaluate import RESULTS, SMOKE
+
+README = RESULTS.parent / "README.md"
 
 
 def test_banks_leave_the_topic_out_and_follow_the_fixed_order():
@@ -57,6 +61,25 @@ def test_goals_measure_the_gap_to_lora_in_points():
     assert soft_far["accuracy_missed_by_points"] == pytest.approx(7.0)
     assert not soft_far["bytes_met"] and soft_far["bytes_over"] == 1500 - 1024
     assert hard["points_below_lora"] == pytest.approx(4.0) and hard["accuracy_met"]  # hard masks may be 5 points off
+
+
+def test_mask_lr_is_the_best_validation_accuracy_then_the_lower_loss():
+    sweep = [
+        {"lr": 0.03, "validation_accuracy": 0.70, "validation_loss": 0.50},
+        {"lr": 0.1, "validation_accuracy": 0.75, "validation_loss": 0.60},
+        {"lr": 0.3, "validation_accuracy": 0.75, "validation_loss": 0.55},
+    ]
+    assert choose_lr(sweep) == 0.3
+    sweep[2]["validation_accuracy"] = 0.74
+    assert choose_lr(sweep) == 0.1
+
+
+def test_readme_block_is_rendered_from_the_committed_json():
+    path = RESULTS / "bank_size.json"
+    if not path.is_file():
+        pytest.skip("no committed bank_size.json")
+    block = render_readme_block(json.loads(path.read_text()))
+    assert block in README.read_text(), "regenerate it: python -m benchmarks.bank_study --readme benchmarks/README.md"
 
 
 def _assets_or_skip():
