@@ -160,6 +160,7 @@ class BankStudy:
         self.names = xpeft_target_names(self.fresh())
         self.cache = Path(cache) if cache is not None else default_cache(self.settings())
         self.computed, self.reused = 0, 0
+        self.reverse = False  # a helper worker takes topics in the opposite order (see `over_eval_topics`)
 
     def settings(self) -> dict:
         """Everything a cached adapter or run depends on (the cache folder is named after its hash)."""
@@ -173,6 +174,11 @@ class BankStudy:
             "learning_rates": {"adapter": LR_ADAPTER, "lora": LR_LORA, "head": LR_HEAD},
             "hard_k": HARD_K,
         }
+
+    def over_eval_topics(self, run) -> list[dict]:
+        """`run(topic)` for every evaluation topic in this worker's order; the results in the topics' order."""
+        done = {t: run(t) for t in (self.eval_topics[::-1] if self.reverse else self.eval_topics)}
+        return [done[t] for t in self.eval_topics]
 
     def fresh(self):
         """A copy of the seeded model, with the random state `profiles.py`'s reload leaves: every run draws the same
@@ -312,7 +318,7 @@ class BankStudy:
                     "sweep": []}  # fmt: skip
         sweep = []
         for lr in self.plan.mask_lrs:
-            runs = [self.xpeft_run(kind, mask, k, lr, t, "validation") for t in self.eval_topics]
+            runs = self.over_eval_topics(lambda t: self.xpeft_run(kind, mask, k, lr, t, "validation"))  # noqa: B023
             sweep.append({
                 "lr": lr,
                 "validation_accuracy": _mean(r["accuracy"] for r in runs),
@@ -357,7 +363,7 @@ def baseline_rows(study: BankStudy) -> list[dict]:
     for method, runs in (
         ("LoRA r=8", [study.adapter("lora", t) for t in study.eval_topics]),
         ("dedicated adapter", [study.adapter("bottleneck", t) for t in study.eval_topics]),
-        ("head only", [study.head_only(t) for t in study.eval_topics]),
+        ("head only", study.over_eval_topics(study.head_only)),
     ):
         rows.append({
             "method": method,
@@ -372,7 +378,7 @@ def baseline_rows(study: BankStudy) -> list[dict]:
 
 
 def xpeft_row(study: BankStudy, kind: str, mask: str, k: int, lr: float) -> dict:
-    runs = [study.xpeft_run(kind, mask, k, lr, t, "test") for t in study.eval_topics]
+    runs = study.over_eval_topics(lambda t: study.xpeft_run(kind, mask, k, lr, t, "test"))
     return {
         "method": "X-PEFT", "kind": kind, "mask": mask, "K": k, "lr": lr,
         "accuracy": _mean(r["accuracy"] for r in runs),
@@ -441,19 +447,21 @@ def run_bank_study(
         }  # fmt: skip
         write_outputs(res, paths)
 
-    # A helper worker (`reverse`) takes the work in the opposite order; the two meet through the cache.
-    ordered = reversed if reverse else list
-    for kind, t in ordered([(kind, t) for kind in KINDS for t in study.adapter_topics]):
+    # A helper worker (`reverse`) takes the adapters and the topics of each row in the opposite order; the two meet
+    # through the cache.
+    study.reverse = reverse
+    adapters = [(kind, t) for kind in KINDS for t in study.adapter_topics]
+    for kind, t in reversed(adapters) if reverse else adapters:
         study.adapter(kind, t)
     res["bank_adapters"] = [study.adapter(kind, t) for kind in KINDS for t in study.adapter_topics]
     res["baselines"] = baseline_rows(study)
     groups = [(kind, mask) for kind in KINDS for mask in MASKS]
-    choices = {group: study.mask_lr(*group) for group in ordered(groups)}
+    choices = {group: study.mask_lr(*group) for group in groups}
     res["mask_lr"], res["rows"] = [choices[group] for group in groups], []
     write()
     # The largest bank first (the goals are judged there), then the smallest, so that an unfinished run has both ends.
     sizes = sorted(study.bank_sizes, key=lambda k: (k != max(study.bank_sizes), k))
-    for k, (kind, mask) in ordered([(k, group) for k in sizes for group in groups]):
+    for k, (kind, mask) in [(k, group) for k in sizes for group in groups]:
         res["rows"].append(xpeft_row(study, kind, mask, k, choices[kind, mask]["chosen_lr"]))
         res["rows"].sort(key=lambda r: (KINDS.index(r["kind"]), MASKS.index(r["mask"]), r["K"]))
         res["goals"] = goals(res["rows"], res["baselines"])
