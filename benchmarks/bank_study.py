@@ -361,8 +361,8 @@ def _per_topic(runs: list[dict]) -> list[dict]:
 def baseline_rows(study: BankStudy) -> list[dict]:
     rows = []
     for method, runs in (
-        ("LoRA r=8", [study.adapter("lora", t) for t in study.eval_topics]),
-        ("dedicated adapter", [study.adapter("bottleneck", t) for t in study.eval_topics]),
+        ("LoRA r=8", study.over_eval_topics(lambda t: study.adapter("lora", t))),
+        ("dedicated adapter", study.over_eval_topics(lambda t: study.adapter("bottleneck", t))),
         ("head only", study.over_eval_topics(study.head_only)),
     ):
         rows.append({
@@ -447,25 +447,27 @@ def run_bank_study(
         }  # fmt: skip
         write_outputs(res, paths)
 
-    # A helper worker (`reverse`) takes the adapters and the topics of each row in the opposite order; the two meet
-    # through the cache.
+    # One bank kind after the other (its adapters, then its rows), the baselines after the first kind's adapters, so
+    # that an unfinished run holds whole curves. A helper worker (`reverse`) takes the adapters and the topics of each
+    # row in the opposite order; the two meet through the cache.
     study.reverse = reverse
-    adapters = [(kind, t) for kind in KINDS for t in study.adapter_topics]
-    for kind, t in reversed(adapters) if reverse else adapters:
-        study.adapter(kind, t)
-    res["bank_adapters"] = [study.adapter(kind, t) for kind in KINDS for t in study.adapter_topics]
-    res["baselines"] = baseline_rows(study)
-    groups = [(kind, mask) for kind in KINDS for mask in MASKS]
-    choices = {group: study.mask_lr(*group) for group in groups}
-    res["mask_lr"], res["rows"] = [choices[group] for group in groups], []
-    write()
-    # The largest bank first (the goals are judged there), then the smallest, so that an unfinished run has both ends.
+    res["mask_lr"], res["rows"] = [], []
+    # The largest bank first (the goals are judged there), then the smallest.
     sizes = sorted(study.bank_sizes, key=lambda k: (k != max(study.bank_sizes), k))
-    for k, (kind, mask) in [(k, group) for k in sizes for group in groups]:
-        res["rows"].append(xpeft_row(study, kind, mask, k, choices[kind, mask]["chosen_lr"]))
-        res["rows"].sort(key=lambda r: (KINDS.index(r["kind"]), MASKS.index(r["mask"]), r["K"]))
-        res["goals"] = goals(res["rows"], res["baselines"])
-        write()
+    for kind in KINDS:
+        adapters = [(kind, t) for t in study.adapter_topics]
+        for _, t in reversed(adapters) if reverse else adapters:
+            study.adapter(kind, t)
+        if "baselines" not in res:
+            res["baselines"] = baseline_rows(study)
+        choices = {mask: study.mask_lr(kind, mask) for mask in MASKS}
+        res["mask_lr"] += choices.values()
+        for k, mask in [(k, mask) for k in sizes for mask in MASKS]:
+            res["rows"].append(xpeft_row(study, kind, mask, k, choices[mask]["chosen_lr"]))
+            res["rows"].sort(key=lambda r: (KINDS.index(r["kind"]), MASKS.index(r["mask"]), r["K"]))
+            res["goals"] = goals(res["rows"], res["baselines"])
+            write()
+    res["bank_adapters"] = [study.adapter(kind, t) for kind in KINDS for t in study.adapter_topics]
     res["complete"] = True
     write()
     return res
