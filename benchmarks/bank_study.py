@@ -573,8 +573,8 @@ def results_table(res: dict) -> list[str]:
         out += ["", "Goals (soft masks within 3 points of LoRA r=8's mean accuracy, hard masks within 5, at most "
                 "1 KB per profile without the head):", ""]  # fmt: skip
         for g in res["goals"]:
-            acc = f"{g['points_below_lora']:.1f} points below LoRA r=8: " + (
-                "met" if g["accuracy_met"] else f"**missed by {g['accuracy_missed_by_points']:.1f} points**"
+            acc = f"{g['points_below_lora']:.2f} points below LoRA r=8: " + (
+                "met" if g["accuracy_met"] else f"**missed by {g['accuracy_missed_by_points']:.2f} points**"
             )
             size = f"{g['saved_bytes_masks']:,} B: " + (
                 "met" if g["bytes_met"] else f"**missed by {g['bytes_over']:,} B**"
