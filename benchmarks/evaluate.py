@@ -5,6 +5,7 @@
     python -m benchmarks.evaluate --quick      # shorter budget (about 40 min on a shared CPU); writes eval_quick*
     python -m benchmarks.evaluate --smoke      # a few steps per method, a few minutes; writes eval_smoke*
     python -m benchmarks.evaluate --tasks spam # one task (spam, instruct, profiles)
+    python -m benchmarks.evaluate --tasks bank_size --threads 1   # X-PEFT bank-size study -> bank_size.{json,md,png}
     python -m benchmarks.evaluate --tasks "" --merge A/eval.json B/eval.json --readme benchmarks/README.md
                                                # join tasks run in parallel elsewhere; regenerate the README block
 
@@ -19,6 +20,8 @@ Tasks, all methods on the same splits, the same step budget, the same batch orde
 3. ``profiles``: X-PEFT's own setting on MiniLM: each chatterbot topic is a profile (one-vs-rest topic detection);
    bottleneck adapters trained on the first topics form a bank, the remaining topics train masks only; compared with
    a dedicated adapter and LoRA per topic.
+4. ``bank_size`` (a study with its own files, see ``bank_study.py``): the profiles setting with leave-one-out banks of
+   1, 4 and 16 (at most the usable topics minus one) bottleneck or LoRA adapters, soft and hard masks.
 
 Outputs: ``<out>/<prefix>.json`` (every number), ``<prefix>.md`` (tables generated from that JSON) and PNG plots
 (if matplotlib is installed). xpeft methods missing from the installed xpeft are recorded as skipped, never faked.
@@ -1250,7 +1253,15 @@ def main(argv=None) -> dict:
         "--tasks",
         default="spam,instruct,profiles",
         help="comma-separated subset of spam,instruct,profiles; or ether_quality: the ETHER lr / target / n_blocks "
-        "study against LoRA on the instruct task, written to <out>/ether_quality.json (resumes an unfinished one)",
+        "study against LoRA on the instruct task, written to <out>/ether_quality.json (resumes an unfinished one); "
+        "or bank_size: the X-PEFT bank-size study, written to <out>/bank_size.{json,md,png} (see bank_study.py)",
+    )
+    parser.add_argument(
+        "--mask-lr",
+        type=float,
+        default=None,
+        help="bank_size only: use this mask learning rate for every run instead of choosing one on the validation "
+        "split (recorded as not swept)",
     )
     parser.add_argument(
         "--shard",
@@ -1282,16 +1293,53 @@ def main(argv=None) -> dict:
     budget = SMOKE if args.smoke else QUICK if args.quick else FULL
     prefix = "eval_smoke" if args.smoke else "eval_quick" if args.quick else "eval"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in (*TASKS, "profiles", "ether_quality", "ether_init")]
+    unknown = [t for t in tasks if t not in (*TASKS, "profiles", "ether_quality", "ether_init", "bank_size")]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from spam, instruct, profiles, ether_quality, ether_init")
-    if args.shard and tasks != ["ether_quality"]:
-        parser.error("--shard splits the ether_quality study only: pass --tasks ether_quality")
+        parser.error(
+            f"unknown task(s) {unknown}; choose from spam, instruct, profiles, ether_quality, ether_init, bank_size"
+        )
+    if args.mask_lr is not None and "bank_size" not in tasks:
+        parser.error("--mask-lr sets the bank_size study's mask learning rate: pass --tasks bank_size")
+    if args.shard and tasks not in (["ether_quality"], ["bank_size"]):
+        parser.error(
+            "--shard splits the ether_quality or bank_size study only: pass --tasks ether_quality or bank_size"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.evaluate", *(argv if argv is not None else sys.argv[1:])])
     if "ether_init" in tasks:
         tasks.remove("ether_init")
         task_ether_init(SMOKE if args.smoke else FULL, args.seed, args.out, args.smoke, command)
+        if not tasks:
+            return {}
+    if "bank_size" in tasks:
+        tasks.remove("bank_size")
+        from dataclasses import replace
+
+        from . import bank_study
+
+        plan = bank_study.SMOKE_PLAN if args.smoke else bank_study.FULL_PLAN
+        if args.mask_lr is not None:
+            plan = replace(plan, mask_lrs=(args.mask_lr,), swept=False)
+        helper = None
+        if args.jobs > 1 and not args.shard:
+            # One helper process takes the runs in the opposite order; the two share the cache of finished runs and
+            # only this process writes the results.
+            cmd = [sys.executable, "-m", "benchmarks.evaluate", "--tasks", "bank_size", "--shard", "1/2"]
+            cmd += ["--seed", str(args.seed), "--threads", str(args.threads or 1), "--out", tempfile.mkdtemp()]
+            cmd += (["--smoke"] if args.smoke else []) + (
+                [] if args.mask_lr is None else ["--mask-lr", str(args.mask_lr)]
+            )
+            helper = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+        if args.shard:
+            _parse_shard(parser, args.shard)
+        budget_ = SMOKE if args.smoke else FULL
+        study = bank_study.run_bank_study(
+            budget_, plan, args.seed, args.out, args.smoke, command, reverse=bool(args.shard)
+        )
+        if helper is not None and helper.wait() != 0:
+            raise SystemExit("the bank_size helper process failed; see its output above (finished runs are cached)")
+        if args.readme:
+            bank_study.update_readme(args.readme, study)  # its own block; the eval block only with eval tasks
         if not tasks:
             return {}
     if "ether_quality" in tasks:

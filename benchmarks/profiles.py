@@ -35,6 +35,21 @@ from . import data
 from .training import f1_accuracy, saved_profile_bytes, train_loop
 
 MIN_TRAIN_PAIRS, MIN_TEST_PAIRS = 10, 3
+LR_ADAPTER, LR_MASK, LR_LORA = 1e-3, 1e-2, 1e-3
+"""Learning rates of the bottleneck adapters, of the X-PEFT masks (and head) and of LoRA r=8."""
+
+
+def usable_topics(topics: dict) -> list[str]:
+    """Topics with at least `MIN_TRAIN_PAIRS` distinct training and `MIN_TEST_PAIRS` distinct test pairs, largest
+    (most distinct training pairs) first, ties by name."""
+    distinct = {t: {part: len(set(pairs)) for part, pairs in topics[t].items()} for t in topics}
+    return [t for t in sorted(topics, key=lambda t: (-distinct[t]["train"], t))
+            if distinct[t]["train"] >= MIN_TRAIN_PAIRS and distinct[t]["test"] >= MIN_TEST_PAIRS]  # fmt: skip
+
+
+def lora_baseline_config() -> LoraConfig:
+    """The LoRA r=8 baseline: peft LoRA on MiniLM's query and value projections."""
+    return LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"])
 
 
 class BottleneckAdapter(nn.Module):
@@ -154,9 +169,7 @@ def task_profiles(budget, seed: int) -> dict:
     path = data.minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     topics = data.chatterbot(seed=seed)
-    distinct = {t: {part: len(set(pairs)) for part, pairs in topics[t].items()} for t in topics}
-    usable = [t for t in sorted(topics, key=lambda t: (-distinct[t]["train"], t))
-              if distinct[t]["train"] >= MIN_TRAIN_PAIRS and distinct[t]["test"] >= MIN_TEST_PAIRS]  # fmt: skip
+    usable = usable_topics(topics)
     k = budget.profile_bank_topics
     # The largest topics are the new profiles (the largest test sets); the next ones train the bank.
     eval_topics, bank_topics = usable[:k], usable[k : 2 * k]
@@ -178,7 +191,7 @@ def task_profiles(budget, seed: int) -> dict:
         return f1_accuracy(logits.argmax(-1), test_t["labels"])["accuracy"]
 
     names = xpeft_target_names(fresh())
-    lr_adapter, lr_mask, lr_lora = 1e-3, 1e-2, 1e-3
+    lr_adapter, lr_mask, lr_lora = LR_ADAPTER, LR_MASK, LR_LORA
 
     def train_bottleneck(topic):
         model = fresh()
@@ -224,9 +237,7 @@ def task_profiles(budget, seed: int) -> dict:
                 }
             model, _, costs["dedicated adapter"] = train_bottleneck(t)
             results["dedicated adapter"].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
-            model = get_peft_model(
-                fresh(), LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"])
-            )
+            model = get_peft_model(fresh(), lora_baseline_config())
             train_loop(model, enc[t][0], budget.profile_steps, budget.cls_batch, lr_lora, seed, f"LoRA {t}")
             results["LoRA r=8"].append({"topic": t, "accuracy": evaluate(model, enc[t][1])})
             costs["LoRA r=8"] = {
