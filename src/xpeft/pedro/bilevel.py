@@ -73,16 +73,17 @@ class BilevelTrainer(Trainer):
     optimizer's state is not written to checkpoints: a resumed run restarts it (Adam's moments from zero).
 
     Args:
-        activation_dataset: The held-out split, in the format of the training data.
-        activation_lr: Learning rate of the coefficients (the papers' 1e-6).
-        activation_every: Run one held-out update after every this many optimizer steps.
-        activation_optimizer_cls: The coefficients' optimizer class, called as `cls(params, lr=activation_lr)`.
+        activation_dataset (`torch.utils.data.Dataset`): The held-out split, in the format of the training data.
+        activation_lr (`float`): Learning rate of the coefficients (the papers' 1e-6).
+        activation_every (`int`): Run one held-out update after every this many optimizer steps.
+        activation_optimizer_cls (`type[torch.optim.Optimizer]`): The coefficients' optimizer class, called as
+            `cls(params, lr=activation_lr)`.
     """
 
     def __init__(
         self,
         *args,
-        activation_dataset,
+        activation_dataset: torch.utils.data.Dataset,
         activation_lr: float = 1e-6,
         activation_every: int = 1,
         activation_optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
