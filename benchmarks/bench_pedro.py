@@ -47,6 +47,14 @@ def base_model(args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def model_description(args) -> str:
+    """The benchmark model, as the reports name it."""
+    return (
+        f"LlamaForCausalLM(hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, heads=16, "
+        f"kv_heads=8, vocab={args.vocab}), float32, CPU"
+    )
+
+
 def perturb(model, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -190,8 +198,7 @@ def main() -> None:
     }
     report = {
         "setup": {
-            "model": f"LlamaForCausalLM(hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, "
-            f"heads=16, kv_heads=8, vocab={args.vocab}), float32, CPU",
+            "model": model_description(args),
             "batch": args.tenants,
             "tenants": args.tenants,
             "prompt_tokens": args.prompt,

@@ -36,6 +36,7 @@ from bench_pedro import (  # noqa: E402
     StepTimer,
     base_model,
     interleaved_rounds,
+    model_description,
     perturb,
     step_summary,
     timed_generate,
@@ -170,8 +171,7 @@ def main(argv=None) -> dict:
     load_before, revision = os.getloadavg(), machine_info((0.0, 0.0, 0.0))["code_revision"]
     report = {
         "setup": {
-            "model": f"LlamaForCausalLM(hidden={args.hidden}, intermediate={args.intermediate}, layers={args.layers}, "
-            f"heads=16, kv_heads=8, vocab={args.vocab}), float32, CPU",
+            "model": model_description(args),
             "tenants": args.tenants,
             "prompt_tokens": args.prompt,
             "new_tokens_timed": args.new_tokens,

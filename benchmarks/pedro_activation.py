@@ -30,7 +30,7 @@ from xpeft.pedro import activation_step, rational_coefficients
 from xpeft.pedro.bilevel import coefficients_trainable
 
 from . import data
-from .evaluate import FULL, encode_chat, instruct_pairs
+from .evaluate import FULL, answer_loss, encode_chat, instruct_pairs
 from .training import batches, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pedro_activation.json"
@@ -46,20 +46,6 @@ def split_train(train: list, seed: int) -> tuple[list, list]:
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     cut = int(len(train) * HELD_OUT_SHARE)
     return [train[i] for i in order[cut:]], [train[i] for i in order[:cut]]
-
-
-def answer_loss(model, tensors: dict, batch: int = 8) -> float:
-    """Mean cross-entropy over the answer tokens; labels are passed so that PEDRO pools the prompt only."""
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(tensors["labels"]), batch):
-            part = {k: v[i : i + batch] for k, v in tensors.items()}
-            logits = model(**part).logits[:, :-1]
-            target = part["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
-            count += int((target != -100).sum())
-    return total / count
 
 
 def run(variant: str, load, train_t, held_t, test_t, steps: int, seed: int) -> dict:
@@ -101,7 +87,7 @@ def run(variant: str, load, train_t, held_t, test_t, steps: int, seed: int) -> d
         "train_seconds": seconds,
         "train_losses": losses,
         "held_out_losses": held_losses,
-        "test_answer_loss": answer_loss(model, test_t),
+        "test_answer_loss": answer_loss(model, test_t)["answer_loss"],
     }
 
 
@@ -145,7 +131,7 @@ def main() -> None:
         "rows": [],
     }  # fmt: skip
     base = load()
-    report["base_test_answer_loss"] = answer_loss(base, test_t)
+    report["base_test_answer_loss"] = answer_loss(base, test_t)["answer_loss"]
     for variant in args.variants:
         row = run(variant, load, train_t, held_t, test_t, args.steps, args.seed)
         row["test_answer_ppl"] = math.exp(row["test_answer_loss"])
