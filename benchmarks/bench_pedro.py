@@ -55,6 +55,20 @@ def model_description(args) -> str:
     )
 
 
+def common_setup(args) -> dict:
+    """The setup fields every PEDRO serving benchmark reports: model, tenants, lengths, threads, the LoRA baseline."""
+    return {
+        "model": model_description(args),
+        "tenants": args.tenants,
+        "prompt_tokens": args.prompt,
+        "new_tokens_timed": args.new_tokens,
+        "repeats": args.repeats,
+        "torch_threads": args.threads,
+        "lora": f"r=8 on {TARGETS}, unmerged, adapter_names over {args.tenants} adapters",
+        "quick": args.quick,
+    }
+
+
 def perturb(model, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -198,18 +212,11 @@ def main() -> None:
     }
     report = {
         "setup": {
-            "model": model_description(args),
+            **common_setup(args),
             "batch": args.tenants,
-            "tenants": args.tenants,
-            "prompt_tokens": args.prompt,
-            "new_tokens_timed": args.new_tokens,
-            "repeats": args.repeats,
-            "torch_threads": args.threads,
-            "lora": f"r=8 on {TARGETS}, unmerged, adapter_names over {args.tenants} adapters",
             "ia3": "peft defaults for Llama (k_proj, v_proj, down_proj), single adapter",
             "pedro": f"defaults (vg_rank=12, attention pooler, rational) on {TARGETS}, adapter_names over "
             f"{args.tenants} adapters",
-            "quick": args.quick,
         },
         "environment": {
             "uptime": os.popen("uptime").read().strip(),

@@ -35,8 +35,8 @@ from bench_pedro import (  # noqa: E402
     TARGETS,
     StepTimer,
     base_model,
+    common_setup,
     interleaved_rounds,
-    model_description,
     perturb,
     step_summary,
     timed_generate,
@@ -171,18 +171,11 @@ def main(argv=None) -> dict:
     load_before, revision = os.getloadavg(), machine_info((0.0, 0.0, 0.0))["code_revision"]
     report = {
         "setup": {
-            "model": model_description(args),
-            "tenants": args.tenants,
-            "prompt_tokens": args.prompt,
-            "new_tokens_timed": args.new_tokens,
-            "repeats": args.repeats,
-            "torch_threads": args.threads,
-            "lora": f"r=8 on {TARGETS}, unmerged, adapter_names over {args.tenants} adapters",
+            **common_setup(args),
             "pedro": f"defaults on {TARGETS}, adapter_names over {args.tenants} adapters",
             "throughput": "request tokens per CPU-second: tenants / median decode step (all beams of a request "
             "advance together)",
             "memory": "VmHWM of a fresh process per model and beam width, reset after building and one warm-up call",
-            "quick": args.quick,
         },
         "beams": {},
     }

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from models import kv_cache_names, kv_cache_of, make_inputs, make_model, task_type
 from xpeft import PedroConfig
@@ -68,22 +68,28 @@ def ref_pool(hidden, prompt, pooler, score):
     return torch.stack(rows)
 
 
-def reference_logits(peft_model, inputs, prompt, pooler, activation):
+def reference_logits(peft_model, inputs, prompt, pooler, activation, generator_input="normalized"):
     """The base model with hooks that scale q, v and up outputs by vectors computed here from the PEDRO weights."""
     base = make_model("llama").double()
     state = dict(peft_model.named_parameters())
-    handles, vectors = [], {}
+    handles, vectors, block_inputs = [], {}, {}
     for index, block in enumerate(base.model.layers):
         prefix = f"base_model.model.model.layers.{index}."
+
+        def keep_input(module, args, kwargs, index=index):
+            block_inputs[index] = args[0] if args else kwargs["hidden_states"]
+
+        handles.append(block.register_forward_pre_hook(keep_input, with_kwargs=True))
 
         def param(path, _prefix=prefix):
             return state[_prefix + path].detach()
 
         def hook(module, args, output, role, index=index, param=param):
-            if role == "q":  # the generator reads the block's normalised input, i.e. the input of q_proj
+            if role == "q":  # the generator reads the block's normalised input (the input of q_proj) or the block input
                 gen = "self_attn.q_proj.pedro_generator.default."
                 score = param(gen + "score") if pooler == "attention" else None
-                pooled = ref_pool(args[0], prompt, pooler, score)
+                hidden = args[0] if generator_input == "normalized" else block_inputs[index]
+                pooled = ref_pool(hidden, prompt, pooler, score)
                 pre = pooled @ param(gen + "down.weight").T + param(gen + "down.bias")
                 if activation == "rational":
                     num, den = param(gen + "act.numerator"), param(gen + "act.denominator")
@@ -128,6 +134,60 @@ def test_matches_float64_reference(pooler, activation):
     expected = reference_logits(model, inputs, prompt, pooler, activation)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(actual, make_model("llama").double()(**inputs).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("pooler", ["attention", "last"])
+def test_block_input_generator_matches_float64_reference(pooler):
+    """`generator_input="block"`: the generators pool the block input (the residual stream), not the q_proj input."""
+    inputs, prompt = prompt_batch("left")
+    model = perturbed(make_model("llama").double(), pooler=pooler, generator_input="block")
+    with torch.no_grad():
+        actual = model(**inputs).logits
+    expected = reference_logits(model, inputs, prompt, pooler, "rational", generator_input="block")
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    normalized = reference_logits(model, inputs, prompt, pooler, "rational")
+    assert not torch.allclose(actual, normalized, atol=1e-3), "the block input made no difference"
+
+
+def test_block_input_generator_under_checkpointing_generate_and_mixed_batches(tmp_path):
+    """The block input is kept per block and per forward: checkpointed recomputes, decode steps and a mixed batch of
+    a "block" and a "normalized" adapter each get their own prompt's vectors, and the choice survives a reload."""
+    inputs, _ = prompt_batch("left")
+    grads = []
+    for checkpointing in (False, True):
+        model = perturbed(make_model("llama").double(), generator_input="block")
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(**inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+    model = perturbed(make_model("llama").double(), generator_input="block").eval()
+    model.add_adapter("normalized", PedroConfig(vg_rank=4, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".normalized." in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)).double())
+        names = ["default", "normalized", "default"]
+        mixed = model(**inputs, adapter_names=names).logits
+        alone = []
+        for row, name in enumerate(names):
+            model.set_adapter(name)
+            alone.append(model(**{k: v[row : row + 1] for k, v in inputs.items()}).logits)
+        torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-9, atol=1e-9)
+        model.set_adapter("default")
+        prompt_ids = inputs["input_ids"][:1, :4]
+        generated = model.generate(input_ids=prompt_ids, max_new_tokens=3, do_sample=False)
+        # Without a cache, on the full text with the same prompt: the same last greedy token.
+        full = model(input_ids=generated[:, :-1], prompt_lengths=torch.tensor([4])).logits[:, -1]
+        assert torch.equal(full.argmax(-1), generated[:, -1])
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_model("llama").double(), tmp_path).eval()
+    assert reloaded.peft_config["default"].generator_input == "block"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("source", ["labels", "prompt_mask", "prompt_lengths", "none"])

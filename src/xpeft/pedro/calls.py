@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache
 
 from ..tuners_utils import refuse_data_parallel
 from .generator import prompt_mask_from_labels, prompt_mask_from_lengths
-from .layer import CURRENT_FORWARD, PedroForward, standalone_forward
+from .layer import CURRENT_FORWARD, RECOMPUTED_BLOCK, PedroBlock, PedroForward, standalone_forward
 
 # The KV cache's argument and output field: transformers 5.24 renamed `past_key_values` to `cache` (the old name still
 # works until 5.40, with a deprecation warning); a forward may use either.
@@ -370,17 +370,23 @@ def end_model_call(tuner: nn.Module, module: nn.Module, args: tuple, output: Any
 
 
 @torch.compiler.disable
-def begin_standalone_block(tuner: nn.Module, module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook on each adapted block: a block run outside any forward of the PEDRO model (a block called
-    directly) gets a state of its own for its duration, in which the whole input is the prompt."""
+def begin_block(tuner: nn.Module, block: PedroBlock, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on each adapted block. A block run outside any forward of the PEDRO model (a block called
+    directly) gets a state of its own for its duration, in which the whole input is the prompt. A block whose
+    generators pool the block input (`generator_input="block"`) keeps that input in the state while it runs."""
     _close_stale_states(module)
     if CURRENT_FORWARD.get() is None:
         _bind_checkpointing((module,), module)
         _open_state(tuner, module, standalone_forward())
+    if block.reads_input:
+        CURRENT_FORWARD.get().block_inputs[block] = args[0] if args else kwargs["hidden_states"]
 
 
 @torch.compiler.disable
-def end_standalone_block(module: nn.Module, args: tuple, output: Any) -> None:
+def end_block(block: PedroBlock, module: nn.Module, args: tuple, output: Any) -> None:
+    forward = CURRENT_FORWARD.get()
+    if forward is not None:
+        forward.block_inputs.pop(block, None)
     _close_state(module)
 
 
@@ -409,8 +415,11 @@ def _checkpoint_with_forward_state(checkpoint_func: Callable) -> Callable:
         def run(*run_args: Any, **run_kwargs: Any):
             if CURRENT_FORWARD.get() is forward:  # the forward itself
                 return function(*run_args, **run_kwargs)
-            # The recompute during backward: the same prompt, fresh codes, and nothing recorded for reuse.
-            token = CURRENT_FORWARD.set(replace(forward, codes={}, recomputing=True))
+            # The recompute during backward: the same prompt, fresh codes, and nothing recorded for reuse. The block's
+            # hooks do not run here, so its input (for `generator_input="block"`) is taken from the arguments.
+            hidden = run_args[0] if run_args else run_kwargs.get("hidden_states")
+            inputs = {RECOMPUTED_BLOCK: hidden}
+            token = CURRENT_FORWARD.set(replace(forward, codes={}, block_inputs=inputs, recomputing=True))
             try:
                 return function(*run_args, **run_kwargs)
             finally:

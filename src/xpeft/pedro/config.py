@@ -51,6 +51,11 @@ class PedroConfig(PeftConfig):
         pooler (`Literal["attention", "mean", "last"]`):
             How the prompt's hidden states are pooled: a learned softmax attention over prompt positions, their mean,
             or the last prompt token.
+        generator_input (`Literal["normalized", "block"]`):
+            What each block's vector generator pools: "normalized", the input of the block's query projection (the
+            block input after its normalisation), or "block", the block input itself (the residual stream), which is
+            what the paper describes ("the hidden states before the layer"). xpeft deviates from the paper by
+            default; `benchmarks/results/pedro_study.md` compares the two.
         activation (`Literal["rational", "gelu", "relu"]`):
             Activation between down and up: a learnable rational activation initialised to GeLU (degrees
             `rational_degrees`), GeLU or ReLU. The rational's coefficients train with the other parameters under
@@ -92,6 +97,15 @@ class PedroConfig(PeftConfig):
         metadata={
             "help": "How the prompt's hidden states are pooled: a learned softmax attention over prompt positions, "
             "their mean, or the last prompt token."
+        },
+    )
+    generator_input: Literal["normalized", "block"] = field(
+        default="normalized",
+        metadata={
+            "help": "What each block's vector generator pools: \"normalized\", the input of the block's query "
+            'projection (the block input after its normalisation), or "block", the block input itself (the '
+            'residual stream), which is what the paper describes ("the hidden states before the layer"). xpeft '
+            "deviates from the paper by default; `benchmarks/results/pedro_study.md` compares the two."
         },
     )
     activation: Literal["rational", "gelu", "relu"] = field(
@@ -154,6 +168,8 @@ class PedroConfig(PeftConfig):
             raise ValueError(f"`vg_rank` must be a positive integer, got {self.vg_rank!r}.")
         if self.pooler not in ("attention", "mean", "last"):
             raise ValueError(f"`pooler` must be 'attention', 'mean' or 'last', got {self.pooler!r}.")
+        if self.generator_input not in ("normalized", "block"):
+            raise ValueError(f"`generator_input` must be 'normalized' or 'block', got {self.generator_input!r}.")
         if self.activation not in ("rational", "gelu", "relu"):
             raise ValueError(f"`activation` must be 'rational', 'gelu' or 'relu', got {self.activation!r}.")
         self.rational_degrees = _check_rational_degrees(

@@ -29,6 +29,8 @@ class PedroForward:
       (`generate`) and with the KV cache it returns, so that continuing either reuses them;
     - `codes`: per block, the codes `z` of each adapter, written by the block's generator layer and read by its other
       scaled projections during the same block run;
+    - `block_inputs`: per block, its input hidden states `[B, T, d]` while it runs, for generators that pool the
+      block input (`generator_input="block"`); dropped when the block returns;
     - `recomputing`: True while activation checkpointing recomputes a block during backward.
     """
 
@@ -36,17 +38,23 @@ class PedroForward:
     reused: dict | None = None
     vectors: dict = field(default_factory=dict)
     codes: dict = field(default_factory=dict)
+    block_inputs: dict = field(default_factory=dict)
     recomputing: bool = False
 
+
+# Key of [`PedroForward.block_inputs`] during the recompute of a checkpointed block, which runs one block only.
+RECOMPUTED_BLOCK = "recomputed block"
 
 CURRENT_FORWARD: ContextVar[PedroForward | None] = ContextVar("pedro_forward", default=None)
 
 
 @dataclass(eq=False)
 class PedroBlock:
-    """Identity of one transformer block; the key of its codes in [`PedroForward.codes`]."""
+    """Identity of one transformer block; the key of its codes in [`PedroForward.codes`]. `reads_input`: an adapter
+    of the block pools the block input, which its forward pre-hook then keeps in [`PedroForward.block_inputs`]."""
 
     key: str
+    reads_input: bool = False
 
 
 def standalone_forward() -> PedroForward:
@@ -115,7 +123,7 @@ class PedroLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("pedro_generator", "pedro_up")
-    other_param_names = ()
+    other_param_names = ("pedro_generator_input",)
 
     def __init__(
         self,
@@ -130,6 +138,7 @@ class PedroLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.pedro_generator = nn.ModuleDict({})
         self.pedro_up = nn.ModuleDict({})
+        self.pedro_generator_input: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.in_features, self.out_features, self.fan_in_fan_out = layer_features(base_layer, "PEDRO")
@@ -150,6 +159,9 @@ class PedroLayer(nn.Module, BaseTunerLayer):
                 self.in_features, config.vg_rank, config.pooler, config.activation, config.rational_degrees
             )
             self.pedro_generator[adapter_name] = generator
+            self.pedro_generator_input[adapter_name] = config.generator_input
+            if config.generator_input == "block":
+                self._block.reads_input = True
         up = nn.Linear(config.vg_rank, sum(high - low for low, high in self.segments))
         if config.init_weights:
             # Identity init (DESIGN.md §3): up = 0, so l = 1 and the model equals the base model.
@@ -186,12 +198,13 @@ class PedroLayer(nn.Module, BaseTunerLayer):
             mask = _block_prompt_mask(forward.prompt_mask, hidden)
             groups = None if adapter_names is None else adapter_index_groups(adapter_names, hidden.device)
             for name in owned:
+                source = hidden if self.pedro_generator_input[name] == "normalized" else self._block_input(forward)
                 if groups is None:
-                    codes[name] = (None, self.pedro_generator[name](hidden, mask))
+                    codes[name] = (None, self.pedro_generator[name](source, mask))
                 else:
                     index = groups[name]
                     sub_mask = None if mask is None else mask[index]
-                    codes[name] = (index, self.pedro_generator[name](hidden[index], sub_mask))
+                    codes[name] = (index, self.pedro_generator[name](source[index], sub_mask))
         missing = [name for name in adapters if name not in codes]
         if missing:
             raise RuntimeError(
@@ -201,6 +214,15 @@ class PedroLayer(nn.Module, BaseTunerLayer):
                 "call the model rather than a single projection."
             )
         return codes
+
+    def _block_input(self, forward: PedroForward) -> torch.Tensor:
+        hidden = forward.block_inputs.get(RECOMPUTED_BLOCK if forward.recomputing else self._block)
+        if hidden is None:
+            raise RuntimeError(
+                f"PEDRO's generator in {self._block.key!r} pools the block input (`generator_input='block'`), but this "
+                "projection ran outside a call of its block, so that input is unknown; call the block or the model."
+            )
+        return hidden
 
     def _scales(self, codes, adapters: Sequence[str], batch: int) -> torch.Tensor:
         """`[B, Σ segments]` product of `1 + up(z)` over the adapters each sample uses (1 where none applies)."""

@@ -16,11 +16,11 @@ from ..loading import weights_source
 from ..tuners_utils import XpeftTuner, layer_features
 from .calls import (
     _output_cache,  # noqa: F401  (re-exported: the tests read caches through it)
+    begin_block,
     begin_model_call,
-    begin_standalone_block,
     close_peft_call,
+    end_block,
     end_model_call,
-    end_standalone_block,
     labels_mark_prompt,
     open_peft_call,
     refuse_unsupported_generate,
@@ -165,8 +165,8 @@ class PedroModel(XpeftTuner):
             block = self._blocks[match.group(1)] = PedroBlock(match.group(1))
             block_module = self.model.get_submodule(match.group(1))
             self._hook_handles += [
-                block_module.register_forward_pre_hook(partial(begin_standalone_block, self)),
-                block_module.register_forward_hook(end_standalone_block, always_call=True),
+                block_module.register_forward_pre_hook(partial(begin_block, self, block), with_kwargs=True),
+                block_module.register_forward_hook(partial(end_block, block), always_call=True),
             ]
         if isinstance(target, PedroLayer):
             target.update_layer(adapter_name, config, owner_role)
