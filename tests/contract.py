@@ -169,7 +169,9 @@ class ContractSuite:
         assert result.returncode == 0, result.stderr[-3000:]
         loaded = load_file(output_file)
         for name, tensor in expected.items():
-            torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=f"adapter {name!r} differs")
+            torch.testing.assert_close(
+                loaded[name], tensor, rtol=0, atol=0, msg=lambda detail, name=name: f"adapter {name!r} differs: {detail}"
+            )
 
     def test_multiple_adapters_add_set_delete(self, model_name):
         inputs = make_inputs(model_name)
