@@ -90,35 +90,58 @@ class Row:
         return Method(self.method, self.lr, config)
 
 
-def baselines(group: str, task: str, steps: int) -> list[Row]:
-    return [Row(group, task, name, steps, lr, label=name) for name, lr in BASELINE_LRS.items()]
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def pedro(group: str, task: str, steps: int, label: str, lr: float = PEDRO_LR, **changes) -> Row:
     return Row(group, task, "PEDRO", steps, lr, tuple(sorted(changes.items())), label)
 
 
-def study_rows(matched_rank: int, lm_steps: tuple[int, int], cls_steps: int) -> list[Row]:
-    """Every row of the study; `matched_rank` is the largest `vg_rank` within LoRA r=8's parameter count."""
+def matched_methods(matched_rank: int) -> list[tuple[str, str, float, tuple]]:
+    """(label, method, default lr, PEDRO changes) of the parameter-matched comparison."""
+    return [
+        ("LoRA r=8", "LoRA r=8", BASELINE_LRS["LoRA r=8"], ()),
+        ("IA3", "IA3", BASELINE_LRS["IA3"], ()),
+        ("PEDRO r=12 (default)", "PEDRO", PEDRO_LR, ()),
+        (f"PEDRO r={matched_rank} (≤ LoRA r=8)", "PEDRO", PEDRO_LR, (("vg_rank", matched_rank),)),
+        ("PEDRO r=1 (smallest)", "PEDRO", PEDRO_LR, (("vg_rank", 1),)),
+    ]
+
+
+def best_lr(done: dict, rows: list[Row]) -> float | None:
+    """The lr of the lowest held-out perplexity among `rows` (one method at one step count), once all have run."""
+    if not rows or any(r.key not in done for r in rows):
+        return None
+    return min(rows, key=lambda r: done[r.key]["answer_ppl"]).lr
+
+
+def study_rows(matched_rank: int, lm_steps: tuple[int, int], cls_steps: int, done: dict | None = None) -> list[Row]:
+    """Every row of the study; `matched_rank` is the largest `vg_rank` within LoRA r=8's parameter count.
+
+    Every matched method runs the lr grid at the short step count and the long one at its default lr; once its grid
+    is complete (`done`: the rows run so far, by key), also at its best lr of the grid if that differs."""
+    short, long = lm_steps
     rows = []
-    for steps in lm_steps:
-        rows += baselines("matched", "instruct", steps)
-        rows += [
-            pedro("matched", "instruct", steps, "PEDRO r=12 (default)"),
-            pedro("matched", "instruct", steps, f"PEDRO r={matched_rank} (≤ LoRA r=8)", vg_rank=matched_rank),
-            pedro("matched", "instruct", steps, "PEDRO r=1 (smallest)", vg_rank=1),
-        ]
-    for task, steps in (("instruct", lm_steps[0]), ("spam", cls_steps)):
+    for label, method, lr, changes in matched_methods(matched_rank):
+        grid = [Row("matched", "instruct", method, short, x, changes, label) for x in sorted({lr, *LR_GRID})]
+        rows += grid + [Row("matched", "instruct", method, long, lr, changes, label)]
+        best = best_lr(done or {}, grid)
+        if best is not None and best != lr:
+            rows.append(Row("matched", "instruct", method, long, best, changes, label))
+    for task, steps in (("instruct", short), ("spam", cls_steps)):
         if task == "spam":
-            rows += baselines("ablation", task, steps) + [pedro("ablation", task, steps, "PEDRO defaults")]
+            rows += [Row("ablation", task, name, steps, lr, (), name) for name, lr in BASELINE_LRS.items()]
+            rows += [
+                pedro("ablation", task, steps, "PEDRO defaults"),
+                pedro("ablation", task, steps, "lr 1e-3", lr=1e-3),
+                pedro("ablation", task, steps, "lr 1e-2", lr=1e-2),
+            ]
         rows += [
             pedro("ablation", task, steps, "generator input: block input", generator_input="block"),
             pedro("ablation", task, steps, "pooler: mean", pooler="mean"),
             pedro("ablation", task, steps, "pooler: last prompt token", pooler="last"),
             pedro("ablation", task, steps, "up projection: random init", init_weights=False),
             pedro("ablation", task, steps, "activation: GeLU", activation="gelu"),
-            pedro("ablation", task, steps, "lr 1e-3", lr=1e-3),
-            pedro("ablation", task, steps, "lr 1e-2", lr=1e-2),
             pedro("ablation", task, steps, "vg_rank 48", vg_rank=48),
         ]
     return rows
@@ -238,9 +261,36 @@ def _score(row: dict) -> str:
     return f"{row['accuracy']:.3f}"
 
 
-def render_markdown(res: dict) -> str:
-    rows = list(res["rows"].values())
+def defined_rows(res: dict) -> list[tuple[Row, dict]]:
+    """The study's rows (labels and groups as the code defines them) with their results, in definition order."""
     meta = res["meta"]
+    rows = study_rows(meta["budgets"]["matched_rank"], tuple(meta["lm_steps"]), meta["cls_steps"], res["rows"])
+    return [(row, res["rows"][row.key]) for row in rows if row.key in res["rows"]]
+
+
+def matched_summary(res: dict) -> list[dict]:
+    """Per matched method: parameters, its best lr of the grid at the short step count and the perplexity there, and
+    the perplexity at the long step count at that lr (None until run)."""
+    short, long = res["meta"]["lm_steps"]
+    done = defined_rows(res)
+    summary = []
+    for label, *_ in matched_methods(res["meta"]["budgets"]["matched_rank"]):
+        grid = [(row, r) for row, r in done if row.label == label and row.steps == short]
+        if not grid:
+            continue
+        row, best = min(grid, key=lambda pair: pair[1]["answer_ppl"])
+        at_long = next((r for x, r in done if x.label == label and x.steps == long and x.lr == row.lr), None)
+        summary.append({"label": label, "method": row.method, "trainable_params": best["trainable_params"],
+                        "lr": row.lr, "grid": {f"{x.lr:g}": r["answer_ppl"] for x, r in grid},
+                        "short": best["answer_ppl"], "long": None if at_long is None else at_long["answer_ppl"]})  # fmt: skip
+    return summary
+
+
+def render_markdown(res: dict) -> str:
+    meta = res["meta"]
+    short, long = meta["lm_steps"]
+    summary = matched_summary(res)
+    lrs = sorted({lr for s in summary for lr in s["grid"]}, key=float)
     lines = [
         "# PEDRO: parameter-matched comparison and ablations (issue 19)",
         "",
@@ -255,32 +305,41 @@ def render_markdown(res: dict) -> str:
         "",
         "## Instruction tuning, held-out answer perplexity (lower is better)",
         "",
-        "| method | trainable parameters | " + " | ".join(f"{s} steps" for s in meta["lm_steps"]) + " |",
-        "|---|---|" + "---|" * len(meta["lm_steps"]),
-    ]
-    labels = dict.fromkeys(r["label"] for r in rows if r["group"] == "matched")
-    for label in labels:
-        cells = {r["steps"]: r for r in rows if r["group"] == "matched" and r["label"] == label}
-        params = next(iter(cells.values()))["trainable_params"]
-        lines.append(
-            f"| {label} | {params:,} | "
-            + " | ".join(_score(cells[s]) if s in cells else "–" for s in meta["lm_steps"])
-            + " |"
-        )
-    for task, what in (("instruct", "held-out answer perplexity"), ("spam", "test accuracy")):
-        reference = [
-            r for r in rows if r["task"] == task and r["steps"] == meta["lm_steps"][0 if task == "instruct" else 1]
-        ]
-        ablation = [r for r in rows if r["group"] == "ablation" and r["task"] == task]
-        if task == "instruct":
-            ablation = [r for r in reference if r["group"] == "matched"] + ablation
+        f"Each method at its best lr of the grid at {short} steps (chosen on the held-out pairs; there is no separate "
+        f"validation split, which favours every method alike), and at {long} steps with that lr.",
+        "",
+        f"| method | trainable parameters | best lr | {short} steps | {long} steps |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {s['label']} | {s['trainable_params']:,} | {s['lr']:g} | {s['short']:.2f} | "
+            + ("–" if s["long"] is None else f"{s['long']:.2f}") + " |"
+            for s in summary
+        ),
+        "",
+        f"Learning-rate grid at {short} steps:",
+        "",
+        "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+        *(
+            f"| {s['label']} | " + " | ".join(f"{s['grid'][lr]:.2f}" if lr in s["grid"] else "–" for lr in lrs) + " |"
+            for s in summary
+        ),
+    ]  # fmt: skip
+    done = defined_rows(res)
+    for task, steps, what in (
+        ("instruct", short, "held-out answer perplexity"),
+        ("spam", meta["cls_steps"], "test accuracy"),
+    ):
+        reference = [(row, r) for row, r in done if row.task == task and row.steps == steps and row.group == "matched"]
+        reference = [(row, r) for row, r in reference if row.lr == {"PEDRO": PEDRO_LR, **BASELINE_LRS}[row.method]]
+        ablation = reference + [(row, r) for row, r in done if row.group == "ablation" and row.task == task]
         if not ablation:
             continue
-        lines += ["", f"## Ablation on {task} ({what})", "", "| row | lr | trainable parameters | score | train s |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for r in ablation:
+        lines += ["", f"## Ablation on {task}, {steps} steps ({what})", "",
+                  "| row | lr | trainable parameters | score | train s |", "|---|---|---|---|---|"]  # fmt: skip
+        for row, r in ablation:
             lines.append(
-                f"| {r['label']} | {r['lr']:g} | {r['trainable_params']:,} | {_score(r)} | {r['train_seconds']:.0f} |"
+                f"| {row.label} | {row.lr:g} | {r['trainable_params']:,} | {_score(r)} | {r['train_seconds']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -291,28 +350,30 @@ def render_plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in res["rows"].values() if r["group"] == "matched"]
+    summary = matched_summary(res)
     steps = res["meta"]["lm_steps"]
     fig, axes = plt.subplots(1, len(steps), figsize=(5 * len(steps), 3.6), sharey=True)
-    for ax, s in zip(axes, steps, strict=True):
-        for r in (r for r in rows if r["steps"] == s):
-            marker = "o" if r["method"] == "PEDRO" else "s"
-            ax.scatter(r["trainable_params"], r["answer_ppl"], marker=marker)
-            ax.annotate(r["label"], (r["trainable_params"], r["answer_ppl"]), fontsize=7, xytext=(3, 3),
+    for ax, s, key in zip(axes, steps, ("short", "long"), strict=True):
+        for point in (p for p in summary if p[key] is not None):
+            marker = "o" if point["method"] == "PEDRO" else "s"
+            ax.scatter(point["trainable_params"], point[key], marker=marker)
+            ax.annotate(point["label"], (point["trainable_params"], point[key]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
+        ax.axhline(res["meta"].get("base_answer_ppl", float("nan")), color="k", lw=0.8, ls=":", label="base model")
         ax.set_xscale("log")
-        ax.set_title(f"SmolLM2-135M instruct, {s} steps")
-        ax.set_xlabel("trainable parameters")
+        ax.set_title(f"SmolLM2-135M instruct, {s} steps (best lr at {steps[0]})")
+        ax.set_xlabel("trainable parameters (log)")
     axes[0].set_ylabel("held-out answer perplexity")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
 def render(path: Path) -> None:
     res = json.loads(path.read_text())
     path.with_suffix(".md").write_text(render_markdown(res))
-    if any(r["group"] == "matched" for r in res["rows"].values()):
+    if matched_summary(res):
         render_plot(res, path.with_suffix(".png"))
 
 
@@ -340,8 +401,9 @@ def main(argv=None) -> dict:
     budgets = matched_rank(
         (tasks.get("instruct") or Instruct(budget, args.seed)).skeleton, "CAUSAL_LM", Instruct.target
     )
+    done = json.loads(path.read_text())["rows"] if path.is_file() else {}
     rows = [
-        r for r in study_rows(budgets["matched_rank"], lm_steps, cls_steps)
+        r for r in study_rows(budgets["matched_rank"], lm_steps, cls_steps, done)
         if r.group in args.groups.split(",") and r.task in args.tasks.split(",")
         and (args.only is None or r.key in args.only)
     ]  # fmt: skip

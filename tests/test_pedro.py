@@ -524,6 +524,17 @@ def test_ffn_projection_alone_errors():
         up_proj(torch.randn(1, 3, 32))
 
 
+def test_query_projection_alone_with_block_input_generator_errors():
+    """Outside its block the query projection cannot know the block input: an error, not the q_proj input instead."""
+    model = perturbed(make_model("llama"), generator_input="block")
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(RuntimeError, match="pools the block input .* outside a call of its block"):
+        q_proj(torch.randn(1, 3, 32))
+    from xpeft.pedro.layer import CURRENT_FORWARD
+
+    assert CURRENT_FORWARD.get() is None, "the failed call left its state (and block input) behind"
+
+
 def test_output_cache_read_never_touches_the_deprecated_field(monkeypatch):
     """transformers 5.24 logs a deprecation whenever `past_key_values` is read off an output: PEDRO reads the fields."""
     from transformers.cache_utils import DynamicCache

@@ -379,7 +379,7 @@ def begin_block(tuner: nn.Module, block: PedroBlock, module: nn.Module, args: tu
         _bind_checkpointing((module,), module)
         _open_state(tuner, module, standalone_forward())
     if block.reads_input:
-        CURRENT_FORWARD.get().block_inputs[block] = args[0] if args else kwargs["hidden_states"]
+        CURRENT_FORWARD.get().block_inputs[block] = args[0] if args else kwargs.get("hidden_states")
 
 
 @torch.compiler.disable
