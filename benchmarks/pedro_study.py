@@ -74,11 +74,14 @@ class Row:
     lr: float
     pedro: tuple = ()
     label: str = ""  # what the row changes, for the tables
+    order: int = 0  # the batch order: 0 is the study's; k > 0 draws another with seed + 1000 k (same data, same init)
 
     @property
     def key(self) -> str:
         changes = ",".join(f"{k}={v}" for k, v in self.pedro)
-        return f"{self.task}|{self.method}|{self.steps}|{self.lr:g}|{changes}"
+        return f"{self.task}|{self.method}|{self.steps}|{self.lr:g}|{changes}" + (
+            f"|order={self.order}" if self.order else ""
+        )
 
     def method_row(self, task_type: str, target: list[str]) -> Method:
         if self.method == "LoRA r=8":
@@ -91,6 +94,7 @@ class Row:
 
 
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+ORDERS = 3  # batch orders of each matched method's best-lr row
 
 
 def pedro(group: str, task: str, steps: int, label: str, lr: float = PEDRO_LR, **changes) -> Row:
@@ -119,15 +123,16 @@ def study_rows(matched_rank: int, lm_steps: tuple[int, int], cls_steps: int, don
     """Every row of the study; `matched_rank` is the largest `vg_rank` within LoRA r=8's parameter count.
 
     Every matched method runs the lr grid at the short step count and the long one at its default lr; once its grid
-    is complete (`done`: the rows run so far, by key), also at its best lr of the grid if that differs."""
+    is complete (`done`: the rows run so far, by key), its best lr of the grid also runs with `ORDERS - 1` other
+    batch orders, which measures how much of a difference between methods is the luck of one order."""
     short, long = lm_steps
     rows = []
     for label, method, lr, changes in matched_methods(matched_rank):
         grid = [Row("matched", "instruct", method, short, x, changes, label) for x in sorted({lr, *LR_GRID})]
         rows += grid + [Row("matched", "instruct", method, long, lr, changes, label)]
         best = best_lr(done or {}, grid)
-        if best is not None and best != lr:
-            rows.append(Row("matched", "instruct", method, long, best, changes, label))
+        if best is not None:
+            rows += [Row("matched", "instruct", method, short, best, changes, label, k) for k in range(1, ORDERS)]
     for task, steps in (("instruct", short), ("spam", cls_steps)):
         if task == "spam":
             rows += [Row("ablation", task, name, steps, lr, (), name) for name, lr in BASELINE_LRS.items()]
@@ -203,7 +208,8 @@ class Instruct:
     def run(self, row: Row) -> dict:
         model = get_peft_model(self.load(), row.method_row(self.task_type, self.target).config())
         result = {"trainable_params": sum(p.numel() for p in trainable(model))}
-        result.update(train_loop(model, self.train_t, row.steps, self.budget.lm_batch, row.lr, self.seed, row.key))
+        order_seed = self.seed + 1000 * row.order
+        result.update(train_loop(model, self.train_t, row.steps, self.budget.lm_batch, row.lr, order_seed, row.key))
         result.update(answer_loss(model, self.test_t))
         return result
 
@@ -269,21 +275,30 @@ def defined_rows(res: dict) -> list[tuple[Row, dict]]:
 
 
 def matched_summary(res: dict) -> list[dict]:
-    """Per matched method: parameters, its best lr of the grid at the short step count and the perplexity there, and
-    the perplexity at the long step count at that lr (None until run)."""
+    """Per matched method: parameters; its best lr of the grid at the short step count (batch order 0), the
+    perplexities there over every batch order run (`orders`) and their mean; the perplexity at the long step count
+    at the method's default lr (None until run)."""
     short, long = res["meta"]["lm_steps"]
     done = defined_rows(res)
     summary = []
-    for label, *_ in matched_methods(res["meta"]["budgets"]["matched_rank"]):
-        grid = [(row, r) for row, r in done if row.label == label and row.steps == short]
+    for label, _, default_lr, _ in matched_methods(res["meta"]["budgets"]["matched_rank"]):
+        grid = [(row, r) for row, r in done if row.label == label and row.steps == short and row.order == 0]
         if not grid:
             continue
         row, best = min(grid, key=lambda pair: pair[1]["answer_ppl"])
-        at_long = next((r for x, r in done if x.label == label and x.steps == long and x.lr == row.lr), None)
+        orders = [r["answer_ppl"] for x, r in done if x.label == label and x.steps == short and x.lr == row.lr]
+        at_long = next((r for x, r in done if x.label == label and x.steps == long and x.lr == default_lr), None)
         summary.append({"label": label, "method": row.method, "trainable_params": best["trainable_params"],
-                        "lr": row.lr, "grid": {f"{x.lr:g}": r["answer_ppl"] for x, r in grid},
-                        "short": best["answer_ppl"], "long": None if at_long is None else at_long["answer_ppl"]})  # fmt: skip
+                        "lr": row.lr, "grid": {f"{x.lr:g}": r["answer_ppl"] for x, r in grid}, "orders": orders,
+                        "short": sum(orders) / len(orders), "long_lr": default_lr,
+                        "long": None if at_long is None else at_long["answer_ppl"]})  # fmt: skip
     return summary
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{sum(values) / len(values):.2f} ({min(values):.2f}–{max(values):.2f}, {len(values)} orders)"
 
 
 def render_markdown(res: dict) -> str:
@@ -305,14 +320,15 @@ def render_markdown(res: dict) -> str:
         "",
         "## Instruction tuning, held-out answer perplexity (lower is better)",
         "",
-        f"Each method at its best lr of the grid at {short} steps (chosen on the held-out pairs; there is no separate "
-        f"validation split, which favours every method alike), and at {long} steps with that lr.",
+        f"At {short} steps each method runs at its best lr of the grid below (chosen on the held-out pairs with batch "
+        "order 0; there is no separate validation split, which favours every method alike), with further batch orders "
+        f"(mean, range); at {long} steps each runs once at its default lr.",
         "",
-        f"| method | trainable parameters | best lr | {short} steps | {long} steps |",
+        f"| method | trainable parameters | best lr | {short} steps | {long} steps (lr) |",
         "|---|---|---|---|---|",
         *(
-            f"| {s['label']} | {s['trainable_params']:,} | {s['lr']:g} | {s['short']:.2f} | "
-            + ("–" if s["long"] is None else f"{s['long']:.2f}") + " |"
+            f"| {s['label']} | {s['trainable_params']:,} | {s['lr']:g} | {_spread(s['orders'])} | "
+            + ("–" if s["long"] is None else f"{s['long']:.2f} ({s['long_lr']:g})") + " |"
             for s in summary
         ),
         "",
@@ -330,7 +346,11 @@ def render_markdown(res: dict) -> str:
         ("instruct", short, "held-out answer perplexity"),
         ("spam", meta["cls_steps"], "test accuracy"),
     ):
-        reference = [(row, r) for row, r in done if row.task == task and row.steps == steps and row.group == "matched"]
+        reference = [
+            (row, r)
+            for row, r in done
+            if row.task == task and row.steps == steps and row.group == "matched" and not row.order
+        ]
         reference = [(row, r) for row, r in reference if row.lr == {"PEDRO": PEDRO_LR, **BASELINE_LRS}[row.method]]
         ablation = reference + [(row, r) for row, r in done if row.group == "ablation" and row.task == task]
         if not ablation:
@@ -361,7 +381,9 @@ def render_plot(res: dict, path: Path) -> None:
                         textcoords="offset points")  # fmt: skip
         ax.axhline(res["meta"].get("base_answer_ppl", float("nan")), color="k", lw=0.8, ls=":", label="base model")
         ax.set_xscale("log")
-        ax.set_title(f"SmolLM2-135M instruct, {s} steps (best lr at {steps[0]})")
+        ax.set_title(
+            f"SmolLM2-135M instruct, {s} steps" + (" (best lr, mean of orders)" if key == "short" else " (default lr)")
+        )
         ax.set_xlabel("trainable parameters (log)")
     axes[0].set_ylabel("held-out answer perplexity")
     axes[0].legend(fontsize=7)
