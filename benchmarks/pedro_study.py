@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -112,11 +113,16 @@ def matched_methods(matched_rank: int) -> list[tuple[str, str, float, tuple]]:
     ]
 
 
+def _finite_ppl(result: dict) -> float:
+    """The held-out perplexity, +inf for a run whose loss was not finite (so that it is never the best)."""
+    return result["answer_ppl"] if math.isfinite(result["answer_ppl"]) else math.inf
+
+
 def best_lr(done: dict, rows: list[Row]) -> float | None:
     """The lr of the lowest held-out perplexity among `rows` (one method at one step count), once all have run."""
     if not rows or any(r.key not in done for r in rows):
         return None
-    return min(rows, key=lambda r: done[r.key]["answer_ppl"]).lr
+    return min(rows, key=lambda r: _finite_ppl(done[r.key])).lr
 
 
 def study_rows(matched_rank: int, lm_steps: tuple[int, int], cls_steps: int, done: dict | None = None) -> list[Row]:
@@ -263,7 +269,7 @@ def write_result(path: Path, update) -> dict:
 # -- report ------------------------------------------------------------------------------------------------------
 def _score(row: dict) -> str:
     if "answer_ppl" in row:
-        return f"{row['answer_ppl']:.2f}"
+        return f"{row['answer_ppl']:.2f}" if math.isfinite(row["answer_ppl"]) else "diverged (loss not finite)"
     return f"{row['accuracy']:.3f}"
 
 
@@ -285,7 +291,7 @@ def matched_summary(res: dict) -> list[dict]:
         grid = [(row, r) for row, r in done if row.label == label and row.steps == short and row.order == 0]
         if not grid:
             continue
-        row, best = min(grid, key=lambda pair: pair[1]["answer_ppl"])
+        row, best = min(grid, key=lambda pair: _finite_ppl(pair[1]))
         orders = [r["answer_ppl"] for x, r in done if x.label == label and x.steps == short and x.lr == row.lr]
         at_long = next((r for x, r in done if x.label == label and x.steps == long and x.lr == default_lr), None)
         summary.append({"label": label, "method": row.method, "trainable_params": best["trainable_params"],
