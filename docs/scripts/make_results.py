@@ -101,23 +101,30 @@ def _count(n: int) -> str:
 
 
 def instruct_line(ev: dict, study: dict, summary: list[dict]) -> str:
-    """The README's instruction-tuning sentence: perplexities from the PEDRO study (each method at its best lr of the
-    grid), the mixed-tenant decode speed from the evaluation."""
+    """The README's instruction-tuning sentences: perplexities from the PEDRO study (each method at its best lr of the
+    grid, mean over batch orders), PEDRO's gap to LoRA r=8 and IA3, and the mixed-tenant decode speed from the
+    evaluation."""
     short, long = study["meta"]["lm_steps"]
+    by = {s["label"].split(" (")[0]: s for s in summary}
+    lora, ia3 = by["LoRA r=8"], by["IA3"]
+    matched = next(s for s in summary if "≤ LoRA" in s["label"])
+    smallest = by["PEDRO r=1"]
     mixed = {r["method"]: r["mixed_tokens_per_s"] / r["base_tokens_per_s"] for r in ev["instruct"]["throughput"] if "mixed_tokens_per_s" in r}
 
-    def at(key: str, params: bool = False) -> str:
-        return ", ".join(
-            s["label"].split(" (")[0] + (f" ({_count(s['trainable_params'])})" if params else "") + f" {s[key]:.1f}"
-            for s in summary if s[key] is not None
-        )  # fmt: skip
+    def gap(a: dict, b: dict) -> str:
+        return f"{'trails' if a['short'] > b['short'] else 'beats'} {b['label'].split(' (')[0]} by {abs(a['short'] - b['short']):.1f}"
 
     return (
-        f"Instruction tuning (SmolLM2-135M; held-out answer perplexity, base {study['meta']['base_answer_ppl']:.1f}; "
-        f"best of {len(summary[0]['grid'])} lrs each): {short} steps: {at('short', params=True)}; {long} steps: "
-        f"{at('long')}. Decoding a batch that mixes 4 tenants, as a share of the base model's speed: "
-        + ", ".join(f"{m} {v:.2f}" for m, v in mixed.items())
-        + "."
+        f"Instruction tuning (SmolLM2-135M, held-out answer perplexity, base {study['meta']['base_answer_ppl']:.1f}; "
+        f"{short} steps, best of {len(lora['grid'])} lrs each): "
+        + ", ".join(f"{label} ({_count(s['trainable_params'])}) {s['short']:.1f}" for label, s in by.items())
+        + f" (mean of {len(lora['orders'])} batch orders, which move a method by up to "
+        f"{max(max(s['orders']) - min(s['orders']) for s in summary):.1f}). {matched['label'].split(' (')[0]}, "
+        f"within LoRA r=8's parameters, {gap(matched, lora)}; "
+        f"PEDRO r=1 {gap(smallest, ia3)} with {smallest['trainable_params'] / ia3['trainable_params']:.0f}× its "
+        f"parameters. At {long} steps (default lrs): "
+        + ", ".join(f"{label} {s['long']:.1f}" for label, s in by.items() if s["long"] is not None)
+        + ". Mixed 4-tenant decoding, share of base speed: " + ", ".join(f"{m} {v:.2f}" for m, v in mixed.items()) + "."
     )
 
 
