@@ -6,10 +6,12 @@ one peft LoRA r=8 adapter on query/value (`profiles.py`'s LoRA baseline). They a
 (and every finished run), and they serve twice: as bank entries, and, for the evaluation topics, as the "dedicated
 adapter" and "LoRA r=8" baselines. A head-only baseline trains the classifier alone.
 
-Evaluation topics are the ``eval_topics`` largest usable topics. The bank order is fixed: the other usable topics from
-the largest to the smallest, then the evaluation topics in the same order. For evaluation topic t, the bank of size K
-is the first K topics of that order other than t (leave-one-out: a bank never holds t's own adapter), so K can be at
-most the number of usable topics minus one; larger requested sizes are capped and the JSON says so.
+Evaluation topics are the ``eval_topics`` largest usable topics. Topics with enough training pairs for an adapter but
+too few test pairs to be scored (``bank_only_topics``: chatterbot's "gossip", 18 training pairs and 1 test pair) train
+a bank adapter too; they are never evaluated. The bank order is fixed: the other usable topics from the largest to the
+smallest, then the bank-only topics, then the evaluation topics in the same order. For evaluation topic t, the bank of
+size K is the first K topics of that order other than t (leave-one-out: a bank never holds t's own adapter), so K can
+be at most the length of that order minus one; larger requested sizes are capped and the JSON says so.
 
 For each evaluation topic, bank kind (bottleneck, LoRA), mask type (soft; hard with ``hard_k=1``) and K, X-PEFT
 trains its masks and the classifier head (same steps, batch order, data and seed as the baselines) and is scored on
@@ -47,6 +49,7 @@ from .profiles import (
     LR_ADAPTER,
     LR_LORA,
     add_bottleneck,
+    bank_only_topics,
     encode,
     lora_baseline_config,
     safetensors_bytes,
@@ -82,9 +85,10 @@ FULL_PLAN = BankPlan()
 SMOKE_PLAN = BankPlan(eval_topics=2, bank_sizes=(1, 2), mask_lrs=(1e-1,))  # one lr: the sweep path, at half the cost
 
 
-def bank_order(usable: list[str], n_eval: int) -> list[str]:
-    """The fixed order banks are filled in: the non-evaluation topics largest first, then the evaluation topics."""
-    return usable[n_eval:] + usable[:n_eval]
+def bank_order(usable: list[str], n_eval: int, bank_only: list[str] = ()) -> list[str]:
+    """The fixed order banks are filled in: the non-evaluation usable topics largest first, then the bank-only topics,
+    then the evaluation topics."""
+    return usable[n_eval:] + list(bank_only) + usable[:n_eval]
 
 
 def bank_topics(order: list[str], topic: str, k: int) -> list[str]:
@@ -139,8 +143,9 @@ class BankStudy:
         topics = data.chatterbot(seed=seed)
         self.usable = usable_topics(topics)
         self.eval_topics = self.usable[: plan.eval_topics]
-        self.order = bank_order(self.usable, plan.eval_topics)
-        largest = len(self.usable) - 1
+        self.bank_only = bank_only_topics(topics)
+        self.order = bank_order(self.usable, plan.eval_topics, self.bank_only)
+        largest = len(self.order) - 1
         self.bank_sizes = sorted({min(k, largest) for k in plan.bank_sizes})
         needed = set(self.eval_topics)
         for t in self.eval_topics:
@@ -193,17 +198,20 @@ class BankStudy:
         return {"train_seconds": log["train_seconds"], "first_loss": log["losses"][0], "last_loss": log["losses"][-1]}
 
     # -- cache -------------------------------------------------------------------------------------------------------
-    def cached(self, key: str, compute) -> dict:
-        """The record of run `key` from the cache, or `compute()`'s, written to the cache first."""
+    def cached(self, key: str, compute, expect: dict | None = None) -> dict:
+        """The record of run `key` from the cache, or `compute()`'s, written to the cache first. A cached record whose
+        fields differ from `expect` (e.g. another bank for the same K) is stale: it is computed again."""
         slug = re.sub(r"[^A-Za-z0-9.=+-]+", "_", key) + "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
         path = self.cache / "runs" / f"{slug}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         while not _claim(path.with_suffix(".claim")):
             time.sleep(2)  # another worker (`--jobs 2`) is computing this run: wait for its result
         if path.is_file():
-            path.with_suffix(".claim").unlink()
-            self.reused += 1
-            return json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            if all(record.get(f) == v for f, v in (expect or {}).items()):
+                path.with_suffix(".claim").unlink()
+                self.reused += 1
+                return record
         start, load = time.perf_counter(), os.getloadavg()[0]
         try:
             record = {"key": key, **compute()}
@@ -265,10 +273,12 @@ class BankStudy:
 
     def bank_file(self, kind: str, topic: str, k: int) -> Path:
         """The bank file of `kind` for evaluation topic `topic` at size `k` (built once)."""
-        path = self.cache / "banks" / f"{kind}-without-{topic}-{k}.safetensors"
+        members = bank_topics(self.order, topic, k)
+        digest = hashlib.sha256(",".join(members).encode()).hexdigest()[:8]  # a change of bank order is a new file
+        path = self.cache / "banks" / f"{kind}-without-{topic}-{k}-{digest}.safetensors"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            xpeft.build_bank([self.bank_entry(kind, t) for t in bank_topics(self.order, topic, k)], path)
+            xpeft.build_bank([self.bank_entry(kind, t) for t in members], path)
         return path
 
     # -- runs ----------------------------------------------------------------------------------------------------------
@@ -308,7 +318,11 @@ class BankStudy:
                 **log, **score(model, eval_t),
             }  # fmt: skip
 
-        return self.cached(f"xpeft {kind} {mask} K={k} lr={lr:g} {topic} {split}", compute)
+        return self.cached(
+            f"xpeft {kind} {mask} K={k} lr={lr:g} {topic} {split}",
+            compute,
+            {"bank_topics": bank_topics(self.order, topic, k)},
+        )
 
     def mask_lr(self, kind: str, mask: str) -> dict:
         """The mask learning rate of (kind, mask): the best mean validation accuracy at the largest K."""
@@ -425,6 +439,7 @@ def run_bank_study(
             "bank_sizes": study.bank_sizes,
             "bank_sizes_note": _bank_sizes_note(plan, study),
             "usable_topics": study.usable,
+            "bank_only_topics": study.bank_only,
             "eval_topics": study.eval_topics,
             "bank_order": study.order,
             "banks": {t: {k: bank_topics(study.order, t, k) for k in study.bank_sizes} for t in study.eval_topics},
@@ -477,8 +492,8 @@ def _bank_sizes_note(plan: BankPlan, study: BankStudy) -> str:
     if study.bank_sizes == sorted(plan.bank_sizes):
         return "as requested"
     return (
-        f"requested {list(plan.bank_sizes)}; {len(study.usable)} usable topics leave at most {len(study.usable) - 1} "
-        f"adapters in a leave-one-out bank, so the sizes are {study.bank_sizes}"
+        f"requested {list(plan.bank_sizes)}; {len(study.order)} topics with a bank adapter leave at most "
+        f"{len(study.order) - 1} adapters in a leave-one-out bank, so the sizes are {study.bank_sizes}"
     )
 
 

@@ -117,6 +117,9 @@ def xpeft_method(name: str, lr: float, config_class: str, **config_kwargs) -> Me
     return Method(name, lr, lambda: getattr(xpeft, config_class)(**config_kwargs), "peft", config_class, "xpeft")
 
 
+XPEFT_MASK_LR = 1e-1  # the mask learning rate docs/methods/x-peft.md recommends for random banks (random_bank.json)
+
+
 def spam_methods() -> list[Method]:
     t = "SEQ_CLS"
     qv = ["query", "value"]
@@ -129,8 +132,8 @@ def spam_methods() -> list[Method]:
         Method("HRA r=8", 1e-2, lambda: HRAConfig(task_type=t, r=8, target_modules=qv)),
         xpeft_method("ETHER", 1e-2, "EtherConfig", task_type=t, target_modules=qv),
         xpeft_method("ETHER+", 1e-2, "EtherConfig", task_type=t, target_modules=qv, variant="ether_plus"),
-        xpeft_method("X-PEFT soft", 1e-2, "XPeftConfig", task_type=t, mask_type="soft"),
-        xpeft_method("X-PEFT hard", 1e-2, "XPeftConfig", task_type=t, mask_type="hard"),
+        xpeft_method("X-PEFT soft", XPEFT_MASK_LR, "XPeftConfig", task_type=t, mask_type="soft"),
+        xpeft_method("X-PEFT hard", XPEFT_MASK_LR, "XPeftConfig", task_type=t, mask_type="hard"),
         xpeft_method("PEDRO", 3e-3, "PedroConfig", task_type=t),
     ]
 
@@ -201,7 +204,8 @@ def run_spam_method(method: Method, lr: float, train_t, test_t, budget: Budget, 
     return row
 
 
-def task_spam(budget: Budget, seed: int) -> dict:
+def task_spam(budget: Budget, seed: int, only: list[str] | None = None) -> dict:
+    """Every spam row (or the rows named in `only`), with the lr sweeps of the `SWEPT` methods among them."""
     from transformers import AutoTokenizer
 
     splits = data.spam_assassin(seed=seed)
@@ -209,7 +213,7 @@ def task_spam(budget: Budget, seed: int) -> dict:
     test = splits["test"] if budget.cls_eval is None else _test_subset(splits["test"], budget.cls_eval, seed)
     train_t, test_t = encode_cls(tok, splits["train"], budget.cls_len), encode_cls(tok, test, budget.cls_len)
     rows, sweep, skipped = [], {}, []
-    methods = spam_methods()
+    methods = [m for m in spam_methods() if only is None or m.name in only]
     jobs = []
     for m in methods:
         lrs = sorted(set(budget.lr_sweep) | {m.lr}) if m.name in SWEPT else [m.lr]
@@ -238,6 +242,20 @@ def task_spam(budget: Budget, seed: int) -> dict:
         "lr_sweep": sweep,
         "skipped": skipped,
     }
+
+
+def rerun_spam_rows(section: dict, names: list[str], budget: Budget, seed: int, run: dict) -> dict:
+    """`section` (a spam section of the same budget and seed) with the rows named in `names` run again and replaced;
+    every other row, and its run record, is kept. `run` (command, time, commit) is appended to ``reruns``."""
+    new = task_spam(budget, seed, only=names)
+    fresh = {r["method"]: r for r in new["rows"]}
+    order = [m.name for m in spam_methods()]
+    kept = [r for r in section["rows"] if r["method"] not in fresh]
+    rows = sorted(kept + list(fresh.values()), key=lambda r: order.index(r["method"]) if r["method"] in order else 99)
+    skipped = [s for s in section.get("skipped", []) if s["method"] not in names] + new["skipped"]
+    sweep = {**section.get("lr_sweep", {}), **new["lr_sweep"]}
+    return {**section, "rows": rows, "lr_sweep": sweep, "skipped": skipped,
+            "reruns": [*section.get("reruns", []), {"methods": list(names), **run}]}  # fmt: skip
 
 
 def _test_subset(pairs, n, seed):
@@ -1174,6 +1192,10 @@ def _run_line(section):
         "",
         f"Run: `{r['command']}` at {r['started_utc']}, {r['seconds']:.0f} s, {r['torch_threads']} torch threads, load "
         f"average {r['load_average_start'][0]:.1f} → {r['load_average_end'][0]:.1f}, commit `{r['git_commit'][:10]}`.",
+    ] + [
+        f"Rows {', '.join(x['methods'])} run again: `{x['command']}` at {x['started_utc']}, {x['seconds']:.0f} s, "
+        f"commit `{x['git_commit'][:10]}`."
+        for x in section.get("reruns", [])
     ]
 
 
@@ -1280,6 +1302,13 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--readme", type=Path, default=None, help="also regenerate the results block of this README from the results"
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="spam only: run just these rows again (e.g. 'X-PEFT soft' 'X-PEFT hard'); the other rows are kept from "
+        "the spam section given with --merge",
+    )
     args = parser.parse_args(argv)
     if args.readme and args.out.resolve() != RESULTS:
         # The README block links the plots and the JSON under benchmarks/results/.
@@ -1304,6 +1333,14 @@ def main(argv=None) -> dict:
         parser.error(
             "--shard splits the ether_quality or bank_size study only: pass --tasks ether_quality or bank_size"
         )
+    if args.methods is not None:
+        unknown_rows = sorted(set(args.methods) - {m.name for m in spam_methods()})
+        if tasks != ["spam"] or not args.merge or unknown_rows:
+            parser.error(
+                "--methods re-runs rows of the spam task: pass --tasks spam, the results file whose other rows to keep "
+                f"with --merge, and row names from {[m.name for m in spam_methods()]}"
+                + (f" (unknown: {unknown_rows})" if unknown_rows else "")
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.evaluate", *(argv if argv is not None else sys.argv[1:])])
     if "ether_init" in tasks:
@@ -1384,6 +1421,14 @@ def main(argv=None) -> dict:
             from .profiles import task_profiles
 
             res[task] = task_profiles(budget, args.seed)
+        elif args.methods is not None:
+            if "spam" not in res:
+                parser.error("--methods: the files given with --merge hold no spam section to keep the other rows of")
+            record = {"command": command, "started_utc": started, "git_commit": res["meta"]["machine"]["git_commit"]}
+            res[task] = rerun_spam_rows(res[task], args.methods, budget, args.seed, record)
+            res[task]["reruns"][-1]["seconds"] = time.perf_counter() - start
+            _write(res, args.out, prefix)
+            continue
         else:
             res[task] = TASKS[task](budget, args.seed)
         res[task]["run"] = {

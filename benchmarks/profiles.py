@@ -47,6 +47,14 @@ def usable_topics(topics: dict) -> list[str]:
             if distinct[t]["train"] >= MIN_TRAIN_PAIRS and distinct[t]["test"] >= MIN_TEST_PAIRS]  # fmt: skip
 
 
+def bank_only_topics(topics: dict) -> list[str]:
+    """Topics with enough distinct training pairs for an adapter (`MIN_TRAIN_PAIRS`) but too few test pairs to be
+    scored: they can fill a bank, never be a new profile. Largest first, ties by name."""
+    distinct = {t: {part: len(set(pairs)) for part, pairs in topics[t].items()} for t in topics}
+    return [t for t in sorted(topics, key=lambda t: (-distinct[t]["train"], t))
+            if distinct[t]["train"] >= MIN_TRAIN_PAIRS and distinct[t]["test"] < MIN_TEST_PAIRS]  # fmt: skip
+
+
 def lora_baseline_config() -> LoraConfig:
     """The LoRA r=8 baseline: peft LoRA on MiniLM's query and value projections."""
     return LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"])

@@ -41,10 +41,10 @@ import xpeft  # noqa: E402
 
 from . import data  # noqa: E402
 from .evaluate import RESULTS, _test_subset, encode_cls, machine_info  # noqa: E402
+from .evaluate import XPEFT_MASK_LR as DOCS_MASK_LR  # noqa: E402
 from .profiles import MIN_TEST_PAIRS, MIN_TRAIN_PAIRS, add_bottleneck, encode, topic_examples  # noqa: E402
 from .training import batches, f1_accuracy, set_threads, train_loop, trainable  # noqa: E402
 
-DOCS_MASK_LR = 1e-1  # the mask learning rate docs/methods/x-peft.md recommends for random banks
 SCALES = (1.0, 3.0, 10.0, 30.0)
 MASK_LRS = (1e-2, 1e-1)
 

@@ -11,6 +11,7 @@ from benchmarks.bank_study import (
     KINDS,
     MASKS,
     SMOKE_PLAN,
+    BankStudy,
     bank_order,
     bank_topics,
     choose_lr,
@@ -20,6 +21,7 @@ from benchmarks.bank_study import (
     split_validation,
 )
 from benchmarks.evaluate import RESULTS, SMOKE
+from benchmarks.profiles import bank_only_topics, usable_topics
 
 README = RESULTS.parent / "README.md"
 
@@ -36,6 +38,41 @@ def test_banks_leave_the_topic_out_and_follow_the_fixed_order():
             bank = bank_topics(order, topic, k)
             assert topic not in bank and len(bank) == k
             assert bank == bank_topics(order, topic, 5)[:k]  # a larger bank extends a smaller one
+
+
+def test_bank_only_topics_fill_banks_before_the_evaluation_topics():
+    usable = [f"t{i}" for i in range(6)]
+    order = bank_order(usable, 2, ["b0"])
+    assert order == ["t2", "t3", "t4", "t5", "b0", "t0", "t1"]
+    assert bank_topics(order, "t0", 4) == bank_topics(bank_order(usable, 2), "t0", 4)  # small banks unchanged
+    assert bank_topics(order, "t0", 6) == ["t2", "t3", "t4", "t5", "b0", "t1"]
+
+
+def test_a_topic_with_training_pairs_but_no_test_set_is_bank_only():
+    def pairs(n, tag):
+        return [(f"{tag} q{i}", f"{tag} a{i}") for i in range(n)]
+
+    topics = {
+        "big": {"train": pairs(30, "big"), "test": pairs(5, "big")},
+        "no_test": {"train": pairs(18, "nt"), "test": pairs(1, "nt")},
+        "repeats": {"train": pairs(1, "r") * 40, "test": pairs(1, "r")},  # 40 pairs, 1 distinct: too few
+        "tiny": {"train": pairs(6, "ti"), "test": pairs(2, "ti")},
+    }
+    assert usable_topics(topics) == ["big"]
+    assert bank_only_topics(topics) == ["no_test"]
+
+
+def test_a_cached_run_of_another_bank_is_computed_again(tmp_path):
+    study = object.__new__(BankStudy)  # only the cache: no model, no data
+    study.cache, study.computed, study.reused = tmp_path, 0, 0
+    first = study.cached("xpeft lora soft K=2", lambda: {"bank_topics": ["a", "b"], "accuracy": 0.5})
+    same = study.cached("xpeft lora soft K=2", lambda: pytest.fail("recomputed"), {"bank_topics": ["a", "b"]})
+    assert same == first and (study.computed, study.reused) == (1, 1)
+    other = study.cached(
+        "xpeft lora soft K=2", lambda: {"bank_topics": ["a", "c"], "accuracy": 0.7}, {"bank_topics": ["a", "c"]}
+    )
+    assert other["accuracy"] == 0.7 and study.computed == 2
+    assert study.cached("xpeft lora soft K=2", lambda: pytest.fail("recomputed"))["bank_topics"] == ["a", "c"]
 
 
 def test_validation_split_holds_out_whole_prompts():

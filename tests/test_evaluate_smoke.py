@@ -88,3 +88,64 @@ def test_ether_quality_study_runs_in_two_workers_and_resumes(tmp_path):
     assert "| ETHER+ | q,v | 0.01 | 32 | – |" in (tmp_path / "ether_quality_smoke.md").read_text()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads((tmp_path / "ether_quality_smoke.json").read_text())["runs"] == runs
+
+
+def test_methods_reruns_only_the_named_spam_rows_and_keeps_the_others(tmp_path):
+    _assets_or_skip()
+    from dataclasses import asdict
+
+    from benchmarks.evaluate import SMOKE, XPEFT_MASK_LR, main
+
+    row = {"f1": 0.1, "losses": [0.7], "final_loss": 0.7, "diverged": False, "train_seconds": 1.0, "saved_bytes": 8}
+    kept = {
+        **row,
+        "method": "head only",
+        "family": "reference",
+        "lr": 0.01,
+        "accuracy": 0.123,
+        "trainable_params": 770,
+    }
+    kept["saved_bytes_excl_head"] = 0
+    stale = {**row, "method": "X-PEFT hard", "family": "xpeft", "lr": 0.01, "accuracy": 0.5, "trainable_params": 1}
+    old_run = {"command": "the first run", "started_utc": "2026-01-01T00:00:00Z", "seconds": 1.0, "torch_threads": 1}
+    old_run.update(load_average_start=[0.0], load_average_end=[0.0], git_commit="abc")
+    previous = {
+        "meta": {"smoke": True, "seed": data.DEFAULT_SEED, "budget": asdict(SMOKE)},
+        "spam": {
+            "model": "all-MiniLM-L6-v2",
+            "data": {"train": 64, "test": 32, "max_len": 16},
+            "rows": [kept, stale],
+            "lr_sweep": {},
+            "skipped": [],
+            "run": old_run,
+        },
+    }
+    merged = tmp_path / "previous.json"
+    merged.write_text(json.dumps(previous))
+    with pytest.raises(SystemExit):  # the other rows must come from somewhere
+        main(["--smoke", "--tasks", "spam", "--methods", "X-PEFT hard", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--smoke",
+                "--tasks",
+                "spam",
+                "--methods",
+                "X-PEFT medium",
+                "--merge",
+                str(merged),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    res = main(
+        ["--smoke", "--tasks", "spam", "--methods", "X-PEFT hard", "--merge", str(merged), "--out", str(tmp_path)]
+    )
+    spam = json.loads((tmp_path / "eval_smoke.json").read_text())["spam"]
+    assert spam == json.loads(json.dumps(res["spam"]))
+    assert [r["method"] for r in spam["rows"]] == ["head only", "X-PEFT hard"]
+    assert spam["rows"][0] == kept and spam["run"] == old_run
+    fresh = spam["rows"][1]
+    assert fresh["lr"] == XPEFT_MASK_LR and fresh["trainable_params"] > 1 and len(fresh["losses"]) == SMOKE.cls_steps
+    assert [r["methods"] for r in spam["reruns"]] == [["X-PEFT hard"]] and spam["reruns"][0]["seconds"] > 0
+    assert "Rows X-PEFT hard run again" in (tmp_path / "eval_smoke.md").read_text()
