@@ -39,20 +39,23 @@ LR_ADAPTER, LR_MASK, LR_LORA = 1e-3, 1e-2, 1e-3
 """Learning rates of the bottleneck adapters, of the X-PEFT masks (and head) and of LoRA r=8."""
 
 
-def usable_topics(topics: dict) -> list[str]:
-    """Topics with at least `MIN_TRAIN_PAIRS` distinct training and `MIN_TEST_PAIRS` distinct test pairs, largest
-    (most distinct training pairs) first, ties by name."""
+def _trainable_topics(topics: dict, scorable: bool) -> list[str]:
+    """Topics with at least `MIN_TRAIN_PAIRS` distinct training pairs whose distinct test pairs reach
+    `MIN_TEST_PAIRS` (`scorable`) or do not; largest (most distinct training pairs) first, ties by name."""
     distinct = {t: {part: len(set(pairs)) for part, pairs in topics[t].items()} for t in topics}
     return [t for t in sorted(topics, key=lambda t: (-distinct[t]["train"], t))
-            if distinct[t]["train"] >= MIN_TRAIN_PAIRS and distinct[t]["test"] >= MIN_TEST_PAIRS]  # fmt: skip
+            if distinct[t]["train"] >= MIN_TRAIN_PAIRS and (distinct[t]["test"] >= MIN_TEST_PAIRS) == scorable]  # fmt: skip
+
+
+def usable_topics(topics: dict) -> list[str]:
+    """Topics that can train an adapter and be scored: new profiles or bank entries."""
+    return _trainable_topics(topics, scorable=True)
 
 
 def bank_only_topics(topics: dict) -> list[str]:
-    """Topics with enough distinct training pairs for an adapter (`MIN_TRAIN_PAIRS`) but too few test pairs to be
-    scored: they can fill a bank, never be a new profile. Largest first, ties by name."""
-    distinct = {t: {part: len(set(pairs)) for part, pairs in topics[t].items()} for t in topics}
-    return [t for t in sorted(topics, key=lambda t: (-distinct[t]["train"], t))
-            if distinct[t]["train"] >= MIN_TRAIN_PAIRS and distinct[t]["test"] < MIN_TEST_PAIRS]  # fmt: skip
+    """Topics with enough training pairs for an adapter but too few test pairs to be scored: they can fill a bank,
+    never be a new profile."""
+    return _trainable_topics(topics, scorable=False)
 
 
 def lora_baseline_config() -> LoraConfig:
