@@ -126,9 +126,10 @@ class XPeftConfig(PeftConfig):
     0.902 (head alone, 100 steps: 0.858). `hard_k=32`: a hard mask averages k adapters, about 1/k of one adapter's
     residual, so k=1 at scale 10 would add about 7x the layer output; k=32 adds 0.227x and scores 0.902 (issue 17:
     k=1 over the scale-1 bank at lr 1e-2, the old defaults, 0.708). Mask learning rate 0.1, the one the docs
-    recommend (issue 17: the x10 bank at lr 1e-2 scored 0.854). At 1,000 steps (`random_bank.json`) the defaults score 0.938
-    (hard) and 0.931 (soft) against 0.907 for the head alone and 0.979 for a dedicated adapter; scale 30 (0.942,
-    0.945) is within the standard error (about 0.007) of scale 10, and the old defaults (k=1, scale 1) score 0.880. Chatterbot topic detection, 2 topics x 30 steps
+    recommend (issue 17: the x10 bank at lr 1e-2 scored 0.854). At 1,000 steps (`random_bank.json`) the defaults
+    score 0.938 (hard) and 0.931 (soft) against 0.907 for the head alone and 0.979 for a dedicated adapter; scale 30
+    (0.942, 0.945) is within the standard error (about 0.007) of scale 10, and the old defaults (k=1, scale 1) score
+    0.880. Chatterbot topic detection, 2 topics x 30 steps
     (`random_bank_topics.json`): soft 0.832, hard k=32 0.799, head alone 0.772.
 
     Args:
